@@ -1,0 +1,154 @@
+"""Shared comparison machinery: every backend is checked against the reference by the same code.
+
+A backend's tests only name it: ``compare_with_reference("triton", case, ...)`` and ``gradcheck_backend(...)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+import fastblock
+from fastblock.reference import mixed_conv_bn_relu_reference
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    n: int
+    cin: int
+    cout: int
+    h: int
+    w: int
+    k: int
+    ksize: int = 3
+    stride: int = 1
+    bias: bool = True
+    channels_last: bool = False
+
+    def __str__(self) -> str:
+        return (f"N{self.n}-Cin{self.cin}-Cout{self.cout}-{self.h}x{self.w}-K{self.k}-k{self.ksize}-s{self.stride}"
+                + ("" if self.bias else "-nobias") + ("-cl" if self.channels_last else ""))
+
+
+# Tiny on purpose (the Triton interpreter runs them on CPU): odd sizes, H != W, stride 2, K=1, Cin != Cout,
+# 1x1 and 5x5 kernels, N=1, no bias, channels_last.
+SHAPES = [
+    Case(2, 3, 5, 7, 6, k=3),
+    Case(3, 4, 4, 5, 9, k=1, stride=2),
+    Case(2, 5, 3, 8, 8, k=2, ksize=5, bias=False),
+    Case(1, 2, 6, 6, 5, k=4, ksize=1),
+    Case(4, 6, 7, 4, 4, k=6, stride=2, channels_last=True),
+    Case(2, 3, 4, 9, 7, k=2, ksize=7),
+]
+
+TOLERANCES = {  # (atol, rtol) by precision; never loosened to make a backend pass
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (1e-4, 1e-4),
+    torch.bfloat16: (6e-2, 5e-2),
+    torch.float16: (1e-2, 1e-2),
+}
+
+
+def make_inputs(case: Case, dtype=torch.float32, device="cpu", seed: int = 0, requires_grad: bool = True,
+                gate: str = "softmax"):
+    """Random inputs for ``mixed_conv_bn_relu``: (args, kwargs). BN params in float32 unless dtype is float64."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dt)
+
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    x = rand(case.n, case.cin, case.h, case.w)
+    logits = rand(case.n, case.k, dt=torch.float64)
+    gates = (torch.softmax(logits, 1) if gate == "softmax" else torch.sigmoid(logits)).to(dtype)
+    fan_in = case.cin * case.ksize * case.ksize
+    weight = rand(case.k, case.cout, case.cin, case.ksize, case.ksize, scale=fan_in ** -0.5)
+    bias = rand(case.k, case.cout, scale=0.5) if case.bias else None
+    bn_weight = (1.0 + 0.3 * rand(case.cout, dt=torch.float64)).to(sdt)
+    bn_bias = (0.2 * rand(case.cout, dt=torch.float64)).to(sdt)
+    running_mean = (0.1 * rand(case.cout, dt=torch.float64)).to(sdt)
+    running_var = (1.0 + 0.5 * rand(case.cout, dt=torch.float64).abs()).to(sdt)
+    if case.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    tensors = [x, gates, weight, bias, bn_weight, bn_bias]
+    tensors = [None if t is None else t.to(device).requires_grad_(requires_grad) for t in tensors]
+    stats = [running_mean.to(device), running_var.to(device)]
+    kwargs = dict(stride=case.stride, padding=case.ksize // 2)
+    return tensors + stats, kwargs
+
+
+def _clone(args):
+    return [None if a is None else a.detach().clone().requires_grad_(a.requires_grad) for a in args]
+
+
+def run_op(backend: Optional[str], args, kwargs, training: bool, momentum: float = 0.1):
+    """Forward + backward of one backend (None = the reference function itself). Returns every output."""
+    args = _clone(args)
+    if backend is None:
+        y = mixed_conv_bn_relu_reference(*args, training=training, momentum=momentum, eps=1e-5,
+                                         stride=kwargs["stride"], padding=(kwargs["padding"],) * 2)
+    else:
+        y = fastblock.mixed_conv_bn_relu(*args, training=training, momentum=momentum, eps=1e-5,
+                                         backend=backend, **kwargs)
+    g = torch.Generator().manual_seed(1234)
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype).to(y.device)
+    y.backward(dy)
+    grads = {name: (None if a is None or a.grad is None else a.grad)
+             for name, a in zip(["x", "gates", "weight", "bias", "bn_weight", "bn_bias"], args[:6])}
+    return y.detach(), grads, args[6], args[7]
+
+
+def assert_close(name, actual, expected, dtype, scale_by_max=False):
+    atol, rtol = TOLERANCES[dtype]
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    if scale_by_max:  # low precision: error relative to the tensor's magnitude (sums of many rounded terms)
+        atol = atol * max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+def compare_with_reference(backend: str, case: Case, dtype=torch.float32, device="cpu", training=True, seed=0,
+                           reference_dtype=None):
+    """Forward, all six gradients and the running statistics of ``backend`` against the reference.
+
+    The reference runs in ``reference_dtype`` (default: float64 for low precision, else the same dtype) and is
+    cast back, so low-precision backends are judged against the exact answer, not against another rounding.
+    """
+    args, kwargs = make_inputs(case, dtype, device, seed)
+    ref_dtype = reference_dtype or (torch.float64 if dtype in (torch.bfloat16, torch.float16) else dtype)
+    ref_args = [None if a is None else a.detach().to(ref_dtype if a.dtype == dtype else
+                                                    (torch.float64 if ref_dtype == torch.float64 else a.dtype))
+                .requires_grad_(a.requires_grad) for a in args]
+    y, grads, rm, rv = run_op(backend, args, kwargs, training)
+    y_ref, grads_ref, rm_ref, rv_ref = run_op(None, ref_args, kwargs, training)
+    low = dtype in (torch.bfloat16, torch.float16)
+    assert_close("y", y, y_ref.to(y.dtype), dtype, scale_by_max=low)
+    for name, grad in grads.items():
+        if grads_ref[name] is None:
+            assert grad is None, f"{name}: gradient given where the reference has none"
+            continue
+        assert grad is not None, f"{name}: no gradient"
+        assert_close(f"d{name}", grad, grads_ref[name].to(grad.dtype), dtype, scale_by_max=True)
+    stat_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert_close("running_mean", rm, rm_ref.to(rm.dtype), stat_dtype if not low else dtype)
+    assert_close("running_var", rv, rv_ref.to(rv.dtype), stat_dtype if not low else dtype)
+
+
+def gradcheck_backend(backend: str, case: Case, training=True, device="cpu", seed=0):
+    """float64 gradcheck of every differentiable input through ``backend``."""
+    args, kwargs = make_inputs(case, torch.float64, device, seed)
+    rm, rv = args[6], args[7]
+    diff = [a for a in args[:6] if a is not None]
+    positions = [i for i, a in enumerate(args[:6]) if a is not None]
+
+    def fn(*inputs):
+        full = list(args[:6])
+        for i, t in zip(positions, inputs):
+            full[i] = t
+        return fastblock.mixed_conv_bn_relu(*full, rm.clone(), rv.clone(), training=training, backend=backend,
+                                            **kwargs)
+
+    assert torch.autograd.gradcheck(fn, diff, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=False)

@@ -1,0 +1,167 @@
+"""fastblock.Block: equivalences, state_dict, backend switching, compile, autocast, channels_last."""
+import pytest
+import torch
+import torch.nn as nn
+
+import fastblock
+from fastblock import Block
+
+
+def test_k1_block_equals_conv_bn_relu():
+    torch.manual_seed(1)
+    block = Block(3, 5, num_convs=1, kernel_size=3, stride=2, backend="reference").double()
+    conv = nn.Conv2d(3, 5, 3, stride=2, padding=1).double()
+    bn = nn.BatchNorm2d(5).double()
+    with torch.no_grad():
+        conv.weight.copy_(block.weight[0])
+        conv.bias.copy_(block.bias[0])
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+        block.bn.weight.copy_(bn.weight)
+        block.bn.bias.copy_(bn.bias)
+    x = torch.randn(4, 3, 9, 7, dtype=torch.float64)
+    for training in (True, False):
+        block.train(training)
+        bn.train(training)
+        torch.testing.assert_close(block(x), torch.relu(bn(conv(x))), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(block.bn.running_var, bn.running_var)
+    assert int(block.bn.num_batches_tracked) == int(bn.num_batches_tracked) == 1
+
+
+def test_block_init_matches_conv2d_bounds():
+    block = Block(16, 8, num_convs=3, kernel_size=[5, 3, 3])
+    for k, size in enumerate([5, 3, 3]):
+        bound = 1 / (16 * size * size) ** 0.5
+        assert block.weight[k].abs().max() <= bound
+        assert block.weight[k].abs().max() > 0.8 * bound
+    # 3x3 branches are zero-embedded in the 5x5 grid
+    assert block.weight[1, :, :, 0].abs().sum() == 0 and block.weight[1, :, :, :, 4].abs().sum() == 0
+
+
+def test_mixed_kernel_embedding_stays_zero_during_training():
+    torch.manual_seed(0)
+    block = Block(4, 6, num_convs=4, kernel_size=[5, 5, 3, 3], backend="reference")
+    opt = torch.optim.SGD(block.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-3)
+    x = torch.randn(6, 4, 8, 8)
+    for _ in range(3):
+        opt.zero_grad()
+        block(x).square().mean().backward()
+        opt.step()
+    outside = block.weight[2:].clone()
+    outside[:, :, :, 1:4, 1:4] = 0
+    assert outside.abs().max() == 0
+    assert block.weight[0, :, :, 0].abs().sum() > 0  # the 5x5 branches really use their border
+
+
+@pytest.mark.parametrize("gate", ["softmax", "sigmoid", "relu", "none"])
+def test_gate_functions(gate):
+    block = Block(4, 4, num_convs=3, gate=gate, temperature=2.0)
+    x = torch.randn(5, 4, 6, 6)
+    a = block.gates(x)
+    assert a.shape == (5, 3)
+    if gate == "softmax":
+        torch.testing.assert_close(a.sum(1), torch.ones(5))
+        logits = block.gate_layer(x.mean((2, 3)))
+        torch.testing.assert_close(a, torch.softmax(logits / 2.0, 1))
+    elif gate == "sigmoid":
+        assert ((a > 0) & (a < 1)).all()
+    elif gate == "relu":
+        assert (a >= 0).all()
+    else:
+        assert torch.equal(a, torch.ones(5, 3))
+
+
+def test_mlp_gate():
+    block = Block(8, 8, num_convs=6, gate_hidden=(16, 16))
+    assert isinstance(block.gate_layer, nn.Sequential) and len(block.gate_layer) == 5
+    assert block(torch.randn(2, 8, 4, 4)).shape == (2, 8, 4, 4)
+
+
+def test_state_dict_round_trip_and_backend_switch(tmp_path):
+    block = Block(4, 6, num_convs=3, kernel_size=3, backend="reference")
+    keys = set(block.state_dict())
+    for name in fastblock.BACKENDS:
+        block.backend = name
+        assert set(block.state_dict()) == keys
+    block.backend = "reference"
+    x = torch.randn(3, 4, 5, 5)
+    block(x)  # moves running stats
+    torch.save(block.state_dict(), tmp_path / "b.pt")
+    other = Block(4, 6, num_convs=3, kernel_size=3, backend="auto")
+    other.load_state_dict(torch.load(tmp_path / "b.pt", weights_only=True))
+    block.eval(), other.eval()
+    torch.testing.assert_close(block(x), other(x))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        block.backend = "cudnn"
+
+
+def test_extra_repr():
+    text = repr(Block(4, 6, num_convs=5, kernel_size=[5, 3, 3, 3, 3], gate="sigmoid", backend="reference"))
+    assert "num_convs=5" in text and "kernel_size=[5, 3, 3, 3, 3]" in text
+    assert "gate='sigmoid'" in text and "backend='reference'" in text
+
+
+def test_block_bad_input_message():
+    with pytest.raises(ValueError, match=r"expects input \[N, 4, H, W\]"):
+        Block(4, 4)(torch.randn(2, 3, 5, 5))
+    with pytest.raises(ValueError, match="odd"):
+        Block(4, 4, kernel_size=4)
+    with pytest.raises(ValueError, match="kernel_size lists"):
+        Block(4, 4, num_convs=3, kernel_size=[3, 5])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cuda"])
+def test_block_compiles_fullgraph(backend):
+    if not fastblock.available_backends("cpu")[backend].available:
+        pytest.skip(f"{backend} unavailable: {fastblock.available_backends('cpu')[backend].reason}")
+    torch.manual_seed(0)
+    block = Block(4, 6, num_convs=3, stride=2, backend=backend)
+    eager = Block(4, 6, num_convs=3, stride=2, backend=backend)
+    eager.load_state_dict(block.state_dict())
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager" if backend != "reference" else "inductor")
+    x = torch.randn(5, 4, 9, 8)
+    y_c, y_e = compiled(x), eager(x)
+    torch.testing.assert_close(y_c, y_e, atol=1e-5, rtol=1e-5)
+    y_c.sum().backward()
+    y_e.sum().backward()
+    torch.testing.assert_close(block.weight.grad, eager.weight.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(block.bn.running_mean, eager.bn.running_mean)  # the mutation happened
+    assert int(block.bn.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("backend", ["reference", "cuda"])
+def test_autocast_bf16(backend):
+    if not fastblock.available_backends("cpu")[backend].available:
+        pytest.skip(f"{backend} unavailable")
+    block = Block(4, 6, num_convs=3, backend=backend)
+    x = torch.randn(4, 4, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = block(x)
+    assert y.dtype == torch.bfloat16
+    assert block.bn.running_mean.dtype == torch.float32
+    y.float().sum().backward()
+    assert block.weight.grad.dtype == torch.float32
+    ref = Block(4, 6, num_convs=3, backend="reference")
+    ref.load_state_dict(block.state_dict())
+    ref.bn.running_mean.zero_(), ref.bn.running_var.fill_(1)
+    torch.testing.assert_close(y.float(), ref(x), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cuda"])
+def test_channels_last_block(backend):
+    if not fastblock.available_backends("cpu")[backend].available:
+        pytest.skip(f"{backend} unavailable")
+    block = Block(4, 6, num_convs=2, backend=backend).to(memory_format=torch.channels_last)
+    x = torch.randn(3, 4, 7, 5).contiguous(memory_format=torch.channels_last)
+    y = block(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    block.backend = "reference"
+    block.bn.reset_running_stats()
+    torch.testing.assert_close(y, block(x.contiguous()), atol=1e-5, rtol=1e-5)
+
+
+def test_non_contiguous_input():
+    block = Block(4, 6, num_convs=2, backend="reference")
+    x = torch.randn(3, 7, 4, 6).transpose(1, 2)  # [3, 4, 7, 6] non-contiguous
+    assert not x.is_contiguous()
+    torch.testing.assert_close(block(x), block(x.contiguous()))
