@@ -1,9 +1,31 @@
-"""Triton backend: the fused Block in Triton kernels (see fastblock/triton_kernels/)."""
+"""Triton backend: launches the fused kernels in fastblock/triton_kernels/ (the contract is in fastblock/ops.py).
+
+Forward, training mode (3 kernels + 1 tiny one):
+    1. mixed_conv_fwd_kernel      z = sum_k a_k (conv(x, W_k) + b_k), plus per-tile (mean, M2) of z
+    2. bn_stats_finalize_kernel   batch mean / invstd, running-stat update (unbiased variance)
+    3. bn_relu_normalize_kernel   y = relu(BN(z))
+Forward, eval mode: kernel 1 alone, with BatchNorm + ReLU folded into its epilogue.
+Backward:
+    bn_relu_bwd_reduce_kernel + sum_rows_kernel -> dbeta = sum g, dgamma = sum g*xhat (g = dy*[y>0])
+    bn_relu_bwd_dz_kernel     -> dz (gradient of the pre-BN activation)
+    mixed_conv_dx_kernel      -> dx
+    mixed_conv_dweight_kernel -> dW_k, db_k, da (folded per sample; small partial buffers summed in order)
+
+Memory: forward saves z (one output-sized tensor) and two [Cout] statistics; y is not needed for backward
+(the ReLU mask is recomputed from z). Backward materialises dz (output-sized) and partial buffers of size
+splits*K*Cout*Cin*KH*KW + N*tiles*K.
+"""
 from __future__ import annotations
 
+import functools
 import os
 
+import torch
+
 from .backends import BackendStatus
+from .ops import empty_like_layout, output_shape
+
+_FORCE_SCHEDULE = None  # tests set "mix" or "concat" to exercise both schedules on tiny shapes
 
 
 def status(device_type: str) -> BackendStatus:
@@ -13,10 +35,234 @@ def status(device_type: str) -> BackendStatus:
         return BackendStatus(False, f"triton is not importable ({type(exc).__name__}: {exc})")
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if device_type == "cuda":
-        import torch
-
         if not torch.cuda.is_available():
             return BackendStatus(False, "triton needs a CUDA device and torch sees none")
-    elif not interpret:
+        major, minor = torch.cuda.get_device_capability()
+        if major < 7 and not interpret:
+            return BackendStatus(False, f"triton needs compute capability >= 7.0, this GPU has {major}.{minor}")
+        import triton as _t
+
+        return BackendStatus(True, f"triton {_t.__version__} on {torch.cuda.get_device_name()}"
+                             + (" (interpreter)" if interpret else ""))
+    if not interpret:
         return BackendStatus(False, "triton needs a CUDA device (CPU tensors run only under TRITON_INTERPRET=1)")
-    return BackendStatus(False, "Triton kernels not implemented yet")
+    import triton as _t
+
+    return BackendStatus(True, f"triton {_t.__version__} interpreter on CPU (TRITON_INTERPRET=1; slow, for tests)")
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    from .triton_kernels import batchnorm, conv
+
+    return conv, batchnorm
+
+
+def _tl_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # Exact fp32 by default; TF32 only when asked for explicitly.
+    if dtype == torch.float32 and os.environ.get("FASTBLOCK_ALLOW_TF32", "0") == "1":
+        return "tf32"
+    return "ieee"
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _interpreting(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _sm_count(t: torch.Tensor) -> int:
+    if t.device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(t.device).multi_processor_count
+
+
+def _conv_config(rows_per_sample: int, cols: int, red: int, num_convs: int, dtype: torch.dtype, interp: bool):
+    """Tile shape and schedule for the implicit-GEMM kernels.
+
+    Hand-picked per shape class rather than autotuned: the CIFAR shapes fall into four classes (32x32, 16x16,
+    8x8, 4x4 maps) and autotuning each layer at start-up would cost seconds per shape. Rules:
+    * per-sample mixing (MIX) when a sample fills a 64-row tile (P >= 64); below that (4x4 maps) the K-fold
+      concatenation schedule shares every weight load across samples;
+    * BLOCK_N follows Cout (64 or 128), BLOCK_K = 32 for 16-bit types (64-byte rows), 16 for fp32/fp64
+      (register pressure of the K mixed tiles);
+    * fp64 (tests only) gets small tiles.
+    These were not tuned on a GPU yet: see bench/RESULTS.md.
+    """
+    force = _FORCE_SCHEDULE
+    mix = (rows_per_sample >= 64) if force is None else (force == "mix")
+    if interp:
+        return dict(MIX=mix, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
+    if dtype == torch.float64:
+        return dict(MIX=mix, BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2)
+    sixteen_bit = dtype in (torch.float16, torch.bfloat16)
+    block_m = 128 if (mix and rows_per_sample >= 128) or (not mix) else 64
+    block_n = 128 if cols >= 128 else 64
+    block_k = 32 if sixteen_bit else 16
+    return dict(MIX=mix, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_m * block_n >= 128 * 128 else 4,
+                num_stages=3 if sixteen_bit else 2)
+
+
+def _row_tiles(n: int, p: int, block_m: int, mix: bool) -> int:
+    return n * -(-p // block_m) if mix else -(-(n * p) // block_m)
+
+
+def _tile_counts(n: int, p: int, block_m: int, mix: bool, dtype, device) -> torch.Tensor:
+    """Number of valid rows in every row tile of the conv kernel (for the statistics merge)."""
+    tiles = _row_tiles(n, p, block_m, mix)
+    idx = torch.arange(tiles, device=device, dtype=torch.int64)
+    if mix:
+        per_sample = -(-p // block_m)
+        start = (idx % per_sample) * block_m
+        return (p - start).clamp(max=block_m).to(dtype)
+    return (n * p - idx * block_m).clamp(max=block_m).to(dtype)
+
+
+def forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+            use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward):
+    import triton
+
+    conv, bn = _kernels()
+    n, cin, h, w = x.shape
+    num_convs, cout, _, kh, kw = weight.shape
+    _, _, ho, wo = output_shape(x, weight, stride, pad_h, pad_w)
+    acc_torch = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = _tl_dtype(x.dtype)
+    interp = _interpreting(x)
+    cfg = _conv_config(ho * wo, cout, cin * kh * kw, num_convs, x.dtype, interp)
+    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    w_fwd = weight.permute(0, 3, 4, 2, 1).contiguous()  # [K, KH, KW, Cin, Cout]: Cout contiguous for the B tile
+    gates, bias = gates.contiguous(), bias.contiguous()
+    z = empty_like_layout(x, (n, cout, ho, wo))
+    grid = (_row_tiles(n, ho * wo, cfg["BLOCK_M"], cfg["MIX"]), triton.cdiv(cout, cfg["BLOCK_N"]))
+    common = dict(KH=kh, KW=kw, NUM_CONVS=num_convs, MIX=cfg["MIX"], ACC_DTYPE=acc,
+                  DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                  BLOCK_K=cfg["BLOCK_K"])
+    conv_args = (n, cin, h, w, cout, ho, wo, *x.stride(), *z.stride(), stride, pad_h, pad_w)
+
+    if not use_batch_stats:
+        mean = running_mean.to(acc_torch, copy=True)  # outputs must not alias inputs
+        invstd = torch.rsqrt(running_var.to(acc_torch) + eps)
+        scale = (invstd * bn_weight.to(acc_torch)).contiguous()
+        shift = (bn_bias.to(acc_torch) - mean * scale).contiguous()
+        y = empty_like_layout(x, z.shape)
+        z_out = z if save_for_backward else y  # unused pointer when STORE_Z is off
+        conv.mixed_conv_fwd_kernel[grid](x, gates, w_fwd, bias, y, z_out, scale, scale, scale, shift, *conv_args,
+                                         EVAL=True, STORE_Z=save_for_backward, **common, **launch)
+        return y, (z if save_for_backward else x.new_empty((0,))), mean, invstd
+
+    part_mean = torch.empty((grid[0], cout), device=x.device, dtype=acc_torch)
+    part_m2 = torch.empty_like(part_mean)
+    conv.mixed_conv_fwd_kernel[grid](x, gates, w_fwd, bias, z, z, part_mean, part_m2, part_mean, part_mean,
+                                     *conv_args, EVAL=False, STORE_Z=False, **common, **launch)
+    counts = _tile_counts(n, ho * wo, cfg["BLOCK_M"], cfg["MIX"], acc_torch, x.device)
+    mean = torch.empty((cout,), device=x.device, dtype=acc_torch)
+    invstd = torch.empty_like(mean)
+    update = running_mean is not None
+    block_c = 32
+    bn.bn_stats_finalize_kernel[(triton.cdiv(cout, block_c),)](
+        part_mean, part_m2, counts, mean, invstd,
+        running_mean if update else mean, running_var if update else mean,
+        grid[0], cout, float(eps), float(momentum),
+        UPDATE=update, ACC_DTYPE=acc, BLOCK_T=64, BLOCK_C=block_c,
+    )
+    y = torch.empty_like(z)
+    block = 1024
+    bn.bn_relu_normalize_kernel[(triton.cdiv(z.numel(), block),)](
+        z, y, mean, invstd, bn_weight, bn_bias, z.numel(), cout, ho * wo,
+        CHANNELS_LAST=_is_channels_last(z), ACC_DTYPE=acc, BLOCK=block,
+    )
+    return y, (z if save_for_backward else x.new_empty((0,))), mean, invstd
+
+
+def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w):
+    import triton
+
+    conv, bn = _kernels()
+    n, cin, h, w = x.shape
+    num_convs, cout, _, kh, kw = weight.shape
+    ho, wo = z.shape[2], z.shape[3]
+    p = ho * wo
+    m = n * p
+    acc_torch = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = _tl_dtype(x.dtype)
+    interp = _interpreting(x)
+    channels_last = _is_channels_last(z)
+    if dy.stride() != z.stride():
+        dy = dy.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    gates, bias = gates.contiguous(), bias.contiguous()
+
+    # --- BatchNorm + ReLU backward ------------------------------------------------------------------------
+    block_r, block_c = (16, 16) if interp else (64, 64)
+    row_tiles = triton.cdiv(m, block_r)
+    part_g = torch.empty((row_tiles, cout), device=x.device, dtype=acc_torch)
+    part_gx = torch.empty_like(part_g)
+    szn, szc, szh, szw = z.stride()
+    bn.bn_relu_bwd_reduce_kernel[(row_tiles, triton.cdiv(cout, block_c))](
+        dy, z, mean, invstd, bn_weight, bn_bias, part_g, part_gx, m, cout, p, szn, szw, szc,
+        ACC_DTYPE=acc, BLOCK_R=block_r, BLOCK_C=block_c,
+    )
+    sum_g = torch.empty((cout,), device=x.device, dtype=acc_torch)
+    sum_gx = torch.empty_like(sum_g)
+    for part, out in ((part_g, sum_g), (part_gx, sum_gx)):
+        bn.sum_rows_kernel[(triton.cdiv(cout, 32),)](part, out, row_tiles, cout, ACC_DTYPE=acc, BLOCK_T=64, BLOCK_C=32)
+    dz = torch.empty_like(z)
+    block = 1024
+    bn.bn_relu_bwd_dz_kernel[(triton.cdiv(z.numel(), block),)](
+        dy, z, dz, mean, invstd, bn_weight, bn_bias, sum_g, sum_gx, z.numel(), cout, p, 1.0 / m,
+        BATCH_STATS=use_batch_stats, CHANNELS_LAST=channels_last, ACC_DTYPE=acc, BLOCK=block,
+    )
+    dgamma = sum_gx.to(bn_weight.dtype)
+    dbeta = sum_g.to(bn_bias.dtype)
+
+    # --- dx: transposed implicit GEMM -----------------------------------------------------------------------
+    cfg = _conv_config(h * w, cin, cout * kh * kw, num_convs, x.dtype, interp)
+    w_t = weight.permute(0, 3, 4, 1, 2).contiguous()  # [K, KH, KW, Cout, Cin]: Cin contiguous for the B tile
+    dx = empty_like_layout(x, x.shape)
+    grid = (_row_tiles(n, h * w, cfg["BLOCK_M"], cfg["MIX"]), triton.cdiv(cin, cfg["BLOCK_N"]))
+    conv.mixed_conv_dx_kernel[grid](
+        dz, gates, w_t, dx, n, cin, h, w, cout, ho, wo, *dz.stride(), *dx.stride(), stride, pad_h, pad_w,
+        KH=kh, KW=kw, NUM_CONVS=num_convs, MIX=cfg["MIX"], ACC_DTYPE=acc, DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+    # --- dW, db, da: per-sample weight gradients folded in registers ---------------------------------------
+    red = kh * kw * cin
+    k_pad = triton.next_power_of_2(num_convs)
+    if interp:
+        bm, bn_, bp, warps = 16, 16, 16, 4
+    else:
+        # K_PAD*BM*BN fp32 accumulators plus the K weight tiles live in registers: shrink tiles as K grows.
+        bm, bn_ = (64, 64) if k_pad <= 2 else (32, 64) if k_pad <= 4 else (32, 32)
+        bp = 32 if x.dtype in (torch.float16, torch.bfloat16) else 16
+        warps = 4
+    co_tiles, r_tiles = triton.cdiv(cout, bm), triton.cdiv(red, bn_)
+    # Split the batch so the grid fills the GPU (about 4 programs per SM); each split sums its own samples.
+    splits = max(1, min(n, (4 * _sm_count(x)) // max(1, co_tiles * r_tiles)))
+    per_split = triton.cdiv(n, splits)
+    splits = triton.cdiv(n, per_split)
+    w_r = weight.permute(0, 1, 3, 4, 2).contiguous()  # [K, Cout, KH, KW, Cin]: columns in (dh, dw, ci) order
+    dw_part = torch.empty((splits, num_convs, cout, red), device=x.device, dtype=acc_torch)
+    db_part = torch.empty((splits, num_convs, cout), device=x.device, dtype=acc_torch)
+    da_part = torch.empty((n, co_tiles * r_tiles, num_convs), device=x.device, dtype=acc_torch)
+    dab_part = torch.empty((n, co_tiles, num_convs), device=x.device, dtype=acc_torch)
+    conv.mixed_conv_dweight_kernel[(co_tiles, r_tiles, splits)](
+        dz, x, gates, w_r, bias, dw_part, db_part, da_part, dab_part,
+        n, cin, h, w, cout, ho, wo, per_split, *dz.stride(), *x.stride(), stride, pad_h, pad_w,
+        KH=kh, KW=kw, NUM_CONVS=num_convs, K_PAD=k_pad, ACC_DTYPE=acc, DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_M=bm, BLOCK_N=bn_, BLOCK_P=bp, num_warps=warps,
+    )
+    # Fixed-order sums of the small partial buffers (deterministic).
+    dweight = dw_part.sum(0).view(num_convs, cout, kh, kw, cin).permute(0, 1, 4, 2, 3).to(weight.dtype).contiguous()
+    dbias = db_part.sum(0).to(bias.dtype)
+    dgates = (da_part.sum(1) + dab_part.sum(1)).to(gates.dtype)
+    return dx, dgates, dweight, dbias, dgamma, dbeta

@@ -1,0 +1,151 @@
+"""BatchNorm + ReLU kernels around the convolution: statistics finalize, normalise, and the backward.
+
+All reductions are deterministic: per-tile partials written to a buffer, merged in a fixed order.
+z, y, dy and dz share one layout (z is allocated like x, dy is made to match), so elementwise kernels walk
+storage linearly and recover the channel from the layout (``CHANNELS_LAST``).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def bn_stats_finalize_kernel(
+    part_mean_ptr, part_m2_ptr, counts_ptr,   # [T, C], [T, C], [T]
+    mean_ptr, invstd_ptr,                     # [C] out
+    running_mean_ptr, running_var_ptr,        # [C] in/out (UPDATE)
+    T, C, eps, momentum,
+    UPDATE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Merge T tiles' (count, mean, M2) into batch mean/invstd; update running stats with the unbiased variance.
+
+    Each chunk of BLOCK_T tiles is combined exactly at once (n = sum n_t, mean = sum n_t mean_t / n,
+    M2 = sum M2_t + sum n_t (mean_t - mean)^2), and chunks are folded in order with Chan's pairwise update.
+    Bytes: 2*T*C partials read, 2*C written (+ 2*C read/written for the running statistics).
+    """
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    n_a = tl.zeros([BLOCK_C], ACC_DTYPE)
+    mean_a = tl.zeros([BLOCK_C], ACC_DTYPE)
+    m2_a = tl.zeros([BLOCK_C], ACC_DTYPE)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = t < T
+        mask = t_ok[:, None] & c_ok[None, :]
+        off = t[:, None].to(tl.int64) * C + c[None, :]
+        n_t = tl.load(counts_ptr + t, mask=t_ok, other=0.0).to(ACC_DTYPE)
+        mean_t = tl.load(part_mean_ptr + off, mask=mask, other=0.0).to(ACC_DTYPE)
+        m2_t = tl.load(part_m2_ptr + off, mask=mask, other=0.0).to(ACC_DTYPE)
+        n_b = tl.sum(n_t, axis=0)
+        mean_b = tl.sum(n_t[:, None] * mean_t, axis=0) / n_b
+        dev = tl.where(mask, mean_t - mean_b[None, :], 0.0)
+        m2_b = tl.sum(m2_t + n_t[:, None] * dev * dev, axis=0)
+        n_ab = n_a + n_b
+        delta = mean_b - mean_a
+        mean_a = mean_a + delta * (n_b / n_ab)
+        m2_a = m2_a + m2_b + delta * delta * (n_a * n_b / n_ab)
+        n_a = n_ab
+    var = m2_a / n_a
+    invstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(mean_ptr + c, mean_a, mask=c_ok)
+    tl.store(invstd_ptr + c, invstd, mask=c_ok)
+    if UPDATE:
+        rm = tl.load(running_mean_ptr + c, mask=c_ok, other=0.0).to(ACC_DTYPE)
+        rv = tl.load(running_var_ptr + c, mask=c_ok, other=0.0).to(ACC_DTYPE)
+        unbiased = m2_a / (n_a - 1.0)
+        rm = (1.0 - momentum) * rm + momentum * mean_a
+        rv = (1.0 - momentum) * rv + momentum * unbiased
+        tl.store(running_mean_ptr + c, rm.to(running_mean_ptr.dtype.element_ty), mask=c_ok)
+        tl.store(running_var_ptr + c, rv.to(running_var_ptr.dtype.element_ty), mask=c_ok)
+
+
+@triton.jit
+def _channel_of(offs, C, HW, CHANNELS_LAST: tl.constexpr):
+    if CHANNELS_LAST:
+        return offs % C
+    return (offs // HW) % C
+
+
+@triton.jit
+def bn_relu_normalize_kernel(
+    z_ptr, y_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
+    numel, C, HW,
+    CHANNELS_LAST: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """y = relu((z - mean) * invstd * gamma + beta). Bytes: read z, write y (per-channel vectors stay in cache)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    c = _channel_of(offs, C, HW, CHANNELS_LAST)
+    z = tl.load(z_ptr + offs, mask=ok, other=0.0).to(ACC_DTYPE)
+    scale = tl.load(invstd_ptr + c, mask=ok, other=0.0).to(ACC_DTYPE) * tl.load(gamma_ptr + c, mask=ok, other=0.0)
+    shift = tl.load(beta_ptr + c, mask=ok, other=0.0) - tl.load(mean_ptr + c, mask=ok, other=0.0) * scale
+    y = tl.maximum(z * scale + shift, 0.0)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def bn_relu_bwd_reduce_kernel(
+    dy_ptr, z_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
+    part_g_ptr, part_gx_ptr,                 # [T, C]: per row tile, sum g and sum g * xhat
+    M, C, HW, srow_n, srow_hw, sc,           # rows m = n*HW + p; offset = n*srow_n + p*srow_hw + c*sc
+    ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Partial sums of g = dy * [y > 0] and g * xhat per (row tile, channel); the ReLU mask is recomputed
+    from z, so y need not be saved. Bytes: read dy and z once; write 2*T*C partials."""
+    pid_r = tl.program_id(0)
+    rows = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    r_ok = rows < M
+    c_ok = c < C
+    mask = r_ok[:, None] & c_ok[None, :]
+    off = ((rows // HW) * srow_n + (rows % HW) * srow_hw)[:, None] + c[None, :].to(tl.int64) * sc
+    mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(ACC_DTYPE)
+    invstd = tl.load(invstd_ptr + c, mask=c_ok, other=0.0).to(ACC_DTYPE)
+    gamma = tl.load(gamma_ptr + c, mask=c_ok, other=0.0).to(ACC_DTYPE)
+    beta = tl.load(beta_ptr + c, mask=c_ok, other=0.0).to(ACC_DTYPE)
+    z = tl.load(z_ptr + off, mask=mask, other=0.0).to(ACC_DTYPE)
+    dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(ACC_DTYPE)
+    xhat = (z - mean[None, :]) * invstd[None, :]
+    g = tl.where(mask & (xhat * gamma[None, :] + beta[None, :] > 0), dy, 0.0)
+    part = pid_r.to(tl.int64) * C + c
+    tl.store(part_g_ptr + part, tl.sum(g, axis=0), mask=c_ok)
+    tl.store(part_gx_ptr + part, tl.sum(g * xhat, axis=0), mask=c_ok)
+
+
+@triton.jit
+def sum_rows_kernel(part_ptr, out_ptr, T, C, ACC_DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[c] = sum_t part[t, c], in a fixed order (deterministic)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    acc = tl.zeros([BLOCK_C], ACC_DTYPE)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        vals = tl.load(part_ptr + t[:, None].to(tl.int64) * C + c[None, :], mask=(t < T)[:, None] & c_ok[None, :],
+                       other=0.0)
+        acc += tl.sum(vals.to(ACC_DTYPE), axis=0)
+    tl.store(out_ptr + c, acc.to(out_ptr.dtype.element_ty), mask=c_ok)
+
+
+@triton.jit
+def bn_relu_bwd_dz_kernel(
+    dy_ptr, z_ptr, dz_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, sum_g_ptr, sum_gx_ptr,
+    numel, C, HW, inv_count,
+    BATCH_STATS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """dz = gamma*invstd * (g - [batch stats] (sum_g + xhat * sum_gx) / count), g = dy * [y > 0].
+    Bytes: read dy and z, write dz."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    c = _channel_of(offs, C, HW, CHANNELS_LAST)
+    mean = tl.load(mean_ptr + c, mask=ok, other=0.0).to(ACC_DTYPE)
+    invstd = tl.load(invstd_ptr + c, mask=ok, other=0.0).to(ACC_DTYPE)
+    gamma = tl.load(gamma_ptr + c, mask=ok, other=0.0).to(ACC_DTYPE)
+    beta = tl.load(beta_ptr + c, mask=ok, other=0.0).to(ACC_DTYPE)
+    z = tl.load(z_ptr + offs, mask=ok, other=0.0).to(ACC_DTYPE)
+    dy = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(ACC_DTYPE)
+    xhat = (z - mean) * invstd
+    g = tl.where(xhat * gamma + beta > 0, dy, 0.0)
+    if BATCH_STATS:
+        sum_g = tl.load(sum_g_ptr + c, mask=ok, other=0.0).to(ACC_DTYPE)
+        sum_gx = tl.load(sum_gx_ptr + c, mask=ok, other=0.0).to(ACC_DTYPE)
+        g = g - (sum_g + xhat * sum_gx) * inv_count
+    tl.store(dz_ptr + offs, (g * gamma * invstd).to(dz_ptr.dtype.element_ty), mask=ok)

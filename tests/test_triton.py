@@ -1,0 +1,63 @@
+"""Triton backend vs the reference (CPU: under TRITON_INTERPRET=1, set in conftest)."""
+import pytest
+import torch
+
+import fastblock
+from helpers import SHAPES, Case, compare_with_reference, gradcheck_backend
+
+pytestmark = pytest.mark.skipif(not fastblock.available_backends("cpu")["triton"].available
+                                and not torch.cuda.is_available(),
+                                reason="triton unavailable: " + fastblock.available_backends("cpu")["triton"].reason)
+
+
+@pytest.fixture(params=["mix", "concat"])
+def schedule(request, monkeypatch):
+    """Run every test with both exact schedules (per-sample kernel mixing and K-fold concatenation)."""
+    from fastblock import triton_backend
+
+    monkeypatch.setattr(triton_backend, "_FORCE_SCHEDULE", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("case", SHAPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_triton_matches_reference_fp32(case, training, schedule):
+    compare_with_reference("triton", case, torch.float32, training=training, seed=hash((str(case), training)) % 997)
+
+
+@pytest.mark.parametrize("case", [SHAPES[0], SHAPES[1], SHAPES[4]], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_triton_matches_reference_fp64(case, training, schedule):
+    compare_with_reference("triton", case, torch.float64, training=training, seed=7)
+
+
+@pytest.mark.parametrize("case", [Case(2, 2, 3, 4, 3, k=2), Case(3, 2, 2, 3, 5, k=1, stride=2, channels_last=True)],
+                         ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_triton_gradcheck_fp64(case, training, schedule):
+    gradcheck_backend("triton", case, training=training)
+
+
+def test_triton_statistics_are_stable_with_a_large_mean():
+    """Sum/sum-of-squares would cancel catastrophically here; the (mean, M2) merge does not."""
+    case = Case(4, 3, 4, 8, 8, k=2)
+    from helpers import make_inputs
+
+    args, kwargs = make_inputs(case, torch.float32, requires_grad=False)
+    args[3] = torch.full((2, 4), 1000.0)  # bias shifts every channel's mean far from 0
+    rm_t, rv_t = args[6].clone(), args[7].clone()
+    fastblock.mixed_conv_bn_relu(*args[:6], rm_t, rv_t, backend="triton", **kwargs)
+    ref_args = [a.double() for a in args]
+    fastblock.mixed_conv_bn_relu(*ref_args, backend="reference", **kwargs)
+    torch.testing.assert_close(rv_t.double(), ref_args[7], rtol=1e-4, atol=1e-4)
+
+
+def test_triton_inference_without_grad_skips_z():
+    case = SHAPES[0]
+    from helpers import make_inputs
+
+    args, kwargs = make_inputs(case, torch.float32, requires_grad=False)
+    with torch.no_grad():
+        y = fastblock.mixed_conv_bn_relu(*args, training=False, backend="triton", **kwargs)
+    y_ref = fastblock.mixed_conv_bn_relu(*args, training=False, backend="reference", **kwargs)
+    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
