@@ -22,9 +22,11 @@ else the running statistics), in float32 (float64 for float64 inputs).
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
+import torch._subclasses
 
 from .backends import backend_module, resolve_backend
 from .reference import mixed_conv_bn_relu_reference
@@ -49,9 +51,26 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+# Tests set FASTBLOCK_POISON=1: every buffer a backend allocates starts as NaN, so an element a kernel forgot to
+# write shows up as NaN instead of as whatever memory happened to hold.
+POISON_BUFFERS = os.environ.get("FASTBLOCK_POISON", "0") == "1"
+
+
+def _maybe_poison(t: torch.Tensor) -> torch.Tensor:
+    if POISON_BUFFERS and t.is_floating_point() and not isinstance(t, torch._subclasses.FakeTensor):
+        t.fill_(float("nan"))
+    return t
+
+
 def empty_like_layout(x: torch.Tensor, shape, dtype=None) -> torch.Tensor:
     """An empty NCHW tensor of ``shape`` laid out like ``x`` (channels_last stays channels_last)."""
-    return torch.empty(shape, dtype=dtype or x.dtype, device=x.device, memory_format=_memory_format(x))
+    return _maybe_poison(torch.empty(shape, dtype=dtype or x.dtype, device=x.device,
+                                     memory_format=_memory_format(x)))
+
+
+def empty_buffer(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """A scratch/output buffer a kernel must fill completely."""
+    return _maybe_poison(torch.empty(shape, dtype=dtype, device=device))
 
 
 # ----------------------------------------------------------------------------------------------------------------

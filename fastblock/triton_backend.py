@@ -23,7 +23,7 @@ import os
 import torch
 
 from .backends import BackendStatus
-from .ops import empty_like_layout, output_shape
+from .ops import empty_buffer, empty_like_layout, output_shape
 
 _FORCE_SCHEDULE = None  # tests set "mix" or "concat" to exercise both schedules on tiny shapes
 
@@ -159,13 +159,13 @@ def forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_va
                                          EVAL=True, STORE_Z=save_for_backward, **common, **launch)
         return y, (z if save_for_backward else x.new_empty((0,))), mean, invstd
 
-    part_mean = torch.empty((grid[0], cout), device=x.device, dtype=acc_torch)
-    part_m2 = torch.empty_like(part_mean)
+    part_mean = empty_buffer((grid[0], cout), acc_torch, x.device)
+    part_m2 = empty_buffer((grid[0], cout), acc_torch, x.device)
     conv.mixed_conv_fwd_kernel[grid](x, gates, w_fwd, bias, z, z, part_mean, part_m2, part_mean, part_mean,
                                      *conv_args, EVAL=False, STORE_Z=False, **common, **launch)
     counts = _tile_counts(n, ho * wo, cfg["BLOCK_M"], cfg["MIX"], acc_torch, x.device)
-    mean = torch.empty((cout,), device=x.device, dtype=acc_torch)
-    invstd = torch.empty_like(mean)
+    mean = empty_buffer((cout,), acc_torch, x.device)
+    invstd = empty_buffer((cout,), acc_torch, x.device)
     update = running_mean is not None
     block_c = 32
     bn.bn_stats_finalize_kernel[(triton.cdiv(cout, block_c),)](
@@ -174,7 +174,7 @@ def forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_va
         grid[0], cout, float(eps), float(momentum),
         UPDATE=update, ACC_DTYPE=acc, BLOCK_T=64, BLOCK_C=block_c,
     )
-    y = torch.empty_like(z)
+    y = empty_like_layout(z, z.shape)
     block = 1024
     bn.bn_relu_normalize_kernel[(triton.cdiv(z.numel(), block),)](
         z, y, mean, invstd, bn_weight, bn_bias, z.numel(), cout, ho * wo,
@@ -203,18 +203,18 @@ def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, us
     # --- BatchNorm + ReLU backward ------------------------------------------------------------------------
     block_r, block_c = (16, 16) if interp else (64, 64)
     row_tiles = triton.cdiv(m, block_r)
-    part_g = torch.empty((row_tiles, cout), device=x.device, dtype=acc_torch)
-    part_gx = torch.empty_like(part_g)
+    part_g = empty_buffer((row_tiles, cout), acc_torch, x.device)
+    part_gx = empty_buffer((row_tiles, cout), acc_torch, x.device)
     szn, szc, szh, szw = z.stride()
     bn.bn_relu_bwd_reduce_kernel[(row_tiles, triton.cdiv(cout, block_c))](
         dy, z, mean, invstd, bn_weight, bn_bias, part_g, part_gx, m, cout, p, szn, szw, szc,
         ACC_DTYPE=acc, BLOCK_R=block_r, BLOCK_C=block_c,
     )
-    sum_g = torch.empty((cout,), device=x.device, dtype=acc_torch)
-    sum_gx = torch.empty_like(sum_g)
+    sum_g = empty_buffer((cout,), acc_torch, x.device)
+    sum_gx = empty_buffer((cout,), acc_torch, x.device)
     for part, out in ((part_g, sum_g), (part_gx, sum_gx)):
         bn.sum_rows_kernel[(triton.cdiv(cout, 32),)](part, out, row_tiles, cout, ACC_DTYPE=acc, BLOCK_T=64, BLOCK_C=32)
-    dz = torch.empty_like(z)
+    dz = empty_like_layout(z, z.shape)
     block = 1024
     bn.bn_relu_bwd_dz_kernel[(triton.cdiv(z.numel(), block),)](
         dy, z, dz, mean, invstd, bn_weight, bn_bias, sum_g, sum_gx, z.numel(), cout, p, 1.0 / m,
@@ -251,10 +251,10 @@ def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, us
     per_split = triton.cdiv(n, splits)
     splits = triton.cdiv(n, per_split)
     w_r = weight.permute(0, 1, 3, 4, 2).contiguous()  # [K, Cout, KH, KW, Cin]: columns in (dh, dw, ci) order
-    dw_part = torch.empty((splits, num_convs, cout, red), device=x.device, dtype=acc_torch)
-    db_part = torch.empty((splits, num_convs, cout), device=x.device, dtype=acc_torch)
-    da_part = torch.empty((n, co_tiles * r_tiles, num_convs), device=x.device, dtype=acc_torch)
-    dab_part = torch.empty((n, co_tiles, num_convs), device=x.device, dtype=acc_torch)
+    dw_part = empty_buffer((splits, num_convs, cout, red), acc_torch, x.device)
+    db_part = empty_buffer((splits, num_convs, cout), acc_torch, x.device)
+    da_part = empty_buffer((n, co_tiles * r_tiles, num_convs), acc_torch, x.device)
+    dab_part = empty_buffer((n, co_tiles, num_convs), acc_torch, x.device)
     conv.mixed_conv_dweight_kernel[(co_tiles, r_tiles, splits)](
         dz, x, gates, w_r, bias, dw_part, db_part, da_part, dab_part,
         n, cin, h, w, cout, ho, wo, per_split, *dz.stride(), *x.stride(), stride, pad_h, pad_w,

@@ -1,6 +1,9 @@
 import os
 import sys
 
+# Every buffer a backend allocates starts as NaN in tests: an element a kernel forgot to write cannot pass.
+os.environ.setdefault("FASTBLOCK_POISON", "1")
+
 # The Triton kernels run on CPU through the interpreter; it must be switched on before triton compiles
 # (decorates) any kernel, i.e. before fastblock is imported. On a CUDA machine the real compiler is used.
 try:

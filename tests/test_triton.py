@@ -35,7 +35,12 @@ def test_triton_matches_reference_fp64(case, training, schedule):
                          ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_triton_gradcheck_fp64(case, training, schedule):
-    gradcheck_backend("triton", case, training=training)
+    gradcheck_backend("triton", case, training=training, fast_mode=True)
+
+
+def test_triton_gradcheck_fp64_full_jacobian():
+    """One full-Jacobian check (slow under the interpreter: ~400 kernel runs)."""
+    gradcheck_backend("triton", Case(2, 1, 2, 3, 3, k=2, stride=2), training=True, fast_mode=False)
 
 
 def test_triton_statistics_are_stable_with_a_large_mean():

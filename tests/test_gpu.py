@@ -1,0 +1,60 @@
+"""GPU tests (skipped without CUDA): every compiled backend vs the float64 reference at the CIFAR stage shapes,
+in fp32 / bf16 / fp16, with NaN-poisoned buffers (conftest sets FASTBLOCK_POISON=1)."""
+import pytest
+import torch
+
+import fastblock
+from helpers import Case, compare_with_reference
+
+pytestmark = pytest.mark.gpu
+
+# CIFAR stage shapes (C, HxW) at a reduced batch (the grid logic does not depend on N beyond the tile count),
+# plus one full-batch case per schedule.
+GPU_SHAPES = [
+    Case(32, 64, 64, 32, 32, k=4),
+    Case(32, 128, 128, 16, 16, k=4),
+    Case(32, 256, 256, 8, 8, k=6),
+    Case(32, 512, 512, 4, 4, k=4),
+    Case(32, 64, 128, 32, 32, k=1, stride=2),
+    Case(32, 128, 128, 16, 16, k=6, ksize=5, channels_last=True),
+    Case(256, 128, 128, 16, 16, k=4),
+    Case(256, 512, 512, 4, 4, k=6),
+]
+
+
+def _require(backend):
+    status = fastblock.available_backends("cuda")[backend]
+    if not status.available:
+        pytest.skip(f"{backend}: {status.reason}")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", GPU_SHAPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gpu_matches_reference(backend, dtype, case, training):
+    _require(backend)
+    compare_with_reference(backend, case, dtype, device="cuda", training=training, seed=11)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("case", [Case(3, 4, 5, 7, 6, k=3), Case(2, 3, 3, 5, 5, k=1, stride=2, channels_last=True)],
+                         ids=str)
+def test_gpu_gradcheck_fp64(backend, case):
+    _require(backend)
+    from helpers import gradcheck_backend
+
+    gradcheck_backend(backend, case, training=True, device="cuda")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_block_autocast_compile(backend):
+    _require(backend)
+    block = fastblock.Block(64, 64, num_convs=4, backend=backend).cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(64, 64, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last)
+    compiled = torch.compile(block, fullgraph=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = compiled(x)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    y.float().square().mean().backward()
+    assert torch.isfinite(block.weight.grad).all()
