@@ -18,7 +18,7 @@ if os.environ.get("FASTBLOCK_BUILD_EXT", "0") == "1":
 
     here = os.path.dirname(os.path.abspath(__file__))
     sources = [os.path.join("csrc", "fastblock_ops.cpp"), os.path.join("csrc", "fastblock_cpu.cpp")]
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3"]  # C++ standard chosen by torch
     want_cuda = os.environ.get("FASTBLOCK_BUILD_CUDA")
     with_cuda = (want_cuda == "1") or (
         want_cuda is None and torch.version.cuda is not None and (CUDA_HOME or shutil.which("nvcc"))

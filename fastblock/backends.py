@@ -71,9 +71,17 @@ def available_backends(device: Union[str, torch.device, None] = None) -> dict[st
 
 def resolve_backend(requested: Optional[str], device: Union[str, torch.device]) -> str:
     """Turn ``requested`` ("auto" or a name) into a backend that can run on ``device``, or raise."""
+    return _resolve(requested, _device_type(device), os.environ.get("FASTBLOCK_BACKEND", "auto") or "auto")
+
+
+@torch.compiler.assume_constant_result
+def _resolve(requested: Optional[str], device_type: str, env_choice: str) -> str:
+    # Host-side bookkeeping (imports, extension builds): torch.compile runs it once at trace time and keeps the
+    # answer as a constant instead of tracing it.
+    device = device_type
     requested = "auto" if requested is None else requested
     if requested == "auto":
-        requested = os.environ.get("FASTBLOCK_BACKEND", "auto") or "auto"
+        requested = env_choice
         if requested not in BACKENDS + ("auto",):
             raise ValueError(f"FASTBLOCK_BACKEND={requested!r} is not one of {BACKENDS + ('auto',)}")
     if requested != "auto":

@@ -1,6 +1,198 @@
-"""C++/CUDA extension backend (not implemented yet): reports itself unavailable."""
+"""The C++/CUDA extension backend (``backend="cuda"``): csrc/ compiled into torch ops ``fastblock_ext::forward`` /
+``fastblock_ext::backward`` (C++ kernels for CPU tensors, CUDA kernels for GPU tensors).
+
+Loading order: a prebuilt ``fastblock._C`` (``FASTBLOCK_BUILD_EXT=1 pip install -e .``), else a JIT build with
+ninja through ``torch.utils.cpp_extension.load`` on first use, cached in ``TORCH_EXTENSIONS_DIR``. CUDA sources
+are compiled when torch has CUDA, a GPU is visible and nvcc is found (``FASTBLOCK_EXT_CUDA=1``/``0`` forces it).
+``FASTBLOCK_NO_EXT=1`` disables the extension. A failed build is reported by ``available_backends()`` with the
+first lines of the compiler error, and ``auto`` falls back.
+
+    python -m fastblock.extension --build               # build (or load) now and report
+    python -m fastblock.extension --check-cuda-compile  # compile csrc/*.cu with nvcc (no GPU needed), then discard
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import torch
+
 from .backends import BackendStatus
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CPU_SOURCES = ["fastblock_ops.cpp", "fastblock_cpu.cpp"]
+CUDA_SOURCES = ["fastblock_cuda.cu"]
+CXX_FLAGS = ["-O3"]  # the C++ standard is left to torch (C++17 up to torch 2.9, C++20 after)
+
+
+def _nvcc() -> str | None:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    if CUDA_HOME and Path(CUDA_HOME, "bin", "nvcc").exists():
+        return str(Path(CUDA_HOME, "bin", "nvcc"))
+    return None
+
+
+def _want_cuda() -> bool:
+    forced = os.environ.get("FASTBLOCK_EXT_CUDA")
+    if forced is not None:
+        return forced == "1"
+    return torch.version.cuda is not None and torch.cuda.is_available() and _nvcc() is not None
+
+
+def _first_lines(text: str, n: int = 6) -> str:
+    lines = [ln for ln in text.strip().splitlines() if "error" in ln.lower()] or text.strip().splitlines()
+    return " | ".join(ln.strip() for ln in lines[:n])[:800]
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> tuple[bool, str]:
+    """Load or build the extension once per process. Returns (ok, description or error)."""
+    if os.environ.get("FASTBLOCK_NO_EXT") == "1":
+        return False, "disabled by FASTBLOCK_NO_EXT=1"
+    try:
+        from . import _C  # noqa: F401  (prebuilt by setup.py)
+
+        _register_fake()
+        return True, "prebuilt fastblock._C"
+    except ImportError:
+        pass
+    if not all((CSRC / s).exists() for s in CPU_SOURCES):
+        return False, f"sources not found in {CSRC} (install from a source checkout, or build with FASTBLOCK_BUILD_EXT=1)"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return False, "no C++ compiler found (install g++), see README 'Environment variables'"
+    try:
+        import ninja  # noqa: F401
+    except ImportError:
+        if shutil.which("ninja") is None:
+            return False, "ninja is not installed (pip install ninja)"
+    from torch.utils import cpp_extension
+
+    with_cuda = _want_cuda()
+    sources = [str(CSRC / s) for s in CPU_SOURCES + (CUDA_SOURCES if with_cuda else [])]
+    flags = CXX_FLAGS + (["-DFASTBLOCK_WITH_CUDA"] if with_cuda else [])
+    name = "fastblock_ext_cuda" if with_cuda else "fastblock_ext_cpu"
+    try:
+        import io
+        from contextlib import redirect_stderr, redirect_stdout
+
+        log = io.StringIO()
+        with redirect_stdout(log), redirect_stderr(log):
+            cpp_extension.load(name=name, sources=sources, extra_cflags=flags,
+                               extra_cuda_cflags=["-O3", "-DFASTBLOCK_WITH_CUDA"] if with_cuda else None,
+                               with_cuda=with_cuda, is_python_module=False, verbose=False)
+    except Exception as exc:  # compiler errors come back as RuntimeError / CalledProcessError
+        detail = getattr(exc, "output", None) or str(exc)
+        if isinstance(detail, bytes):
+            detail = detail.decode(errors="replace")
+        return False, f"extension failed to build: {_first_lines(detail)}"
+    _register_fake()
+    return True, f"JIT-built {name} ({'C++ + CUDA' if with_cuda else 'C++ only'})"
+
+
+def _register_fake() -> None:
+    """Fake kernels for the raw extension ops, so they also trace under torch.compile when called directly."""
+    if getattr(_register_fake, "done", False):
+        return
+    from .ops import empty_like_layout, output_shape, stats_dtype
+
+    @torch.library.register_fake("fastblock_ext::forward")
+    def _fwd(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, momentum, eps,
+             stride, pad_h, pad_w, save_for_backward):
+        shape = output_shape(x, weight, stride, pad_h, pad_w)
+        z = empty_like_layout(x, shape) if save_for_backward else x.new_empty((0,))
+        sdt = stats_dtype(x.dtype)
+        return empty_like_layout(x, shape), z, x.new_empty((shape[1],), dtype=sdt), x.new_empty((shape[1],), dtype=sdt)
+
+    @torch.library.register_fake("fastblock_ext::backward")
+    def _bwd(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w):
+        return (empty_like_layout(x, x.shape), torch.empty_like(gates), torch.empty_like(weight),
+                torch.empty_like(bias), torch.empty_like(bn_weight), torch.empty_like(bn_bias))
+
+    _register_fake.done = True
+
+
+def _has_cuda_kernels() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fastblock_ext::forward", "CUDA")
 
 
 def status(device_type: str) -> BackendStatus:
-    return BackendStatus(False, "not implemented yet")
+    ok, info = load()
+    if not ok:
+        return BackendStatus(False, info)
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            return BackendStatus(False, "no CUDA device visible to torch")
+        if not _has_cuda_kernels():
+            return BackendStatus(False, f"{info}: built without CUDA kernels (nvcc not found or FASTBLOCK_EXT_CUDA=0)")
+    return BackendStatus(True, info)
+
+
+def forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+            use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward):
+    return torch.ops.fastblock_ext.forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                           use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward)
+
+
+def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w):
+    return torch.ops.fastblock_ext.backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd,
+                                            use_batch_stats, stride, pad_h, pad_w)
+
+
+def check_cuda_compile() -> int:
+    """Compile every .cu source with nvcc against torch's headers (object files only; no GPU needed)."""
+    from torch.utils.cpp_extension import include_paths
+
+    nvcc = _nvcc()
+    if nvcc is None:
+        print("nvcc not found: skipping the CUDA compile check")
+        return 0
+    includes = [f"-I{p}" for p in include_paths(device_type="cuda")] + [f"-I{sysconfig.get_paths()['include']}"]
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    aten_h = Path(torch.__file__).parent / "include" / "ATen" / "ATen.h"
+    std = "c++20" if aten_h.exists() and "C++20" in aten_h.read_text() else "c++17"
+    with tempfile.TemporaryDirectory() as tmp:
+        for src in CUDA_SOURCES:
+            cmd = [nvcc, "-c", str(CSRC / src), "-o", str(Path(tmp) / (src + ".o")), f"-std={std}", "-O1",
+                   "-DFASTBLOCK_WITH_CUDA", "-DTORCH_EXTENSION_NAME=fastblock_ext", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+                   "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC", "-gencode", "arch=compute_90,code=sm_90",
+                   *includes]
+            print("nvcc", src, "...", flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(proc.stdout + proc.stderr, file=sys.stderr)
+                print(f"CUDA compile check FAILED for {src}", file=sys.stderr)
+                return 1
+            print(f"  {src}: compiled OK for sm_90")
+    return 0
+
+
+def _main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastblock.extension", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--build", action="store_true", help="build (or load) the extension now and report")
+    parser.add_argument("--check-cuda-compile", action="store_true",
+                        help="compile the CUDA sources with nvcc against torch's headers (no GPU needed)")
+    args = parser.parse_args(argv)
+    rc = 0
+    if args.build or not args.check_cuda_compile:
+        ok, info = load()
+        print(f"fastblock extension: {'OK' if ok else 'FAILED'}: {info}")
+        rc |= 0 if ok else 1
+    if args.check_cuda_compile:
+        rc |= check_cuda_compile()
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,0 +1,61 @@
+// fastblock C++/CUDA extension: shared declarations.
+//
+// The op is device-generic (fastblock_ops.cpp): it mixes the K kernels per sample, runs ONE grouped
+// convolution through ATen (oneDNN on CPU, cuDNN on CUDA) and does everything else in the small kernels
+// below, implemented once for CPU (fastblock_cpu.cpp, at::parallel_for) and once for CUDA (fastblock_cuda.cu).
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace fastblock {
+
+constexpr int64_t kMaxConvs = 16;  // K is held in registers / stack arrays by the kernels
+
+// Conventions: big tensors are NCHW-contiguous in the data dtype ("scalar"); small per-channel / per-sample
+// tensors are in the statistics dtype ("acc": float32, or float64 for float64 data).
+struct DeviceKernels {
+  // out[n, f] = (sum_k gates[n, k] * w[k, f]) * scale[f / inner] + shift[f / inner]
+  // gates [S, K] acc, w [K, F] scalar, out [S, F] scalar; scale/shift [F / inner] acc, optional.
+  void (*mix)(const at::Tensor& gates, const at::Tensor& w, const at::Tensor* scale, const at::Tensor* shift,
+              int64_t inner, at::Tensor& out);
+  // Per-channel batch mean / invstd of z [N, C, HW]; running stats updated in place (unbiased variance)
+  // when given. Fused: finalize + running-stat update happen in the same kernel.
+  void (*bn_stats)(const at::Tensor& z, at::Tensor& mean, at::Tensor& invstd, at::Tensor* running_mean,
+                   at::Tensor* running_var, double momentum, double eps);
+  // y = relu((z - mean) * invstd * gamma + beta)
+  void (*bn_relu_apply)(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
+                        const at::Tensor& gamma, const at::Tensor& beta, at::Tensor& y);
+  // sum_g[c] = sum g, sum_gx[c] = sum g * xhat, with g = dy * [y > 0]
+  void (*bn_relu_bwd_reduce)(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean,
+                             const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta,
+                             at::Tensor& sum_g, at::Tensor& sum_gx);
+  // dz = gamma * invstd * (g - [batch_stats] (sum_g + xhat * sum_gx) / count), plus dz_sum[n, c] = sum_hw dz
+  void (*bn_relu_bwd_dz)(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean,
+                         const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta,
+                         const at::Tensor& sum_g, const at::Tensor& sum_gx, bool batch_stats, at::Tensor& dz,
+                         at::Tensor& dz_sum);
+  // dw[k, f] += sum_n gates[n, k] * g[n, f]   and   dgates[n, k] = sum_f w[k, f] * g[n, f]
+  // gates [S, K] acc, g [S, F] scalar, w [K, F] scalar (same dtype as g), dw [K, F] acc, dgates [S, K] acc.
+  void (*fold_weight_grad)(const at::Tensor& gates, const at::Tensor& g, const at::Tensor& w, at::Tensor& dw,
+                           at::Tensor& dgates);
+};
+
+const DeviceKernels& cpu_kernels();
+#ifdef FASTBLOCK_WITH_CUDA
+const DeviceKernels& cuda_kernels();
+#endif
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
+    const DeviceKernels& kern, const at::Tensor& x, const at::Tensor& gates, const at::Tensor& weight,
+    const at::Tensor& bias, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+    bool use_batch_stats, double momentum, double eps, int64_t stride, int64_t pad_h, int64_t pad_w,
+    bool save_for_backward);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
+    const DeviceKernels& kern, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gates,
+    const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+    const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd, bool use_batch_stats, int64_t stride,
+    int64_t pad_h, int64_t pad_w);
+
+}  // namespace fastblock

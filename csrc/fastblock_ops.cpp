@@ -1,0 +1,243 @@
+// fastblock_ext::forward / fastblock_ext::backward: schemas, input checks, and the device-generic algorithm.
+//
+//   z[n] = conv(x[n], sum_k a[n,k] W_k) + sum_k a[n,k] b_k        (one grouped convolution, groups = samples)
+//   y    = relu(BN(z))
+//
+// Memory (per call): the mixed kernels W_n [S, Cout, Cin, kh, kw] and, in backward, the per-sample weight
+// gradient G_n of the same size, are only ever held for a chunk of S samples, with S chosen so that one such
+// buffer stays under chunk_bytes() (256 MiB); besides that, forward keeps z (saved for backward) and y, backward dz and dx.
+// Channels-last inputs are computed in NCHW (the grouped reshape needs it) and returned channels-last.
+#include <torch/library.h>
+
+#include <ATen/ATen.h>
+
+#include <cstdlib>
+
+#include "fastblock.h"
+
+namespace fastblock {
+namespace {
+
+// Budget for one chunk's mixed kernels (and, in backward, its per-sample weight gradients).
+// FASTBLOCK_EXT_CHUNK_BYTES overrides it (tests use a tiny value to exercise the multi-chunk path).
+int64_t chunk_bytes() {
+  if (const char* env = std::getenv("FASTBLOCK_EXT_CHUNK_BYTES")) {
+    const long long v = std::atoll(env);
+    if (v > 0) return v;
+  }
+  return int64_t(256) << 20;
+}
+
+at::ScalarType stats_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_common(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& weight, const at::Tensor& bias,
+                  const at::Tensor& bn_weight, const at::Tensor& bn_bias, int64_t stride, int64_t pad_h,
+                  int64_t pad_w) {
+  TORCH_CHECK(x.dim() == 4, "fastblock: x must be 4-D [N, Cin, H, W], got ", x.sizes());
+  TORCH_CHECK(gates.dim() == 2, "fastblock: gates must be 2-D [N, K], got ", gates.sizes());
+  TORCH_CHECK(weight.dim() == 5, "fastblock: weight must be 5-D [K, Cout, Cin, kh, kw], got ", weight.sizes());
+  const int64_t n = x.size(0), cin = x.size(1), k = weight.size(0), cout = weight.size(1);
+  TORCH_CHECK(n > 0, "fastblock: empty batch, x ", x.sizes());
+  TORCH_CHECK(gates.size(0) == n && gates.size(1) == k, "fastblock: gates ", gates.sizes(), " must be [N=", n,
+              ", K=", k, "]");
+  TORCH_CHECK(k >= 1 && k <= kMaxConvs, "fastblock: K must be in [1, ", kMaxConvs, "], got ", k);
+  TORCH_CHECK(weight.size(2) == cin, "fastblock: weight ", weight.sizes(), " expects Cin=", weight.size(2),
+              " but x has ", cin);
+  TORCH_CHECK(bias.dim() == 2 && bias.size(0) == k && bias.size(1) == cout, "fastblock: bias must be [K, Cout], got ",
+              bias.sizes());
+  TORCH_CHECK(bn_weight.dim() == 1 && bn_weight.size(0) == cout && bn_bias.dim() == 1 && bn_bias.size(0) == cout,
+              "fastblock: bn_weight/bn_bias must be [Cout=", cout, "]");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+              "fastblock: unsupported dtype ", dt);
+  TORCH_CHECK(gates.scalar_type() == dt && weight.scalar_type() == dt && bias.scalar_type() == dt,
+              "fastblock: x, gates, weight and bias must share one dtype");
+  for (const at::Tensor* t : {&gates, &weight, &bias, &bn_weight, &bn_bias}) {
+    TORCH_CHECK(t->device() == x.device(), "fastblock: all tensors must be on ", x.device(), ", found one on ",
+                t->device());
+  }
+  TORCH_CHECK(stride >= 1 && pad_h >= 0 && pad_w >= 0, "fastblock: need stride >= 1 and padding >= 0");
+  TORCH_CHECK((x.size(2) + 2 * pad_h - weight.size(3)) / stride + 1 >= 1 &&
+                  (x.size(3) + 2 * pad_w - weight.size(4)) / stride + 1 >= 1,
+              "fastblock: input too small for the kernel");
+}
+
+int64_t samples_per_chunk(int64_t n, int64_t per_sample_elems, int64_t elem_size) {
+  const int64_t per_sample = std::max<int64_t>(1, per_sample_elems * elem_size);
+  return std::max<int64_t>(1, std::min<int64_t>(n, chunk_bytes() / per_sample));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
+    const DeviceKernels& kern, const at::Tensor& x, const at::Tensor& gates, const at::Tensor& weight,
+    const at::Tensor& bias, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+    bool use_batch_stats, double momentum, double eps, int64_t stride, int64_t pad_h, int64_t pad_w,
+    bool save_for_backward) {
+  check_common(x, gates, weight, bias, bn_weight, bn_bias, stride, pad_h, pad_w);
+  TORCH_CHECK(running_mean.has_value() == running_var.has_value(),
+              "fastblock: running_mean and running_var must be given together");
+  TORCH_CHECK(use_batch_stats || running_mean.has_value(), "fastblock: eval mode needs running statistics");
+  const auto sdt = stats_dtype(x);
+  const auto fmt = x.suggest_memory_format();
+  const auto xc = x.contiguous();
+  const int64_t n = x.size(0), cin = x.size(1), h = x.size(2), w = x.size(3);
+  const int64_t k = weight.size(0), cout = weight.size(1), kh = weight.size(3), kw = weight.size(4);
+  const int64_t ho = (h + 2 * pad_h - kh) / stride + 1, wo = (w + 2 * pad_w - kw) / stride + 1;
+  const int64_t per_out = cin * kh * kw, f = cout * per_out;
+  const auto gates_acc = gates.to(sdt).contiguous();
+  const auto w_flat = weight.contiguous().view({k, f});
+  const auto b_flat = bias.contiguous();
+  const auto gamma = bn_weight.to(sdt).contiguous(), beta = bn_bias.to(sdt).contiguous();
+
+  at::Tensor mean, invstd, scale, shift;
+  if (!use_batch_stats) {
+    mean = running_mean->to(sdt, /*non_blocking=*/false, /*copy=*/true);
+    invstd = (running_var->to(sdt) + eps).rsqrt();
+  }
+  // Eval-mode inference folds BatchNorm into the mixed kernels and biases: the conv output is already BN(z).
+  const bool fold = !use_batch_stats && !save_for_backward;
+  if (fold) {
+    scale = invstd * gamma;
+    shift = beta - mean * scale;
+  }
+
+  at::Tensor z;
+  const int64_t chunk = samples_per_chunk(n, f, weight.element_size());
+  std::vector<at::Tensor> pieces;
+  for (int64_t n0 = 0; n0 < n; n0 += chunk) {
+    const int64_t s = std::min(chunk, n - n0);
+    auto g_chunk = gates_acc.narrow(0, n0, s);
+    auto w_mix = at::empty({s, f}, weight.options());
+    kern.mix(g_chunk, w_flat, fold ? &scale : nullptr, nullptr, per_out, w_mix);
+    auto b_mix = at::empty({s, cout}, bias.options());
+    kern.mix(g_chunk, b_flat, fold ? &scale : nullptr, fold ? &shift : nullptr, 1, b_mix);
+    auto out = at::convolution(xc.narrow(0, n0, s).reshape({1, s * cin, h, w}), w_mix.view({s * cout, cin, kh, kw}),
+                               b_mix.view({s * cout}), {stride, stride}, {pad_h, pad_w}, {1, 1}, false, {0, 0}, s);
+    pieces.push_back(out.view({s, cout, ho, wo}));
+  }
+  z = pieces.size() == 1 ? pieces[0].contiguous() : at::cat(pieces, 0);
+
+  if (fold) {
+    z.relu_();
+    return {z.contiguous(fmt), at::empty({0}, x.options()), mean, invstd};
+  }
+  if (use_batch_stats) {
+    mean = at::empty({cout}, x.options().dtype(sdt));
+    invstd = at::empty({cout}, x.options().dtype(sdt));
+    at::Tensor rm, rv;
+    if (running_mean.has_value()) {
+      rm = *running_mean;
+      rv = *running_var;
+      TORCH_CHECK(rm.is_contiguous() && rv.is_contiguous(), "fastblock: running stats must be contiguous");
+    }
+    kern.bn_stats(z, mean, invstd, running_mean.has_value() ? &rm : nullptr,
+                  running_var.has_value() ? &rv : nullptr, momentum, eps);
+  }
+  auto y = at::empty_like(z);
+  kern.bn_relu_apply(z, mean, invstd, gamma, beta, y);
+  return {y.contiguous(fmt), save_for_backward ? z.contiguous(fmt) : at::empty({0}, x.options()), mean, invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
+    const DeviceKernels& kern, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gates,
+    const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+    const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd, bool use_batch_stats, int64_t stride,
+    int64_t pad_h, int64_t pad_w) {
+  check_common(x, gates, weight, bias, bn_weight, bn_bias, stride, pad_h, pad_w);
+  TORCH_CHECK(z.dim() == 4 && dy.sizes() == z.sizes(), "fastblock: dy ", dy.sizes(), " must match z ", z.sizes());
+  const auto sdt = stats_dtype(x);
+  const auto fmt = x.suggest_memory_format();
+  const auto xc = x.contiguous(), zc = z.contiguous(), dyc = dy.contiguous().to(z.scalar_type());
+  const int64_t n = x.size(0), cin = x.size(1), h = x.size(2), w = x.size(3);
+  const int64_t k = weight.size(0), cout = weight.size(1), kh = weight.size(3), kw = weight.size(4);
+  const int64_t ho = z.size(2), wo = z.size(3);
+  const int64_t per_out = cin * kh * kw, f = cout * per_out;
+  const auto gates_acc = gates.to(sdt).contiguous();
+  const auto w_flat = weight.contiguous().view({k, f});
+  const auto gamma = bn_weight.to(sdt).contiguous(), beta = bn_bias.to(sdt).contiguous();
+  const auto mean_c = mean.to(sdt).contiguous(), invstd_c = invstd.to(sdt).contiguous();
+
+  // BatchNorm + ReLU backward: two reductions over (N, H, W), then dz and its per-sample channel sums.
+  auto sum_g = at::empty({cout}, x.options().dtype(sdt));
+  auto sum_gx = at::empty({cout}, x.options().dtype(sdt));
+  kern.bn_relu_bwd_reduce(dyc, zc, mean_c, invstd_c, gamma, beta, sum_g, sum_gx);
+  auto dz = at::empty_like(zc);
+  auto dz_sum = at::empty({n, cout}, x.options().dtype(sdt));
+  kern.bn_relu_bwd_dz(dyc, zc, mean_c, invstd_c, gamma, beta, sum_g, sum_gx, use_batch_stats, dz, dz_sum);
+
+  // Convolution backward per chunk of samples: dx and the per-sample weight gradient G (never all of it at once),
+  // folded straight into dW_k and da.
+  auto dx = at::empty_like(xc);
+  auto dw_acc = at::zeros({k, f}, x.options().dtype(sdt));
+  auto dgates = at::empty({n, k}, x.options().dtype(sdt));
+  const int64_t chunk = samples_per_chunk(n, f, weight.element_size());
+  for (int64_t n0 = 0; n0 < n; n0 += chunk) {
+    const int64_t s = std::min(chunk, n - n0);
+    auto g_chunk = gates_acc.narrow(0, n0, s);
+    auto w_mix = at::empty({s, f}, weight.options());
+    kern.mix(g_chunk, w_flat, nullptr, nullptr, per_out, w_mix);
+    auto grads = at::convolution_backward(
+        dz.narrow(0, n0, s).reshape({1, s * cout, ho, wo}), xc.narrow(0, n0, s).reshape({1, s * cin, h, w}),
+        w_mix.view({s * cout, cin, kh, kw}), c10::nullopt, {stride, stride}, {pad_h, pad_w}, {1, 1}, false, {0, 0},
+        s, {true, true, false});
+    dx.narrow(0, n0, s).copy_(std::get<0>(grads).view({s, cin, h, w}));
+    auto g_weight = std::get<1>(grads).contiguous().view({s, f});
+    auto dg_chunk = dgates.narrow(0, n0, s);
+    kern.fold_weight_grad(g_chunk, g_weight, w_flat, dw_acc, dg_chunk);
+  }
+  // Bias terms, the same fold with G = dz_sum: db_k = sum_n a[n,k] s_n, da[n,k] += <b_k, s_n>.
+  auto db_acc = at::zeros({k, cout}, x.options().dtype(sdt));
+  auto dgates_bias = at::empty({n, k}, x.options().dtype(sdt));
+  kern.fold_weight_grad(gates_acc, dz_sum, bias.to(sdt).contiguous(), db_acc, dgates_bias);
+  dgates.add_(dgates_bias);
+
+  return {dx.contiguous(fmt),
+          dgates.to(gates.scalar_type()),
+          dw_acc.view(weight.sizes()).to(weight.scalar_type()),
+          db_acc.to(bias.scalar_type()),
+          sum_gx.to(bn_weight.scalar_type()),
+          sum_g.to(bn_bias.scalar_type())};
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+    const at::Tensor& x, const at::Tensor& gates, const at::Tensor& weight, const at::Tensor& bias,
+    const at::Tensor& bn_weight, const at::Tensor& bn_bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool use_batch_stats, double momentum, double eps, int64_t stride,
+    int64_t pad_h, int64_t pad_w, bool save_for_backward) {
+  return forward_impl(cpu_kernels(), x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                      use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gates, const at::Tensor& weight,
+    const at::Tensor& bias, const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& z,
+    const at::Tensor& mean, const at::Tensor& invstd, bool use_batch_stats, int64_t stride, int64_t pad_h,
+    int64_t pad_w) {
+  return backward_impl(cpu_kernels(), dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd,
+                       use_batch_stats, stride, pad_h, pad_w);
+}
+
+}  // namespace
+}  // namespace fastblock
+
+TORCH_LIBRARY(fastblock_ext, m) {
+  m.def(
+      "forward(Tensor x, Tensor gates, Tensor weight, Tensor bias, Tensor bn_weight, Tensor bn_bias, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool use_batch_stats, float momentum, float eps, "
+      "int stride, int pad_h, int pad_w, bool save_for_backward) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "backward(Tensor dy, Tensor x, Tensor gates, Tensor weight, Tensor bias, Tensor bn_weight, Tensor bn_bias, "
+      "Tensor z, Tensor mean, Tensor invstd, bool use_batch_stats, int stride, int pad_h, int pad_w) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastblock_ext, CPU, m) {
+  m.impl("forward", &fastblock::forward_cpu);
+  m.impl("backward", &fastblock::backward_cpu);
+}
