@@ -24,6 +24,8 @@ namespace {
 
 void mix_cpu(const at::Tensor& gates, const at::Tensor& w, const at::Tensor* scale, const at::Tensor* shift,
              int64_t inner, at::Tensor& out) {
+  // Per sample: out_n = sum_k a[n,k] w_k as K contiguous axpy passes over an acc_t row (vectorises), then the
+  // optional per-output-channel scale/shift (eval-mode BatchNorm folding), then one cast to the data type.
   const int64_t s = gates.size(0), k = gates.size(1), f = w.size(1);
   FASTBLOCK_DISPATCH(w.scalar_type(), "fastblock_mix_cpu", [&] {
     using data_t = scalar_t;
@@ -34,18 +36,34 @@ void mix_cpu(const at::Tensor& gates, const at::Tensor& w, const at::Tensor* sca
       const acc_t* a = gates.data_ptr<acc_t>();
       const acc_t* sc = scale ? scale->data_ptr<acc_t>() : nullptr;
       const acc_t* sh = shift ? shift->data_ptr<acc_t>() : nullptr;
-      at::parallel_for(0, s * f, 4096, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t n = i / f, j = i - n * f;
-          acc_t v = 0;
-          for (int64_t kk = 0; kk < k; ++kk) v += a[n * k + kk] * static_cast<acc_t>(wp[kk * f + j]);
-          if (sc) v *= sc[j / inner];
-          if (sh) v += sh[j / inner];
-          op[i] = static_cast<data_t>(v);
+      at::parallel_for(0, s, 1, [&](int64_t n0, int64_t n1) {
+        std::vector<acc_t> row(static_cast<size_t>(f));
+        acc_t* r = row.data();
+        for (int64_t n = n0; n < n1; ++n) {
+          std::fill(row.begin(), row.end(), acc_t(0));
+          for (int64_t kk = 0; kk < k; ++kk) {
+            const acc_t ank = a[n * k + kk];
+            const data_t* wk = wp + kk * f;
+            for (int64_t j = 0; j < f; ++j) r[j] += ank * static_cast<acc_t>(wk[j]);
+          }
+          data_t* o = op + n * f;
+          for (int64_t g = 0; g < f / inner; ++g) {
+            const acc_t m = sc ? sc[g] : acc_t(1), t = sh ? sh[g] : acc_t(0);
+            for (int64_t j = g * inner; j < (g + 1) * inner; ++j) o[j] = static_cast<data_t>(r[j] * m + t);
+          }
         }
       });
     });
   });
+}
+
+// Reductions over one contiguous plane use kLanes independent accumulators: the compiler vectorises them without
+// -ffast-math, and the summation order is fixed (deterministic). Planes are then combined in double.
+constexpr int64_t kLanes = 8;
+
+template <typename acc_t>
+inline acc_t combine_lanes(const acc_t* lanes) {
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
 }
 
 void bn_stats_cpu(const at::Tensor& z, at::Tensor& mean, at::Tensor& invstd, at::Tensor* running_mean,
@@ -53,22 +71,39 @@ void bn_stats_cpu(const at::Tensor& z, at::Tensor& mean, at::Tensor& invstd, at:
   const int64_t n = z.size(0), c = z.size(1), hw = z.size(2) * z.size(3);
   const double count = double(n) * double(hw);
   FASTBLOCK_DISPATCH(z.scalar_type(), "fastblock_bn_stats_cpu", [&] {
-    const scalar_t* zp = z.data_ptr<scalar_t>();
+    using data_t = scalar_t;
+    using acc_t = at::opmath_type<data_t>;
+    const data_t* zp = z.data_ptr<data_t>();
     at::parallel_for(0, c, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t ch = c0; ch < c1; ++ch) {
-        double sum = 0;  // two passes: mean, then squared deviations (no cancellation)
+        // two passes, mean then squared deviations: no cancellation
+        double sum = 0;
         for (int64_t i = 0; i < n; ++i) {
-          const scalar_t* p = zp + (i * c + ch) * hw;
-          for (int64_t j = 0; j < hw; ++j) sum += static_cast<double>(p[j]);
+          const data_t* p = zp + (i * c + ch) * hw;
+          acc_t lanes[kLanes] = {};
+          int64_t j = 0;
+          for (; j + kLanes <= hw; j += kLanes)
+            for (int64_t l = 0; l < kLanes; ++l) lanes[l] += static_cast<acc_t>(p[j + l]);
+          for (; j < hw; ++j) lanes[0] += static_cast<acc_t>(p[j]);
+          sum += static_cast<double>(combine_lanes(lanes));
         }
         const double mu = sum / count;
+        const acc_t mu_acc = static_cast<acc_t>(mu);
         double m2 = 0;
         for (int64_t i = 0; i < n; ++i) {
-          const scalar_t* p = zp + (i * c + ch) * hw;
-          for (int64_t j = 0; j < hw; ++j) {
-            const double d = static_cast<double>(p[j]) - mu;
-            m2 += d * d;
+          const data_t* p = zp + (i * c + ch) * hw;
+          acc_t lanes[kLanes] = {};
+          int64_t j = 0;
+          for (; j + kLanes <= hw; j += kLanes)
+            for (int64_t l = 0; l < kLanes; ++l) {
+              const acc_t d = static_cast<acc_t>(p[j + l]) - mu_acc;
+              lanes[l] += d * d;
+            }
+          for (; j < hw; ++j) {
+            const acc_t d = static_cast<acc_t>(p[j]) - mu_acc;
+            lanes[0] += d * d;
           }
+          m2 += static_cast<double>(combine_lanes(lanes));
         }
         const double is = 1.0 / std::sqrt(m2 / count + eps);
         FASTBLOCK_DISPATCH_ACC(mean.scalar_type(), "fastblock_bn_stats_cpu_out", [&] {
@@ -119,34 +154,60 @@ void bn_relu_apply_cpu(const at::Tensor& z, const at::Tensor& mean, const at::Te
 void bn_relu_bwd_reduce_cpu(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean,
                             const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta,
                             at::Tensor& sum_g, at::Tensor& sum_gx) {
+  // Pass 1, parallel over (n, c) planes: per-plane sums of g and g * xhat. Pass 2: per channel, the N plane
+  // sums added in sample order (double). Deterministic for any thread count.
   const int64_t n = z.size(0), c = z.size(1), hw = z.size(2) * z.size(3);
+  std::vector<double> plane_g(static_cast<size_t>(n * c)), plane_gx(static_cast<size_t>(n * c));
   FASTBLOCK_DISPATCH(z.scalar_type(), "fastblock_bn_bwd_reduce_cpu", [&] {
     using data_t = scalar_t;
+    using acc_t = at::opmath_type<data_t>;
     const data_t *zp = z.data_ptr<data_t>(), *dp = dy.data_ptr<data_t>();
-    FASTBLOCK_DISPATCH_ACC(mean.scalar_type(), "fastblock_bn_bwd_reduce_cpu_acc", [&] {
-      using acc_t = scalar_t;
-      const acc_t *mu = mean.data_ptr<acc_t>(), *is = invstd.data_ptr<acc_t>();
-      const acc_t *ga = gamma.data_ptr<acc_t>(), *be = beta.data_ptr<acc_t>();
-      acc_t *sg = sum_g.data_ptr<acc_t>(), *sgx = sum_gx.data_ptr<acc_t>();
-      at::parallel_for(0, c, 1, [&](int64_t c0, int64_t c1) {
-        for (int64_t ch = c0; ch < c1; ++ch) {
-          double s1 = 0, s2 = 0;
-          for (int64_t i = 0; i < n; ++i) {
-            const int64_t base = (i * c + ch) * hw;
-            for (int64_t j = 0; j < hw; ++j) {
-              const acc_t xhat = (static_cast<acc_t>(zp[base + j]) - mu[ch]) * is[ch];
-              if (xhat * ga[ch] + be[ch] > acc_t(0)) {
-                const double g = static_cast<double>(dp[base + j]);
-                s1 += g;
-                s2 += g * static_cast<double>(xhat);
-              }
-            }
+    const acc_t *mu = mean.data_ptr<acc_t>(), *is = invstd.data_ptr<acc_t>();
+    const acc_t *ga = gamma.data_ptr<acc_t>(), *be = beta.data_ptr<acc_t>();
+    acc_t *sg = sum_g.data_ptr<acc_t>(), *sgx = sum_gx.data_ptr<acc_t>();
+    at::parallel_for(0, n * c, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t plane = p0; plane < p1; ++plane) {
+        const int64_t ch = plane % c;
+        const acc_t m = mu[ch], s = is[ch], gm = ga[ch], bt = be[ch];
+        const data_t* zrow = zp + plane * hw;
+        const data_t* drow = dp + plane * hw;
+        // Two loop shapes gcc vectorises reliably: an elementwise masked product into a small stack chunk, then
+        // lane sums over it (a fused loop with the ReLU select got compiled to a mispredicted branch).
+        constexpr int64_t kChunk = 256;
+        acc_t gbuf[kChunk], xbuf[kChunk];
+        acc_t l1[kLanes] = {}, l2[kLanes] = {};
+        for (int64_t j0 = 0; j0 < hw; j0 += kChunk) {
+          const int64_t len = std::min(kChunk, hw - j0);
+          for (int64_t j = 0; j < len; ++j) {
+            const acc_t xhat = (static_cast<acc_t>(zrow[j0 + j]) - m) * s;
+            const acc_t d = static_cast<acc_t>(drow[j0 + j]);
+            gbuf[j] = (xhat * gm + bt > acc_t(0)) ? d : acc_t(0);
+            xbuf[j] = xhat;
           }
-          sg[ch] = static_cast<acc_t>(s1);
-          sgx[ch] = static_cast<acc_t>(s2);
+          int64_t j = 0;
+          for (; j + kLanes <= len; j += kLanes)
+            for (int64_t l = 0; l < kLanes; ++l) {
+              l1[l] += gbuf[j + l];
+              l2[l] += gbuf[j + l] * xbuf[j + l];
+            }
+          for (; j < len; ++j) {
+            l1[0] += gbuf[j];
+            l2[0] += gbuf[j] * xbuf[j];
+          }
         }
-      });
+        plane_g[static_cast<size_t>(plane)] = static_cast<double>(combine_lanes(l1));
+        plane_gx[static_cast<size_t>(plane)] = static_cast<double>(combine_lanes(l2));
+      }
     });
+    for (int64_t ch = 0; ch < c; ++ch) {
+      double s1 = 0, s2 = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        s1 += plane_g[static_cast<size_t>(i * c + ch)];
+        s2 += plane_gx[static_cast<size_t>(i * c + ch)];
+      }
+      sg[ch] = static_cast<acc_t>(s1);
+      sgx[ch] = static_cast<acc_t>(s2);
+    }
   });
 }
 
@@ -157,42 +218,48 @@ void bn_relu_bwd_dz_cpu(const at::Tensor& dy, const at::Tensor& z, const at::Ten
   const double inv_count = 1.0 / (double(n) * double(hw));
   FASTBLOCK_DISPATCH(z.scalar_type(), "fastblock_bn_bwd_dz_cpu", [&] {
     using data_t = scalar_t;
+    using acc_t = at::opmath_type<data_t>;
     const data_t *zp = z.data_ptr<data_t>(), *dp = dy.data_ptr<data_t>();
     data_t* out = dz.data_ptr<data_t>();
-    FASTBLOCK_DISPATCH_ACC(mean.scalar_type(), "fastblock_bn_bwd_dz_cpu_acc", [&] {
-      using acc_t = scalar_t;
-      const acc_t *mu = mean.data_ptr<acc_t>(), *is = invstd.data_ptr<acc_t>();
-      const acc_t *ga = gamma.data_ptr<acc_t>(), *be = beta.data_ptr<acc_t>();
-      const acc_t *sg = sum_g.data_ptr<acc_t>(), *sgx = sum_gx.data_ptr<acc_t>();
-      acc_t* plane_sum = dz_sum.data_ptr<acc_t>();
-      at::parallel_for(0, n * c, 1, [&](int64_t p0, int64_t p1) {
-        for (int64_t plane = p0; plane < p1; ++plane) {
-          const int64_t ch = plane % c;
-          const acc_t k_scale = ga[ch] * is[ch];
-          const acc_t mean_g = batch_stats ? acc_t(sg[ch] * inv_count) : acc_t(0);
-          const acc_t mean_gx = batch_stats ? acc_t(sgx[ch] * inv_count) : acc_t(0);
-          double total = 0;
-          for (int64_t j = 0; j < hw; ++j) {
-            const int64_t idx = plane * hw + j;
-            const acc_t xhat = (static_cast<acc_t>(zp[idx]) - mu[ch]) * is[ch];
-            const acc_t g = xhat * ga[ch] + be[ch] > acc_t(0) ? static_cast<acc_t>(dp[idx]) : acc_t(0);
-            const data_t v = static_cast<data_t>(k_scale * (g - mean_g - xhat * mean_gx));
-            out[idx] = v;
-            total += static_cast<double>(v);
-          }
-          plane_sum[plane] = static_cast<acc_t>(total);
-        }
-      });
+    const acc_t *mu = mean.data_ptr<acc_t>(), *is = invstd.data_ptr<acc_t>();
+    const acc_t *ga = gamma.data_ptr<acc_t>(), *be = beta.data_ptr<acc_t>();
+    const acc_t *sg = sum_g.data_ptr<acc_t>(), *sgx = sum_gx.data_ptr<acc_t>();
+    acc_t* plane_sum = dz_sum.data_ptr<acc_t>();
+    at::parallel_for(0, n * c, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t plane = p0; plane < p1; ++plane) {
+        const int64_t ch = plane % c;
+        const acc_t m = mu[ch], s = is[ch], gm = ga[ch], bt = be[ch], k_scale = gm * s;
+        const acc_t mean_g = batch_stats ? acc_t(sg[ch] * inv_count) : acc_t(0);
+        const acc_t mean_gx = batch_stats ? acc_t(sgx[ch] * inv_count) : acc_t(0);
+        const data_t* zrow = zp + plane * hw;
+        const data_t* drow = dp + plane * hw;
+        data_t* orow = out + plane * hw;
+        acc_t lanes[kLanes] = {};
+        auto step = [&](int64_t j, int64_t l) {
+          const acc_t xhat = (static_cast<acc_t>(zrow[j]) - m) * s;
+          const acc_t d = static_cast<acc_t>(drow[j]);  // unconditional load: the mask becomes a vector select
+          const acc_t g = (xhat * gm + bt > acc_t(0)) ? d : acc_t(0);
+          const data_t v = static_cast<data_t>(k_scale * (g - mean_g - xhat * mean_gx));
+          orow[j] = v;
+          lanes[l] += static_cast<acc_t>(v);
+        };
+        int64_t j = 0;
+        for (; j + kLanes <= hw; j += kLanes)
+          for (int64_t l = 0; l < kLanes; ++l) step(j + l, l);
+        for (; j < hw; ++j) step(j, 0);
+        plane_sum[plane] = combine_lanes(lanes);
+      }
     });
   });
 }
 
 void fold_weight_grad_cpu(const at::Tensor& gates, const at::Tensor& g, const at::Tensor& w, at::Tensor& dw,
                           at::Tensor& dgates) {
-  // One pass over g: each fixed-size column block accumulates its dW columns and its partial <W_k, G_n>;
-  // the partials are then summed over blocks in block order.
+  // One pass over g: each fixed-size column block accumulates its dW columns (axpy per sample and kernel) and
+  // its partial <W_k, G_n> (acc_t within the block, double across blocks); partials are summed in block order.
+  // The block size is fixed, not derived from the thread count, so results do not depend on it.
   const int64_t s = g.size(0), f = g.size(1), k = gates.size(1);
-  constexpr int64_t kBlock = 2048;
+  constexpr int64_t kBlock = 1024;
   const int64_t blocks = (f + kBlock - 1) / kBlock;
   std::vector<double> partial(size_t(blocks * s * k), 0.0);
   FASTBLOCK_DISPATCH(g.scalar_type(), "fastblock_fold_cpu", [&] {
@@ -203,21 +270,28 @@ void fold_weight_grad_cpu(const at::Tensor& gates, const at::Tensor& g, const at
       const acc_t* a = gates.data_ptr<acc_t>();
       acc_t* dwp = dw.data_ptr<acc_t>();
       at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+        acc_t gbuf[kBlock];
         for (int64_t b = b0; b < b1; ++b) {
-          const int64_t j0 = b * kBlock, j1 = std::min(f, j0 + kBlock);
+          const int64_t j0 = b * kBlock, len = std::min(f, j0 + kBlock) - j0;
           for (int64_t n = 0; n < s; ++n) {
-            const data_t* gn = gp + n * f;
+            const data_t* gn = gp + n * f + j0;
+            for (int64_t j = 0; j < len; ++j) gbuf[j] = static_cast<acc_t>(gn[j]);
             for (int64_t kk = 0; kk < k; ++kk) {
               const acc_t ank = a[n * k + kk];
-              const data_t* wk = wp + kk * f;
-              acc_t* dwk = dwp + kk * f;
-              double dot = 0;
-              for (int64_t j = j0; j < j1; ++j) {
-                const acc_t gv = static_cast<acc_t>(gn[j]);
-                dwk[j] += ank * gv;
-                dot += static_cast<double>(wk[j]) * static_cast<double>(gv);
+              const data_t* wk = wp + kk * f + j0;
+              acc_t* dwk = dwp + kk * f + j0;
+              acc_t lanes[kLanes] = {};
+              int64_t j = 0;
+              for (; j + kLanes <= len; j += kLanes)
+                for (int64_t l = 0; l < kLanes; ++l) {
+                  dwk[j + l] += ank * gbuf[j + l];
+                  lanes[l] += static_cast<acc_t>(wk[j + l]) * gbuf[j + l];
+                }
+              for (; j < len; ++j) {
+                dwk[j] += ank * gbuf[j];
+                lanes[0] += static_cast<acc_t>(wk[j]) * gbuf[j];
               }
-              partial[size_t((b * s + n) * k + kk)] = dot;
+              partial[size_t((b * s + n) * k + kk)] = static_cast<double>(combine_lanes(lanes));
             }
           }
         }

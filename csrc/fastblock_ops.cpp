@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 
 #include <cstdlib>
 
@@ -112,9 +113,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const int64_t s = std::min(chunk, n - n0);
     auto g_chunk = gates_acc.narrow(0, n0, s);
     auto w_mix = at::empty({s, f}, weight.options());
-    kern.mix(g_chunk, w_flat, fold ? &scale : nullptr, nullptr, per_out, w_mix);
+    { RECORD_FUNCTION("fastblock_ext::mix", std::vector<c10::IValue>()); kern.mix(g_chunk, w_flat, fold ? &scale : nullptr, nullptr, per_out, w_mix); }
     auto b_mix = at::empty({s, cout}, bias.options());
-    kern.mix(g_chunk, b_flat, fold ? &scale : nullptr, fold ? &shift : nullptr, 1, b_mix);
+    { RECORD_FUNCTION("fastblock_ext::mix", std::vector<c10::IValue>()); kern.mix(g_chunk, b_flat, fold ? &scale : nullptr, fold ? &shift : nullptr, 1, b_mix); }
     auto out = at::convolution(xc.narrow(0, n0, s).reshape({1, s * cin, h, w}), w_mix.view({s * cout, cin, kh, kw}),
                                b_mix.view({s * cout}), {stride, stride}, {pad_h, pad_w}, {1, 1}, false, {0, 0}, s);
     pieces.push_back(out.view({s, cout, ho, wo}));
@@ -134,11 +135,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       rv = *running_var;
       TORCH_CHECK(rm.is_contiguous() && rv.is_contiguous(), "fastblock: running stats must be contiguous");
     }
-    kern.bn_stats(z, mean, invstd, running_mean.has_value() ? &rm : nullptr,
-                  running_var.has_value() ? &rv : nullptr, momentum, eps);
+    { RECORD_FUNCTION("fastblock_ext::bn_stats", std::vector<c10::IValue>()); kern.bn_stats(z, mean, invstd, running_mean.has_value() ? &rm : nullptr,
+                  running_var.has_value() ? &rv : nullptr, momentum, eps); }
   }
   auto y = at::empty_like(z);
-  kern.bn_relu_apply(z, mean, invstd, gamma, beta, y);
+  { RECORD_FUNCTION("fastblock_ext::bn_relu_apply", std::vector<c10::IValue>()); kern.bn_relu_apply(z, mean, invstd, gamma, beta, y); }
   return {y.contiguous(fmt), save_for_backward ? z.contiguous(fmt) : at::empty({0}, x.options()), mean, invstd};
 }
 
@@ -164,10 +165,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // BatchNorm + ReLU backward: two reductions over (N, H, W), then dz and its per-sample channel sums.
   auto sum_g = at::empty({cout}, x.options().dtype(sdt));
   auto sum_gx = at::empty({cout}, x.options().dtype(sdt));
-  kern.bn_relu_bwd_reduce(dyc, zc, mean_c, invstd_c, gamma, beta, sum_g, sum_gx);
+  { RECORD_FUNCTION("fastblock_ext::bn_relu_bwd_reduce", std::vector<c10::IValue>()); kern.bn_relu_bwd_reduce(dyc, zc, mean_c, invstd_c, gamma, beta, sum_g, sum_gx); }
   auto dz = at::empty_like(zc);
   auto dz_sum = at::empty({n, cout}, x.options().dtype(sdt));
-  kern.bn_relu_bwd_dz(dyc, zc, mean_c, invstd_c, gamma, beta, sum_g, sum_gx, use_batch_stats, dz, dz_sum);
+  { RECORD_FUNCTION("fastblock_ext::bn_relu_bwd_dz", std::vector<c10::IValue>()); kern.bn_relu_bwd_dz(dyc, zc, mean_c, invstd_c, gamma, beta, sum_g, sum_gx, use_batch_stats, dz, dz_sum); }
 
   // Convolution backward per chunk of samples: dx and the per-sample weight gradient G (never all of it at once),
   // folded straight into dW_k and da.
@@ -179,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const int64_t s = std::min(chunk, n - n0);
     auto g_chunk = gates_acc.narrow(0, n0, s);
     auto w_mix = at::empty({s, f}, weight.options());
-    kern.mix(g_chunk, w_flat, nullptr, nullptr, per_out, w_mix);
+    { RECORD_FUNCTION("fastblock_ext::mix", std::vector<c10::IValue>()); kern.mix(g_chunk, w_flat, nullptr, nullptr, per_out, w_mix); }
     auto grads = at::convolution_backward(
         dz.narrow(0, n0, s).reshape({1, s * cout, ho, wo}), xc.narrow(0, n0, s).reshape({1, s * cin, h, w}),
         w_mix.view({s * cout, cin, kh, kw}), c10::nullopt, {stride, stride}, {pad_h, pad_w}, {1, 1}, false, {0, 0},
@@ -187,12 +188,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     dx.narrow(0, n0, s).copy_(std::get<0>(grads).view({s, cin, h, w}));
     auto g_weight = std::get<1>(grads).contiguous().view({s, f});
     auto dg_chunk = dgates.narrow(0, n0, s);
-    kern.fold_weight_grad(g_chunk, g_weight, w_flat, dw_acc, dg_chunk);
+    { RECORD_FUNCTION("fastblock_ext::fold_weight_grad", std::vector<c10::IValue>()); kern.fold_weight_grad(g_chunk, g_weight, w_flat, dw_acc, dg_chunk); }
   }
   // Bias terms, the same fold with G = dz_sum: db_k = sum_n a[n,k] s_n, da[n,k] += <b_k, s_n>.
   auto db_acc = at::zeros({k, cout}, x.options().dtype(sdt));
   auto dgates_bias = at::empty({n, k}, x.options().dtype(sdt));
-  kern.fold_weight_grad(gates_acc, dz_sum, bias.to(sdt).contiguous(), db_acc, dgates_bias);
+  { RECORD_FUNCTION("fastblock_ext::fold_weight_grad", std::vector<c10::IValue>()); kern.fold_weight_grad(gates_acc, dz_sum, bias.to(sdt).contiguous(), db_acc, dgates_bias); }
   dgates.add_(dgates_bias);
 
   return {dx.contiguous(fmt),
