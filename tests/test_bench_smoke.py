@@ -1,0 +1,22 @@
+"""The benchmark suite's smoke mode (one round, tiny shapes) and its report, so neither can rot."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_suite_smoke_and_report(tmp_path):
+    out = tmp_path / "smoke.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTBLOCK_POISON")}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "bench/", "--smoke", "-q", "-p", "no:cacheprovider",
+                           f"--benchmark-json={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert out.exists()
+    png = tmp_path / "speedup.png"
+    proc = subprocess.run([sys.executable, "-m", "bench.report", str(out), "--markdown", "--plot", str(png)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "| fwdbwd N4-C8-8x8-K2 float32 | reference |" in proc.stdout
+    assert png.stat().st_size > 1000
