@@ -1,0 +1,298 @@
+"""CIFAR-10 loading (torchvision batches, ImageFolder trees, or a .tar.gz of one) and on-device augmentation.
+
+The whole dataset is held as one uint8 tensor [N, 3, 32, 32] on the training device; augmentation is batched
+tensor work there (no per-image Python per step).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import pickle
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CIFAR_SIZE = 32
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class DataError(RuntimeError):
+    """A dataset problem the user can fix (missing, corrupt or malformed data); the message says how."""
+
+
+@dataclass
+class Cifar:
+    train_x: torch.Tensor  # uint8 [N, 3, 32, 32]
+    train_y: torch.Tensor  # int64 [N]
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: list[str]
+    source: str
+
+    @property
+    def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean/std of the training images in [0, 1] (the dataset's own statistics)."""
+        x = self.train_x.float().div_(255)
+        return x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3))
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FASTBLOCK_CACHE", Path.home() / ".cache" / "fastblock"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# torchvision's pickled batches
+# --------------------------------------------------------------------------------------------------------------
+def _find_batches_dir(root: Path) -> Path | None:
+    for cand in (root, root / "cifar-10-batches-py"):
+        if (cand / "data_batch_1").exists() and (cand / "test_batch").exists():
+            return cand
+    return None
+
+
+def _load_batches(folder: Path) -> Cifar:
+    def read(name):
+        path = folder / name
+        try:
+            with open(path, "rb") as fh:
+                entry = pickle.load(fh, encoding="latin1")
+            data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, CIFAR_SIZE, CIFAR_SIZE)
+            labels = np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64)
+        except FileNotFoundError:
+            raise DataError(f"missing CIFAR-10 batch file {path}") from None
+        except Exception as exc:
+            raise DataError(f"corrupt CIFAR-10 batch file {path}: {type(exc).__name__}: {exc}") from None
+        return torch.from_numpy(data.copy()), torch.from_numpy(labels)
+
+    parts = [read(f"data_batch_{i}") for i in range(1, 6)]
+    test_x, test_y = read("test_batch")
+    meta = folder / "batches.meta"
+    classes = [str(i) for i in range(10)]
+    if meta.exists():
+        with open(meta, "rb") as fh:
+            classes = list(pickle.load(fh, encoding="latin1")["label_names"])
+    return Cifar(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), test_x, test_y, classes,
+                 f"torchvision batches at {folder}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ImageFolder trees: DIR/{train,test}/<class>/*.{png,jpg}
+# --------------------------------------------------------------------------------------------------------------
+def _list_split(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    if not split_dir.is_dir():
+        raise DataError(f"expected an image folder at {split_dir} (layout DIR/train/<class>/*.png and DIR/test/...)")
+    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    if not classes:
+        raise DataError(f"{split_dir} has no class folders (layout DIR/{split_dir.name}/<class>/*.png)")
+    items = []
+    for idx, cls in enumerate(classes):
+        files = sorted(p for p in (split_dir / cls).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"class folder {split_dir / cls} contains no .png/.jpg images")
+        items += [(p, idx) for p in files]
+    return classes, items
+
+
+def _decode(path: Path) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    try:
+        img = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    except Exception as exc:
+        raise DataError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from None
+    if tuple(img.shape[1:]) != (CIFAR_SIZE, CIFAR_SIZE):
+        raise DataError(f"image {path} is {img.shape[2]}x{img.shape[1]}, expected {CIFAR_SIZE}x{CIFAR_SIZE}")
+    return img
+
+
+def _fingerprint(items: list[tuple[Path, int]], root: Path) -> str:
+    h = hashlib.sha1()
+    for path, label in items:
+        st = path.stat()
+        h.update(f"{path.relative_to(root)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _load_folder(root: Path, cache_dir: Path, progress: bool) -> Cifar:
+    train_classes, train_items = _list_split(root / "train")
+    test_classes, test_items = _list_split(root / "test")
+    if train_classes != test_classes:
+        only_train = sorted(set(train_classes) - set(test_classes))
+        only_test = sorted(set(test_classes) - set(train_classes))
+        raise DataError(f"class folders differ between {root / 'train'} and {root / 'test'}: "
+                        f"only in train {only_train}, only in test {only_test}")
+    key = _fingerprint(train_items + test_items, root)
+    cache_file = cache_dir / f"cifar-folder-{key}.pt"
+    if cache_file.exists():
+        try:
+            blob = torch.load(cache_file, weights_only=True)
+            return Cifar(blob["train_x"], blob["train_y"], blob["test_x"], blob["test_y"], blob["classes"],
+                         f"image folder {root} (cached {cache_file.name})")
+        except Exception:
+            pass  # a damaged cache is rebuilt below
+
+    def decode_all(items, what):
+        from tqdm.auto import tqdm
+
+        with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+            images = list(tqdm(pool.map(_decode, (p for p, _ in items)), total=len(items), disable=not progress,
+                               desc=f"decoding {what}", unit="img"))
+        return torch.stack(images), torch.tensor([label for _, label in items], dtype=torch.int64)
+
+    train_x, train_y = decode_all(train_items, "train")
+    test_x, test_y = decode_all(test_items, "test")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save({"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y,
+                       "classes": train_classes}, cache_file)
+    return Cifar(train_x, train_y, test_x, test_y, train_classes, f"image folder {root} (decoded, cached)")
+
+
+def _extract_archive(archive: Path, cache_dir: Path) -> Path:
+    st = archive.stat()
+    dest = cache_dir / f"extracted-{hashlib.sha1(f'{archive.resolve()}|{st.st_size}|{st.st_mtime_ns}'.encode()).hexdigest()[:12]}"
+    marker = dest / ".complete"
+    if not marker.exists():
+        tmp = dest.with_suffix(".tmp")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        try:
+            with tarfile.open(archive) as tar:
+                try:
+                    tar.extractall(tmp, filter="data")  # Python >= 3.11.4: refuse unsafe members
+                except TypeError:
+                    tar.extractall(tmp)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise DataError(f"cannot extract {archive}: {exc}") from None
+        if dest.exists():
+            import shutil
+
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+        marker.touch()
+    # the archive may hold the tree at its top level or one folder down
+    for cand in [dest] + sorted(p for p in dest.iterdir() if p.is_dir()):
+        if (cand / "train").is_dir() or _find_batches_dir(cand):
+            return cand
+    raise DataError(f"{archive} holds neither DIR/train,test image folders nor cifar-10-batches-py")
+
+
+def load_cifar10(data_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None, download: bool = True,
+                 progress: bool = True) -> Cifar:
+    """Load CIFAR-10 from ``data_dir``: torchvision batches, an ImageFolder tree, or a .tar.gz of either.
+
+    Missing data is downloaded with torchvision when ``download`` and the network allow; offline, a DataError
+    says what to pass instead.
+    """
+    root = Path(data_dir).expanduser()
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    if root.is_file() and root.name.endswith((".tar.gz", ".tgz", ".tar")):
+        root = _extract_archive(root, cache)
+    batches = _find_batches_dir(root)
+    if batches is not None:
+        return _load_batches(batches)
+    if (root / "train").exists() or (root / "test").exists():
+        return _load_folder(root, cache, progress)
+    if not download:
+        raise DataError(f"no CIFAR-10 found at {root}: expected cifar-10-batches-py/, or train/ and test/ image "
+                        "folders, or a .tar.gz of either")
+    try:
+        from torchvision.datasets import CIFAR10
+
+        CIFAR10(str(root), train=True, download=True)
+    except Exception as exc:
+        raise DataError(
+            f"CIFAR-10 is not at {root} and could not be downloaded ({type(exc).__name__}: {exc}). "
+            "Offline? Pass --data-dir pointing to a cifar-10-batches-py folder, an ImageFolder tree "
+            "DIR/{train,test}/<class>/*.png, or a .tar.gz of one (e.g. cifar10-jpeg.tar.gz)."
+        ) from None
+    return _load_batches(_find_batches_dir(root))
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def split_validation(data: Cifar, fraction: float, seed: int) -> Cifar:
+    """Hold out ``fraction`` of train as the evaluation set (the test set is then not used for selection)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"--val-split must be in (0, 1), got {fraction}")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(data.train_y), generator=g)
+    n_val = int(round(fraction * len(perm)))
+    val, train = perm[:n_val], perm[n_val:]
+    return Cifar(data.train_x[train], data.train_y[train], data.train_x[val], data.train_y[val], data.classes,
+                 data.source + f" (validation: {n_val} held out of train)")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# on-device augmentation (batched; every random draw comes from the given generator)
+# --------------------------------------------------------------------------------------------------------------
+def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """Pad by ``pad`` (zeros) and take a random HxW window per image (== translate by up to +-pad)."""
+    if pad <= 0:
+        return x
+    b, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (b,), device=x.device, generator=gen)
+    ox = torch.randint(0, 2 * pad + 1, (b,), device=x.device, generator=gen)
+    rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[torch.arange(b, device=x.device)[:, None, None, None], chans, rows, cols]
+
+
+def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(x.shape[0], device=x.device, generator=gen) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    if size <= 0:
+        return x
+    b, _, h, w = x.shape
+    cy = torch.randint(0, h, (b, 1, 1), device=x.device, generator=gen)
+    cx = torch.randint(0, w, (b, 1, 1), device=x.device, generator=gen)
+    ys = torch.arange(h, device=x.device)[None, :, None]
+    xs = torch.arange(w, device=x.device)[None, None, :]
+    inside = ((ys - cy).abs() <= size // 2) & ((xs - cx).abs() <= size // 2)
+    return x * (~inside)[:, None].to(x.dtype)
+
+
+def random_affine(x: torch.Tensor, gen: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                  degrees: float = 0.0, resized_crop: bool = True) -> torch.Tensor:
+    """RandomResizedCrop (area ``scale``, aspect ``ratio``) and/or rotation by up to ``degrees``, batched with
+    one affine grid per image."""
+    b = x.shape[0]
+    dev = x.device
+    if resized_crop:
+        area = torch.empty(b, device=dev).uniform_(scale[0], scale[1], generator=gen)
+        log_r = torch.empty(b, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen)
+        aspect = torch.exp(log_r)
+        sw = torch.sqrt(area * aspect).clamp(max=1.0)
+        sh = torch.sqrt(area / aspect).clamp(max=1.0)
+        tx = (torch.rand(b, device=dev, generator=gen) * 2 - 1) * (1 - sw)
+        ty = (torch.rand(b, device=dev, generator=gen) * 2 - 1) * (1 - sh)
+    else:
+        sw = sh = torch.ones(b, device=dev)
+        tx = ty = torch.zeros(b, device=dev)
+    angle = (torch.rand(b, device=dev, generator=gen) * 2 - 1) * math.radians(degrees)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([torch.stack([sw * cos, -sh * sin, tx], 1), torch.stack([sw * sin, sh * cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -1,0 +1,203 @@
+"""Networks of fastblock Blocks for CIFAR-10 (importable: ``from fastblock.models import build_model``).
+
+``BlockNet`` is a plain stack described by ``LayerSpec``s (Block, optional residual, pooling, dropout) with a
+global-pool + MLP head; ``ResNet32`` is the classic 3x5 basic-block ResNet with K=1 Blocks. ``build_model(name)``
+returns the network of a trainer preset.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from .modules import Block
+
+
+@dataclass
+class LayerSpec:
+    out_channels: int
+    num_convs: int = 4
+    kernel_size: Union[int, Sequence[int]] = 3
+    gate: str = "softmax"
+    gate_hidden: Sequence[int] = ()
+    stride: int = 1
+    residual: bool = False       # y = Block(x) + shortcut(x) (1x1 conv + BN when the shape changes)
+    pool: Optional[str] = None   # "max" | "avg": 2x2 pooling after the layer
+    dropout: float = 0.0         # after pooling
+
+
+class Residual(nn.Module):
+    def __init__(self, block: Block, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.block = block
+        self.shortcut = nn.Identity() if (in_channels == out_channels and stride == 1) else nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels))
+
+    def forward(self, x):
+        return self.block(x) + self.shortcut(x)
+
+
+class BlockNet(nn.Module):
+    def __init__(self, layers: Sequence[LayerSpec], in_channels: int = 3, num_classes: int = 10,
+                 head_hidden: Sequence[int] = (), head_dropout: float = 0.0, global_pool: str = "avg",
+                 logit_scale: float = 1.0, backend: str = "auto"):
+        super().__init__()
+        body, width = [], in_channels
+        for spec in layers:
+            block = Block(width, spec.out_channels, num_convs=spec.num_convs, kernel_size=spec.kernel_size,
+                          stride=spec.stride, gate=spec.gate, gate_hidden=spec.gate_hidden, backend=backend)
+            body.append(Residual(block, width, spec.out_channels, spec.stride) if spec.residual else block)
+            if spec.pool == "max":
+                body.append(nn.MaxPool2d(2))
+            elif spec.pool == "avg":
+                body.append(nn.AvgPool2d(2))
+            if spec.dropout:
+                body.append(nn.Dropout(spec.dropout))
+            width = spec.out_channels
+        self.body = nn.Sequential(*body)
+        self.pool = nn.AdaptiveMaxPool2d(1) if global_pool == "max" else nn.AdaptiveAvgPool2d(1)
+        head, w = [nn.Flatten()], width
+        for hidden in head_hidden:
+            head += [nn.Linear(w, hidden), nn.ReLU(inplace=True)] + ([nn.Dropout(head_dropout)] if head_dropout else [])
+            w = hidden
+        head.append(nn.Linear(w, num_classes))
+        self.head = nn.Sequential(*head)
+        self.logit_scale = logit_scale
+
+    def forward(self, x):
+        return self.head(self.pool(self.body(x))) * self.logit_scale
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block from two K=1 Blocks. Each Block ends in ReLU (the fused op is conv+BN+ReLU), so the
+    second ReLU comes before the residual addition rather than after it -- the nearest fusable form."""
+
+    def __init__(self, cin: int, cout: int, stride: int, backend: str):
+        super().__init__()
+        self.a = Block(cin, cout, num_convs=1, stride=stride, gate="none", bias=False, backend=backend)
+        self.b = Block(cout, cout, num_convs=1, gate="none", bias=False, backend=backend)
+        self.shortcut = nn.Identity() if (cin == cout and stride == 1) else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        return self.b(self.a(x)) + self.shortcut(x)
+
+
+class ResNet32(nn.Module):
+    def __init__(self, num_classes: int = 10, backend: str = "auto"):
+        super().__init__()
+        layers, width = [Block(3, 16, num_convs=1, gate="none", bias=False, backend=backend)], 16
+        for stage, cout in enumerate((16, 32, 64)):
+            for i in range(5):
+                layers.append(BasicBlock(width, cout, 2 if (stage > 0 and i == 0) else 1, backend))
+                width = cout
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+@dataclass
+class ModelRecipe:
+    description: str
+    make: callable = field(repr=False)
+
+
+def _fast(backend):
+    # ResNet-9-like widths with gated Blocks; max-pool after each widening, max global pool, scaled logits.
+    return BlockNet([
+        LayerSpec(64, num_convs=1, gate="none"),
+        LayerSpec(128, num_convs=4, pool="max"), LayerSpec(128, num_convs=4, residual=True),
+        LayerSpec(256, num_convs=4, pool="max"),
+        LayerSpec(512, num_convs=4, pool="max"), LayerSpec(512, num_convs=4, residual=True),
+    ], global_pool="max", logit_scale=0.125, backend=backend)
+
+
+def _coursework_a(backend):
+    return BlockNet([
+        LayerSpec(64, num_convs=4), LayerSpec(64, num_convs=4, residual=True, pool="max"),
+        LayerSpec(128, num_convs=4, residual=True), LayerSpec(128, num_convs=4, residual=True, pool="max"),
+        LayerSpec(256, num_convs=4, residual=True), LayerSpec(256, num_convs=4, residual=True, pool="max"),
+    ], backend=backend)
+
+
+def _coursework_b(backend):
+    chans = (64, 64, 128, 128, 256, 256, 512)
+    return BlockNet([LayerSpec(c, num_convs=4, pool="max" if i % 2 == 1 else None) for i, c in enumerate(chans)],
+                    backend=backend)
+
+
+def _coursework_c(backend):
+    mixed, gate = [5, 5, 5, 3, 3, 3], (512, 512)
+    spec = lambda c, **kw: LayerSpec(c, num_convs=6, kernel_size=mixed, gate_hidden=gate, **kw)  # noqa: E731
+    return BlockNet([
+        spec(32), spec(32, pool="avg", dropout=0.1),
+        spec(64), spec(64, residual=True, pool="max", dropout=0.1),
+        spec(128), spec(128, residual=True), spec(128, residual=True, pool="max", dropout=0.1),
+    ], head_hidden=(1024, 512), head_dropout=0.1, backend=backend)
+
+
+def _coursework_d(backend):
+    return BlockNet([LayerSpec(c, num_convs=6, pool="max", dropout=0.1) for c in (64, 128, 256, 512)],
+                    head_hidden=(256, 128, 64), backend=backend)
+
+
+def _tiny(backend):
+    return BlockNet([LayerSpec(16, num_convs=2, pool="max"), LayerSpec(32, num_convs=2, pool="max", residual=True)],
+                    backend=backend)
+
+
+MODELS = {
+    "tiny": ModelRecipe("2 small K=2 Blocks (16, 32 channels): smoke tests and CPU demos", _tiny),
+    "fast": ModelRecipe("compact gated-Block ResNet-9-like net (64-128-256-512, K=4, max-pools, residuals)", _fast),
+    "coursework-a": ModelRecipe("6 K=4 Blocks with residual connections, max-pools, avg-pool + linear head",
+                                _coursework_a),
+    "coursework-b": ModelRecipe("7 K=4 Blocks, max-pool every other block, avg-pool + linear head. The "
+                                "original's PReLU cannot be fused, so the Blocks use ReLU (nearest fusable form)",
+                                _coursework_b),
+    "coursework-c": ModelRecipe("7 Blocks, K=6 mixed 5x5/3x3 branches, 32->64->128, avg-pool after 2, max-pool "
+                                "after 4 and 7, residuals on 4/6/7, dropout after pooling, MLP gate (512,512,K), "
+                                "MLP head (1024,512,10)", _coursework_c),
+    "coursework-d": ModelRecipe("4 Blocks, K=6, 64/128/256/512, max-pool + dropout 0.1 after each, MLP head "
+                                "(256,128,64,10)", _coursework_d),
+    "resnet32": ModelRecipe("ResNet-32 (3 stages x 5 basic blocks, 16/32/64) from K=1 Blocks; ReLU before the "
+                            "residual add (nearest fusable form)", lambda backend: ResNet32(backend=backend)),
+}
+
+
+def build_model(name: str, backend: str = "auto") -> nn.Module:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+    return MODELS[name].make(backend)
+
+
+def count_flops(model: nn.Module, image_shape=(3, 32, 32)) -> int:
+    """Multiply-adds x2 per image, counting each Block as ONE aggregated convolution (what fastblock runs)."""
+    total = 0
+
+    def conv_hook(mod, inp, out):
+        nonlocal total
+        if isinstance(mod, Block):
+            k = mod.weight.shape[-1]
+            total += 2 * out[0].numel() * mod.in_channels * k * k
+        elif isinstance(mod, nn.Conv2d):
+            total += 2 * out[0].numel() * mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+        elif isinstance(mod, nn.Linear):
+            total += 2 * mod.in_features * mod.out_features
+
+    hooks = [m.register_forward_hook(conv_hook) for m in model.modules()
+             if isinstance(m, (Block, nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            p = next(model.parameters())
+            model(torch.zeros(1, *image_shape, device=p.device, dtype=p.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return total

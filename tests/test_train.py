@@ -1,0 +1,254 @@
+"""The CIFAR-10 trainer on tiny generated datasets (both formats), on CPU."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastblock import data as fdata
+from fastblock import train
+from fastblock.models import MODELS, build_model
+
+ROOT = Path(__file__).resolve().parent.parent
+CLASSES = [f"class{c}" for c in range(10)]
+
+
+def _images(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 10
+    x = (torch.rand(n, 3, 32, 32, generator=g) * 80).to(torch.uint8)
+    for i, c in enumerate(labels.tolist()):
+        x[i, c % 3] += 100 + 10 * c  # a class-dependent colour, so a few steps can learn it
+    return x, labels
+
+
+@pytest.fixture(scope="module")
+def folder_data(tmp_path_factory):
+    from torchvision.io import write_png
+
+    root = tmp_path_factory.mktemp("folder")
+    for split, n, seed in (("train", 200, 0), ("test", 50, 1)):
+        x, y = _images(n, seed)
+        for i in range(n):
+            d = root / split / CLASSES[int(y[i])]
+            d.mkdir(parents=True, exist_ok=True)
+            write_png(x[i], str(d / f"{i}.png"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def batches_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batches") / "cifar-10-batches-py"
+    root.mkdir()
+    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+        x, y = _images(20, i)
+        with open(root / name, "wb") as fh:
+            pickle.dump({"data": x.reshape(20, -1).numpy(), "labels": y.tolist()}, fh)
+    with open(root / "batches.meta", "wb") as fh:
+        pickle.dump({"label_names": CLASSES}, fh)
+    return root.parent
+
+
+def _train(tmp_path, data_dir, *extra, name="run"):
+    out = tmp_path / name
+    argv = ["--data-dir", str(data_dir), "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--no-download",
+            "--preset", "tiny", "--out", str(out), "--backend", "reference", *extra]
+    assert train.main(argv) == 0
+    return out
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--backend", "--preset", "--data-dir", "--epochs", "--batch-size", "--lr", "--optimizer", "--amp",
+                 "--compile", "--out", "--resume", "--seed", "--tta", "--eval-only", "--val-split", "--accum-steps"):
+        assert flag in text
+
+
+def test_list_presets(capsys):
+    assert train.main(["--list-presets"]) == 0
+    text = capsys.readouterr().out
+    for name in ("fast", "coursework-a", "coursework-b", "coursework-c", "coursework-d", "resnet32"):
+        assert name in text
+
+
+def test_folder_training_lowers_loss_and_writes_run(tmp_path, folder_data):
+    out = _train(tmp_path, folder_data, "--epochs", "4", "--batch-size", "32", "--lr", "0.05")
+    rows = list((out / "metrics.csv").read_text().splitlines())
+    assert rows[0].split(",") == train.METRIC_FIELDS and len(rows) == 5
+    losses = [float(r.split(",")[2]) for r in rows[1:]]
+    assert losses[-1] < losses[0] * 0.9, losses
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_test_acc"] > 0.2 and summary["epochs"] == 4
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["lr"] == 0.05 and config["torch"] == torch.__version__
+    assert (out / "curves.png").stat().st_size > 1000
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    assert set(ckpt) >= {"model", "config", "test_acc"}
+    # the decoded folder was cached and is reused (a second load does not decode again)
+    cached = list((tmp_path / "cache").glob("cifar-folder-*.pt"))
+    assert len(cached) == 1
+    assert "cached" in fdata.load_cifar10(folder_data, tmp_path / "cache", progress=False).source
+
+
+def test_batches_format_and_val_split(tmp_path, batches_data):
+    data = fdata.load_cifar10(batches_data, download=False, progress=False)
+    assert data.train_x.shape == (100, 3, 32, 32) and data.classes == CLASSES
+    split = fdata.split_validation(data, 0.2, seed=0)
+    assert len(split.test_y) == 20 and len(split.train_y) == 80
+    held = {tuple(v.flatten()[:16].tolist()) for v in split.test_x}
+    assert not any(tuple(v.flatten()[:16].tolist()) in held for v in split.train_x)  # no leak
+    _train(tmp_path, batches_data, "--epochs", "1", "--batch-size", "20", "--val-split", "0.2")
+
+
+def test_resume_is_identical_to_uninterrupted(tmp_path, folder_data):
+    common = ["--epochs", "3", "--batch-size", "32", "--seed", "5", "--cutout", "8", "--ema", "0.9"]
+    full = _train(tmp_path, folder_data, *common, name="full")
+    part = _train(tmp_path, folder_data, *common, "--stop-after", "2", name="part")  # as if killed after epoch 2
+    assert len((part / "metrics.csv").read_text().splitlines()) == 3
+    assert train.main(["--resume", str(part), "--no-progress", "--cache-dir", str(tmp_path / "cache")]) == 0
+    a = torch.load(full / "last.pt", weights_only=True)
+    b = torch.load(part / "last.pt", weights_only=True)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in a["ema"]:
+        assert torch.equal(a["ema"][key], b["ema"][key]), key
+    strip_time = lambda text: [",".join(r.split(",")[:6]) for r in text.splitlines()]  # noqa: E731
+    assert strip_time((full / "metrics.csv").read_text()) == strip_time((part / "metrics.csv").read_text())
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    target = tmp_path / "last.pt"
+    fdata.atomic_torch_save({"v": torch.ones(3)}, target)
+
+    def crash(obj, fh):
+        fh.write(b"partial")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        fdata.atomic_torch_save({"v": torch.zeros(3)}, target)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(target, weights_only=True)["v"], torch.ones(3))  # the old file is intact
+
+
+def test_eval_only_prints_per_class_table(tmp_path, folder_data, capsys):
+    out = _train(tmp_path, folder_data, "--epochs", "1", "--batch-size", "50")
+    capsys.readouterr()
+    assert train.main(["--eval-only", str(out / "best.pt"), "--data-dir", str(folder_data), "--cache-dir",
+                       str(tmp_path / "cache"), "--tta", "--backend", "reference", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "accuracy" in text and "confusion matrix" in text and "class9" in text
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("missing", "no CIFAR-10 found"),
+    ("mismatch", "class folders differ"),
+    ("size", "expected 32x32"),
+    ("corrupt", "cannot decode image"),
+    ("empty_class", "contains no .png/.jpg images"),
+])
+def test_bad_data_errors(tmp_path, problem, message, capsys):
+    from torchvision.io import write_png
+
+    root = tmp_path / "data"
+    img = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    if problem != "missing":
+        for split in ("train", "test"):
+            for c in ("a", "b"):
+                (root / split / c).mkdir(parents=True)
+                write_png(img, str(root / split / c / "0.png"))
+    if problem == "mismatch":
+        (root / "test" / "b" / "0.png").unlink()
+        (root / "test" / "b").rmdir()
+    elif problem == "size":
+        write_png(torch.zeros(3, 28, 30, dtype=torch.uint8), str(root / "train" / "a" / "small.png"))
+    elif problem == "corrupt":
+        (root / "train" / "b" / "broken.png").write_bytes(b"not a png at all")
+    elif problem == "empty_class":
+        (root / "train" / "c").mkdir()
+    rc = train.main(["--data-dir", str(root), "--cache-dir", str(tmp_path / "cache"), "--no-download",
+                     "--no-progress", "--preset", "tiny", "--out", str(tmp_path / "run")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    if problem in ("size", "corrupt"):
+        assert ("small.png" in err) or ("broken.png" in err)
+
+
+def test_offline_download_message(tmp_path, monkeypatch, capsys):
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    rc = train.main(["--data-dir", str(tmp_path / "nothing"), "--no-progress", "--preset", "tiny",
+                     "--out", str(tmp_path / "run")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "could not be downloaded" in err and "--data-dir" in err and "Traceback" not in err
+
+
+def test_archive_input(tmp_path, folder_data):
+    import tarfile
+
+    archive = tmp_path / "cifar10-jpeg.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder_data, arcname="cifar10-jpeg")
+    data = fdata.load_cifar10(archive, tmp_path / "cache", progress=False)
+    assert len(data.train_y) == 200 and data.classes == CLASSES
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_preset_model_builds_and_steps(name):
+    torch.manual_seed(0)
+    model = build_model(name, backend="reference")
+    opt = train.make_optimizer(dict(train.resolve_preset(name if name in train.PRESETS else "fast"),
+                                    **({"model": name})), model)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+
+
+def test_weight_decay_skips_bn_and_bias():
+    model = build_model("tiny")
+    decay, no_decay = train.param_groups(model, 5e-4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(not names[id(p)].endswith("bias") and "bn." not in names[id(p)] for p in decay["params"])
+    assert any(names[id(p)].endswith("bn.weight") for p in no_decay["params"])
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+
+
+def test_augmentations_keep_shape_and_are_seeded():
+    x = torch.rand(6, 3, 32, 32)
+    for fn in (lambda t, g: fdata.random_crop(t, 4, g), fdata.random_flip, lambda t, g: fdata.cutout(t, 8, g),
+               lambda t, g: fdata.random_affine(t, g, degrees=15)):
+        a = fn(x, torch.Generator().manual_seed(1))
+        b = fn(x, torch.Generator().manual_seed(1))
+        assert a.shape == x.shape and torch.equal(a, b)
+    # crop with zero offset range is the identity; a crop is a translation of the original pixels
+    assert torch.equal(fdata.random_crop(x, 0, torch.Generator()), x)
+
+
+@pytest.mark.slow
+def test_torchrun_two_process_gloo(tmp_path, folder_data):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "fastblock.train", "--data-dir", str(folder_data), "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+           "--preset", "tiny", "--epochs", "2", "--batch-size", "40", "--backend", "reference",
+           "--out", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "2 ranks" in proc.stdout
+    assert len((tmp_path / "ddp" / "metrics.csv").read_text().splitlines()) == 3
