@@ -22,11 +22,23 @@ namespace {
 // Statistics tensors are float32, or float64 for float64 data.
 #define FASTBLOCK_DISPATCH_ACC(TYPE, NAME, ...) AT_DISPATCH_FLOATING_TYPES(TYPE, NAME, __VA_ARGS__)
 
+// Reductions over one contiguous plane use kLanes independent accumulators: the compiler vectorises them without
+// -ffast-math, and the summation order is fixed (deterministic). Planes are then combined in double.
+constexpr int64_t kLanes = 8;
+
+template <typename acc_t>
+inline acc_t combine_lanes(const acc_t* lanes) {
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
 void mix_cpu(const at::Tensor& gates, const at::Tensor& w, const at::Tensor* scale, const at::Tensor* shift,
              int64_t inner, at::Tensor& out) {
-  // Per sample: out_n = sum_k a[n,k] w_k as K contiguous axpy passes over an acc_t row (vectorises), then the
-  // optional per-output-channel scale/shift (eval-mode BatchNorm folding), then one cast to the data type.
+  // out[n, block] = sum_k a[n,k] w_k[block] over L1-sized column blocks (parallel over (sample, block)), with
+  // 8-lane inner loops the compiler vectorises; then the optional per-output-channel scale/shift (eval-mode
+  // BatchNorm folding) and one cast to the data type.
   const int64_t s = gates.size(0), k = gates.size(1), f = w.size(1);
+  constexpr int64_t kBlock = 2048;
+  const int64_t blocks = (f + kBlock - 1) / kBlock;
   FASTBLOCK_DISPATCH(w.scalar_type(), "fastblock_mix_cpu", [&] {
     using data_t = scalar_t;
     const data_t* wp = w.data_ptr<data_t>();
@@ -36,34 +48,32 @@ void mix_cpu(const at::Tensor& gates, const at::Tensor& w, const at::Tensor* sca
       const acc_t* a = gates.data_ptr<acc_t>();
       const acc_t* sc = scale ? scale->data_ptr<acc_t>() : nullptr;
       const acc_t* sh = shift ? shift->data_ptr<acc_t>() : nullptr;
-      at::parallel_for(0, s, 1, [&](int64_t n0, int64_t n1) {
-        std::vector<acc_t> row(static_cast<size_t>(f));
-        acc_t* r = row.data();
-        for (int64_t n = n0; n < n1; ++n) {
-          std::fill(row.begin(), row.end(), acc_t(0));
+      at::parallel_for(0, s * blocks, 1, [&](int64_t t0, int64_t t1) {
+        acc_t r[kBlock];
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t n = t / blocks, j0 = (t % blocks) * kBlock, len = std::min(kBlock, f - j0);
+          for (int64_t j = 0; j < len; ++j) r[j] = acc_t(0);
           for (int64_t kk = 0; kk < k; ++kk) {
             const acc_t ank = a[n * k + kk];
-            const data_t* wk = wp + kk * f;
-            for (int64_t j = 0; j < f; ++j) r[j] += ank * static_cast<acc_t>(wk[j]);
+            const data_t* wk = wp + kk * f + j0;
+            int64_t j = 0;
+            for (; j + kLanes <= len; j += kLanes)
+              for (int64_t l = 0; l < kLanes; ++l) r[j + l] += ank * static_cast<acc_t>(wk[j + l]);
+            for (; j < len; ++j) r[j] += ank * static_cast<acc_t>(wk[j]);
           }
-          data_t* o = op + n * f;
-          for (int64_t g = 0; g < f / inner; ++g) {
-            const acc_t m = sc ? sc[g] : acc_t(1), t = sh ? sh[g] : acc_t(0);
-            for (int64_t j = g * inner; j < (g + 1) * inner; ++j) o[j] = static_cast<data_t>(r[j] * m + t);
+          data_t* o = op + n * f + j0;
+          if (sc || sh) {
+            for (int64_t j = 0; j < len; ++j) {
+              const int64_t ch = (j0 + j) / inner;
+              o[j] = static_cast<data_t>(r[j] * (sc ? sc[ch] : acc_t(1)) + (sh ? sh[ch] : acc_t(0)));
+            }
+          } else {
+            for (int64_t j = 0; j < len; ++j) o[j] = static_cast<data_t>(r[j]);
           }
         }
       });
     });
   });
-}
-
-// Reductions over one contiguous plane use kLanes independent accumulators: the compiler vectorises them without
-// -ffast-math, and the summation order is fixed (deterministic). Planes are then combined in double.
-constexpr int64_t kLanes = 8;
-
-template <typename acc_t>
-inline acc_t combine_lanes(const acc_t* lanes) {
-  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
 }
 
 void bn_stats_cpu(const at::Tensor& z, at::Tensor& mean, at::Tensor& invstd, at::Tensor* running_mean,

@@ -65,6 +65,21 @@ void check_common(const at::Tensor& x, const at::Tensor& gates, const at::Tensor
               "fastblock: input too small for the kernel");
 }
 
+// The mixed kernels of a chunk, on CPU, live in a per-thread workspace reused across calls: a fresh multi-MB
+// allocation each call is mmapped by glibc and pays a page fault per 4 KiB on first touch, which cost more than
+// the mixing itself. (CUDA tensors use PyTorch's caching allocator, which already reuses memory.) The workspace
+// is only used inside one op call on its thread, so nothing aliases it.
+at::Tensor mixed_kernel_buffer(int64_t rows, int64_t cols, const at::TensorOptions& opts) {
+  if (!opts.device().is_cpu()) return at::empty({rows, cols}, opts);
+  thread_local at::Tensor workspace;
+  const int64_t numel = rows * cols;
+  if (!workspace.defined() || workspace.scalar_type() != c10::typeMetaToScalarType(opts.dtype()) ||
+      workspace.numel() < numel) {
+    workspace = at::empty({numel}, opts);
+  }
+  return workspace.narrow(0, 0, numel).view({rows, cols});
+}
+
 int64_t samples_per_chunk(int64_t n, int64_t per_sample_elems, int64_t elem_size) {
   const int64_t per_sample = std::max<int64_t>(1, per_sample_elems * elem_size);
   return std::max<int64_t>(1, std::min<int64_t>(n, chunk_bytes() / per_sample));
@@ -112,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   for (int64_t n0 = 0; n0 < n; n0 += chunk) {
     const int64_t s = std::min(chunk, n - n0);
     auto g_chunk = gates_acc.narrow(0, n0, s);
-    auto w_mix = at::empty({s, f}, weight.options());
+    auto w_mix = mixed_kernel_buffer(s, f, weight.options());
     { RECORD_FUNCTION("fastblock_ext::mix", std::vector<c10::IValue>()); kern.mix(g_chunk, w_flat, fold ? &scale : nullptr, nullptr, per_out, w_mix); }
     auto b_mix = at::empty({s, cout}, bias.options());
     { RECORD_FUNCTION("fastblock_ext::mix", std::vector<c10::IValue>()); kern.mix(g_chunk, b_flat, fold ? &scale : nullptr, fold ? &shift : nullptr, 1, b_mix); }
@@ -172,20 +187,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   // Convolution backward per chunk of samples: dx and the per-sample weight gradient G (never all of it at once),
   // folded straight into dW_k and da.
-  auto dx = at::empty_like(xc);
+  const int64_t chunk = samples_per_chunk(n, f, weight.element_size());
+  at::Tensor dx = chunk >= n ? at::Tensor() : at::empty_like(xc);
   auto dw_acc = at::zeros({k, f}, x.options().dtype(sdt));
   auto dgates = at::empty({n, k}, x.options().dtype(sdt));
-  const int64_t chunk = samples_per_chunk(n, f, weight.element_size());
   for (int64_t n0 = 0; n0 < n; n0 += chunk) {
     const int64_t s = std::min(chunk, n - n0);
     auto g_chunk = gates_acc.narrow(0, n0, s);
-    auto w_mix = at::empty({s, f}, weight.options());
+    auto w_mix = mixed_kernel_buffer(s, f, weight.options());
     { RECORD_FUNCTION("fastblock_ext::mix", std::vector<c10::IValue>()); kern.mix(g_chunk, w_flat, nullptr, nullptr, per_out, w_mix); }
     auto grads = at::convolution_backward(
         dz.narrow(0, n0, s).reshape({1, s * cout, ho, wo}), xc.narrow(0, n0, s).reshape({1, s * cin, h, w}),
         w_mix.view({s * cout, cin, kh, kw}), c10::nullopt, {stride, stride}, {pad_h, pad_w}, {1, 1}, false, {0, 0},
         s, {true, true, false});
-    dx.narrow(0, n0, s).copy_(std::get<0>(grads).view({s, cin, h, w}));
+    if (chunk >= n) {
+      dx = std::get<0>(grads).view({s, cin, h, w});  // one chunk: no copy
+    } else {
+      dx.narrow(0, n0, s).copy_(std::get<0>(grads).view({s, cin, h, w}));
+    }
     auto g_weight = std::get<1>(grads).contiguous().view({s, f});
     auto dg_chunk = dgates.narrow(0, n0, s);
     { RECORD_FUNCTION("fastblock_ext::fold_weight_grad", std::vector<c10::IValue>()); kern.fold_weight_grad(g_chunk, g_weight, w_flat, dw_acc, dg_chunk); }
