@@ -28,6 +28,7 @@ def load_rows(path: str) -> tuple[list[dict], dict]:
             "gbs": info["bytes"] / median / 1e9 if info.get("bytes") else None,
             "peak_tflops": info.get("peak_tflops"), "peak_gbs": info.get("peak_gbs"),
             "mem_mb": info["peak_mem_bytes"] / 2 ** 20 if info.get("peak_mem_bytes") else None,
+            "images_per_s": info.get("images_per_s"),
         })
     return rows, data.get("machine_info", {})
 
@@ -48,7 +49,7 @@ def _fmt(v, spec):
 
 
 def table(groups: dict[str, list[dict]], markdown: bool) -> str:
-    head = ["group", "provider", "median ms", "vs reference", "TFLOP/s (% peak)", "GB/s (% peak)", "peak MiB"]
+    head = ["group", "provider", "median ms", "vs reference", "TFLOP/s (% peak)", "GB/s (% peak)", "peak MiB / img/s"]
     lines = []
     if markdown:
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -60,7 +61,8 @@ def table(groups: dict[str, list[dict]], markdown: bool) -> str:
                                              if r["tflops"] and r["peak_tflops"] else "")
             gb = _fmt(r["gbs"], ".1f") + (f" ({100 * r['gbs'] / r['peak_gbs']:.0f}%)" if r["gbs"] and r["peak_gbs"] else "")
             cells = [group, r["provider"], _fmt(r["median_s"] * 1e3, ".3f"),
-                     _fmt(r["speedup"], ".2f") + "x" if r["speedup"] else "-", tf, gb, _fmt(r["mem_mb"], ".0f")]
+                     _fmt(r["speedup"], ".2f") + "x" if r["speedup"] else "-", tf, gb,
+                     _fmt(r["mem_mb"], ".0f") if r["images_per_s"] is None else f"{r['images_per_s']:.0f} img/s"]
             if markdown:
                 lines.append("| " + " | ".join(cells) + " |")
             else:

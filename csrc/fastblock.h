@@ -38,6 +38,11 @@ struct DeviceKernels {
   // gates [S, K] acc, g [S, F] scalar, w [K, F] scalar (same dtype as g), dw [K, F] acc, dgates [S, K] acc.
   void (*fold_weight_grad)(const at::Tensor& gates, const at::Tensor& g, const at::Tensor& w, at::Tensor& dw,
                            at::Tensor& dgates);
+  // K-fold concatenation schedule: out[n, k, c, :] = gates[n, k] * x[n, c, :]   (x [N, C, HW] -> out [N, K*C, HW])
+  void (*expand_gated)(const at::Tensor& x, const at::Tensor& gates, at::Tensor& out);
+  // and its backward: dx[n, c, :] = sum_k gates[n, k] * g[n, k, c, :],  dgates[n, k] = <x[n], g[n, k]>
+  void (*reduce_gated)(const at::Tensor& x, const at::Tensor& g, const at::Tensor& gates, at::Tensor& dx,
+                       at::Tensor& dgates);
 };
 
 const DeviceKernels& cpu_kernels();

@@ -319,11 +319,72 @@ void fold_weight_grad_cpu(const at::Tensor& gates, const at::Tensor& g, const at
   });
 }
 
+void expand_gated_cpu(const at::Tensor& x, const at::Tensor& gates, at::Tensor& out) {
+  const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3), k = gates.size(1);
+  FASTBLOCK_DISPATCH(x.scalar_type(), "fastblock_expand_gated_cpu", [&] {
+    using data_t = scalar_t;
+    using acc_t = at::opmath_type<data_t>;
+    const data_t* xp = x.data_ptr<data_t>();
+    data_t* op = out.data_ptr<data_t>();
+    const acc_t* a = gates.data_ptr<acc_t>();
+    at::parallel_for(0, n * k, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t i = t / k;
+        const acc_t g = a[t];
+        const data_t* src = xp + i * c * hw;
+        data_t* dst = op + t * c * hw;
+        for (int64_t j = 0; j < c * hw; ++j) dst[j] = static_cast<data_t>(g * static_cast<acc_t>(src[j]));
+      }
+    });
+  });
+}
+
+void reduce_gated_cpu(const at::Tensor& x, const at::Tensor& g, const at::Tensor& gates, at::Tensor& dx,
+                      at::Tensor& dgates) {
+  const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3), k = gates.size(1);
+  const int64_t len = c * hw;
+  FASTBLOCK_DISPATCH(x.scalar_type(), "fastblock_reduce_gated_cpu", [&] {
+    using data_t = scalar_t;
+    using acc_t = at::opmath_type<data_t>;
+    const data_t *xp = x.data_ptr<data_t>(), *gp = g.data_ptr<data_t>();
+    data_t* dxp = dx.data_ptr<data_t>();
+    const acc_t* a = gates.data_ptr<acc_t>();
+    acc_t* da = dgates.data_ptr<acc_t>();
+    at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<acc_t> row(static_cast<size_t>(len));
+      for (int64_t i = i0; i < i1; ++i) {
+        const data_t* xi = xp + i * len;
+        std::fill(row.begin(), row.end(), acc_t(0));
+        for (int64_t kk = 0; kk < k; ++kk) {
+          const data_t* gk = gp + (i * k + kk) * len;
+          const acc_t ak = a[i * k + kk];
+          acc_t lanes[kLanes] = {};
+          int64_t j = 0;
+          for (; j + kLanes <= len; j += kLanes)
+            for (int64_t l = 0; l < kLanes; ++l) {
+              const acc_t gv = static_cast<acc_t>(gk[j + l]);
+              row[j + l] += ak * gv;
+              lanes[l] += gv * static_cast<acc_t>(xi[j + l]);
+            }
+          for (; j < len; ++j) {
+            const acc_t gv = static_cast<acc_t>(gk[j]);
+            row[j] += ak * gv;
+            lanes[0] += gv * static_cast<acc_t>(xi[j]);
+          }
+          da[i * k + kk] = combine_lanes(lanes);
+        }
+        data_t* dst = dxp + i * len;
+        for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<data_t>(row[j]);
+      }
+    });
+  });
+}
+
 }  // namespace
 
 const DeviceKernels& cpu_kernels() {
-  static const DeviceKernels kernels{mix_cpu, bn_stats_cpu, bn_relu_apply_cpu, bn_relu_bwd_reduce_cpu,
-                                     bn_relu_bwd_dz_cpu, fold_weight_grad_cpu};
+  static const DeviceKernels kernels{mix_cpu,          bn_stats_cpu,     bn_relu_apply_cpu, bn_relu_bwd_reduce_cpu,
+                                     bn_relu_bwd_dz_cpu, fold_weight_grad_cpu, expand_gated_cpu, reduce_gated_cpu};
   return kernels;
 }
 

@@ -185,6 +185,41 @@ __global__ void fold_da_kernel(const data_t* __restrict__ g, const data_t* __res
   }
 }
 
+template <typename data_t, typename acc_t>
+__global__ void expand_gated_kernel(const data_t* __restrict__ x, const acc_t* __restrict__ gates,
+                                    data_t* __restrict__ out, int64_t n, int64_t k, int64_t len) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n * k * len;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = i / len, j = i - t * len, s = t / k;
+    out[i] = static_cast<data_t>(gates[t] * static_cast<acc_t>(x[s * len + j]));
+  }
+}
+
+// One block per sample: dx row and the K gate gradients.
+template <typename data_t, typename acc_t>
+__global__ void reduce_gated_kernel(const data_t* __restrict__ x, const data_t* __restrict__ g,
+                                    const acc_t* __restrict__ gates, data_t* __restrict__ dx,
+                                    acc_t* __restrict__ dgates, int64_t k, int64_t len) {
+  __shared__ acc_t shared[kThreads];
+  const int64_t s = blockIdx.x;
+  acc_t acc[kMaxConvs];
+  for (int kk = 0; kk < kMaxConvs; ++kk) acc[kk] = 0;
+  for (int64_t j = threadIdx.x; j < len; j += kThreads) {
+    const acc_t xv = static_cast<acc_t>(x[s * len + j]);
+    acc_t d = 0;
+    for (int64_t kk = 0; kk < k; ++kk) {
+      const acc_t gv = static_cast<acc_t>(g[(s * k + kk) * len + j]);
+      d += gates[s * k + kk] * gv;
+      acc[kk] += gv * xv;
+    }
+    dx[s * len + j] = static_cast<data_t>(d);
+  }
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const acc_t total = block_sum(acc[kk], shared);
+    if (threadIdx.x == 0) dgates[s * k + kk] = total;
+  }
+}
+
 template <typename T>
 const T* opt_ptr(const at::Tensor* t) {
   return t ? t->data_ptr<T>() : nullptr;
@@ -284,6 +319,32 @@ void fold_weight_grad_cuda(const at::Tensor& gates, const at::Tensor& g, const a
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+void expand_gated_cuda(const at::Tensor& x, const at::Tensor& gates, at::Tensor& out) {
+  const int64_t n = x.size(0), k = gates.size(1), len = x.size(1) * x.size(2) * x.size(3);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  FASTBLOCK_DISPATCH(x.scalar_type(), "fastblock_expand_gated_cuda", [&] {
+    using data_t = scalar_t;
+    using acc_t = at::opmath_type<data_t>;
+    expand_gated_kernel<data_t, acc_t><<<blocks_for(n * k * len), kThreads, 0, stream>>>(
+        x.data_ptr<data_t>(), gates.data_ptr<acc_t>(), out.data_ptr<data_t>(), n, k, len);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void reduce_gated_cuda(const at::Tensor& x, const at::Tensor& g, const at::Tensor& gates, at::Tensor& dx,
+                       at::Tensor& dgates) {
+  const int64_t n = x.size(0), k = gates.size(1), len = x.size(1) * x.size(2) * x.size(3);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  FASTBLOCK_DISPATCH(x.scalar_type(), "fastblock_reduce_gated_cuda", [&] {
+    using data_t = scalar_t;
+    using acc_t = at::opmath_type<data_t>;
+    reduce_gated_kernel<data_t, acc_t><<<n, kThreads, 0, stream>>>(
+        x.data_ptr<data_t>(), g.data_ptr<data_t>(), gates.data_ptr<acc_t>(), dx.data_ptr<data_t>(),
+        dgates.data_ptr<acc_t>(), k, len);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& x, const at::Tensor& gates, const at::Tensor& weight, const at::Tensor& bias,
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const c10::optional<at::Tensor>& running_mean,
@@ -307,8 +368,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }  // namespace
 
 const DeviceKernels& cuda_kernels() {
-  static const DeviceKernels kernels{mix_cuda, bn_stats_cuda, bn_relu_apply_cuda, bn_relu_bwd_reduce_cuda,
-                                     bn_relu_bwd_dz_cuda, fold_weight_grad_cuda};
+  static const DeviceKernels kernels{mix_cuda,          bn_stats_cuda,         bn_relu_apply_cuda,
+                                     bn_relu_bwd_reduce_cuda, bn_relu_bwd_dz_cuda, fold_weight_grad_cuda,
+                                     expand_gated_cuda, reduce_gated_cuda};
   return kernels;
 }
 

@@ -13,6 +13,7 @@
 #include <ATen/record_function.h>
 
 #include <cstdlib>
+#include <string>
 
 #include "fastblock.h"
 
@@ -85,6 +86,103 @@ int64_t samples_per_chunk(int64_t n, int64_t per_sample_elems, int64_t elem_size
   return std::max<int64_t>(1, std::min<int64_t>(n, chunk_bytes() / per_sample));
 }
 
+// Two exact schedules for sum_k a_k conv(x, W_k):
+//   mix    -- per-sample kernels W_n = sum_k a[n,k] W_k and one grouped convolution (groups = samples): the
+//             FLOPs of one convolution, plus N * Cout*Cin*kh*kw mixed-kernel elements written and read;
+//   concat -- conv([a_1 x .. a_K x], [W_1 .. W_K]): one ordinary convolution over K*Cin channels; K times the
+//             FLOPs, plus a K-fold copy of x, but no per-sample kernels.
+// Mixing wins while a sample's output map is large next to its kernels; on small maps with many channels
+// (8x8 and 4x4 stages) the per-sample kernels dwarf the activations and the concatenation is cheaper.
+// FASTBLOCK_EXT_SCHEDULE=mix|concat overrides the rule (tests cover both paths with it).
+bool use_concat(int64_t k, int64_t ho, int64_t wo) {
+  if (const char* env = std::getenv("FASTBLOCK_EXT_SCHEDULE")) {
+    const std::string v(env);
+    if (v == "mix") return false;
+    if (v == "concat") return true;
+  }
+  return k > 1 && ho * wo <= 64;
+}
+
+// z = sum_k a[n,k] (conv(x, W_k) + b_k), optionally followed by a per-channel affine (eval-mode BN folding).
+at::Tensor gated_conv(const DeviceKernels& kern, const at::Tensor& xc, const at::Tensor& gates_acc,
+                      const at::Tensor& weight, const at::Tensor& bias, const at::Tensor* scale,
+                      const at::Tensor* shift, int64_t stride, int64_t pad_h, int64_t pad_w, bool concat) {
+  const int64_t n = xc.size(0), cin = xc.size(1), h = xc.size(2), w = xc.size(3);
+  const int64_t k = weight.size(0), cout = weight.size(1), kh = weight.size(3), kw = weight.size(4);
+  const int64_t per_out = cin * kh * kw, f = cout * per_out;
+  const auto w_flat = weight.contiguous().view({k, f});
+  const auto b_flat = bias.contiguous();
+  if (concat) {
+    auto x_cat = at::empty({n, k * cin, h, w}, xc.options());
+    { RECORD_FUNCTION("fastblock_ext::expand_gated", std::vector<c10::IValue>()); kern.expand_gated(xc, gates_acc, x_cat); }
+    auto w_cat = weight.transpose(0, 1).reshape({cout, k * cin, kh, kw});
+    if (scale) w_cat = w_cat * scale->to(weight.scalar_type()).view({cout, 1, 1, 1});
+    auto b_mix = at::empty({n, cout}, bias.options());
+    { RECORD_FUNCTION("fastblock_ext::mix", std::vector<c10::IValue>()); kern.mix(gates_acc, b_flat, scale, shift, 1, b_mix); }
+    auto z = at::convolution(x_cat, w_cat, c10::nullopt, {stride, stride}, {pad_h, pad_w}, {1, 1}, false, {0, 0}, 1);
+    return z.contiguous().add_(b_mix.view({n, cout, 1, 1}));
+  }
+  const int64_t ho = (h + 2 * pad_h - kh) / stride + 1, wo = (w + 2 * pad_w - kw) / stride + 1;
+  const int64_t chunk = samples_per_chunk(n, f, weight.element_size());
+  std::vector<at::Tensor> pieces;
+  for (int64_t n0 = 0; n0 < n; n0 += chunk) {
+    const int64_t s = std::min(chunk, n - n0);
+    auto g_chunk = gates_acc.narrow(0, n0, s);
+    auto w_mix = mixed_kernel_buffer(s, f, weight.options());
+    { RECORD_FUNCTION("fastblock_ext::mix", std::vector<c10::IValue>()); kern.mix(g_chunk, w_flat, scale, nullptr, per_out, w_mix); }
+    auto b_mix = at::empty({s, cout}, bias.options());
+    { RECORD_FUNCTION("fastblock_ext::mix", std::vector<c10::IValue>()); kern.mix(g_chunk, b_flat, scale, shift, 1, b_mix); }
+    auto out = at::convolution(xc.narrow(0, n0, s).reshape({1, s * cin, h, w}), w_mix.view({s * cout, cin, kh, kw}),
+                               b_mix.view({s * cout}), {stride, stride}, {pad_h, pad_w}, {1, 1}, false, {0, 0}, s);
+    pieces.push_back(out.view({s, cout, ho, wo}));
+  }
+  return pieces.size() == 1 ? pieces[0].contiguous() : at::cat(pieces, 0);
+}
+
+// Convolution part of the backward: dx, dW (acc dtype, [K, F]) and the conv part of da, for either schedule.
+void gated_conv_backward(const DeviceKernels& kern, const at::Tensor& dz, const at::Tensor& xc,
+                         const at::Tensor& gates_acc, const at::Tensor& weight, int64_t stride, int64_t pad_h,
+                         int64_t pad_w, bool concat, at::Tensor& dx, at::Tensor& dw_acc, at::Tensor& dgates) {
+  const int64_t n = xc.size(0), cin = xc.size(1), h = xc.size(2), w = xc.size(3);
+  const int64_t k = weight.size(0), cout = weight.size(1), kh = weight.size(3), kw = weight.size(4);
+  const int64_t ho = dz.size(2), wo = dz.size(3);
+  const int64_t per_out = cin * kh * kw, f = cout * per_out;
+  const auto w_flat = weight.contiguous().view({k, f});
+  if (concat) {
+    auto x_cat = at::empty({n, k * cin, h, w}, xc.options());
+    { RECORD_FUNCTION("fastblock_ext::expand_gated", std::vector<c10::IValue>()); kern.expand_gated(xc, gates_acc, x_cat); }
+    auto w_cat = weight.transpose(0, 1).reshape({cout, k * cin, kh, kw});
+    auto grads = at::convolution_backward(dz, x_cat, w_cat, c10::nullopt, {stride, stride}, {pad_h, pad_w}, {1, 1},
+                                          false, {0, 0}, 1, {true, true, false});
+    dx = at::empty_like(xc);
+    const auto dx_cat = std::get<0>(grads).contiguous();
+    { RECORD_FUNCTION("fastblock_ext::reduce_gated", std::vector<c10::IValue>()); kern.reduce_gated(xc, dx_cat, gates_acc, dx, dgates); }
+    dw_acc.copy_(std::get<1>(grads).view({cout, k, per_out}).transpose(0, 1).reshape({k, f}));
+    return;
+  }
+  // Per-sample weight gradients G, never all at once: folded chunk by chunk into dW_k and da.
+  const int64_t chunk = samples_per_chunk(n, f, weight.element_size());
+  if (chunk < n) dx = at::empty_like(xc);
+  for (int64_t n0 = 0; n0 < n; n0 += chunk) {
+    const int64_t s = std::min(chunk, n - n0);
+    auto g_chunk = gates_acc.narrow(0, n0, s);
+    auto w_mix = mixed_kernel_buffer(s, f, weight.options());
+    { RECORD_FUNCTION("fastblock_ext::mix", std::vector<c10::IValue>()); kern.mix(g_chunk, w_flat, nullptr, nullptr, per_out, w_mix); }
+    auto grads = at::convolution_backward(
+        dz.narrow(0, n0, s).reshape({1, s * cout, ho, wo}), xc.narrow(0, n0, s).reshape({1, s * cin, h, w}),
+        w_mix.view({s * cout, cin, kh, kw}), c10::nullopt, {stride, stride}, {pad_h, pad_w}, {1, 1}, false, {0, 0},
+        s, {true, true, false});
+    if (chunk >= n) {
+      dx = std::get<0>(grads).view({s, cin, h, w});  // one chunk: no copy
+    } else {
+      dx.narrow(0, n0, s).copy_(std::get<0>(grads).view({s, cin, h, w}));
+    }
+    auto g_weight = std::get<1>(grads).contiguous().view({s, f});
+    auto dg_chunk = dgates.narrow(0, n0, s);
+    { RECORD_FUNCTION("fastblock_ext::fold_weight_grad", std::vector<c10::IValue>()); kern.fold_weight_grad(g_chunk, g_weight, w_flat, dw_acc, dg_chunk); }
+  }
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
@@ -103,10 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   const int64_t n = x.size(0), cin = x.size(1), h = x.size(2), w = x.size(3);
   const int64_t k = weight.size(0), cout = weight.size(1), kh = weight.size(3), kw = weight.size(4);
   const int64_t ho = (h + 2 * pad_h - kh) / stride + 1, wo = (w + 2 * pad_w - kw) / stride + 1;
-  const int64_t per_out = cin * kh * kw, f = cout * per_out;
   const auto gates_acc = gates.to(sdt).contiguous();
-  const auto w_flat = weight.contiguous().view({k, f});
-  const auto b_flat = bias.contiguous();
   const auto gamma = bn_weight.to(sdt).contiguous(), beta = bn_bias.to(sdt).contiguous();
 
   at::Tensor mean, invstd, scale, shift;
@@ -121,21 +216,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     shift = beta - mean * scale;
   }
 
-  at::Tensor z;
-  const int64_t chunk = samples_per_chunk(n, f, weight.element_size());
-  std::vector<at::Tensor> pieces;
-  for (int64_t n0 = 0; n0 < n; n0 += chunk) {
-    const int64_t s = std::min(chunk, n - n0);
-    auto g_chunk = gates_acc.narrow(0, n0, s);
-    auto w_mix = mixed_kernel_buffer(s, f, weight.options());
-    { RECORD_FUNCTION("fastblock_ext::mix", std::vector<c10::IValue>()); kern.mix(g_chunk, w_flat, fold ? &scale : nullptr, nullptr, per_out, w_mix); }
-    auto b_mix = at::empty({s, cout}, bias.options());
-    { RECORD_FUNCTION("fastblock_ext::mix", std::vector<c10::IValue>()); kern.mix(g_chunk, b_flat, fold ? &scale : nullptr, fold ? &shift : nullptr, 1, b_mix); }
-    auto out = at::convolution(xc.narrow(0, n0, s).reshape({1, s * cin, h, w}), w_mix.view({s * cout, cin, kh, kw}),
-                               b_mix.view({s * cout}), {stride, stride}, {pad_h, pad_w}, {1, 1}, false, {0, 0}, s);
-    pieces.push_back(out.view({s, cout, ho, wo}));
-  }
-  z = pieces.size() == 1 ? pieces[0].contiguous() : at::cat(pieces, 0);
+  at::Tensor z = gated_conv(kern, xc, gates_acc, weight, bias, fold ? &scale : nullptr, fold ? &shift : nullptr,
+                            stride, pad_h, pad_w, use_concat(k, ho, wo));
 
   if (fold) {
     z.relu_();
@@ -170,10 +252,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto xc = x.contiguous(), zc = z.contiguous(), dyc = dy.contiguous().to(z.scalar_type());
   const int64_t n = x.size(0), cin = x.size(1), h = x.size(2), w = x.size(3);
   const int64_t k = weight.size(0), cout = weight.size(1), kh = weight.size(3), kw = weight.size(4);
-  const int64_t ho = z.size(2), wo = z.size(3);
-  const int64_t per_out = cin * kh * kw, f = cout * per_out;
+  const int64_t ho = z.size(2), wo = z.size(3), f = cout * cin * kh * kw;
   const auto gates_acc = gates.to(sdt).contiguous();
-  const auto w_flat = weight.contiguous().view({k, f});
   const auto gamma = bn_weight.to(sdt).contiguous(), beta = bn_bias.to(sdt).contiguous();
   const auto mean_c = mean.to(sdt).contiguous(), invstd_c = invstd.to(sdt).contiguous();
 
@@ -185,30 +265,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto dz_sum = at::empty({n, cout}, x.options().dtype(sdt));
   { RECORD_FUNCTION("fastblock_ext::bn_relu_bwd_dz", std::vector<c10::IValue>()); kern.bn_relu_bwd_dz(dyc, zc, mean_c, invstd_c, gamma, beta, sum_g, sum_gx, use_batch_stats, dz, dz_sum); }
 
-  // Convolution backward per chunk of samples: dx and the per-sample weight gradient G (never all of it at once),
-  // folded straight into dW_k and da.
-  const int64_t chunk = samples_per_chunk(n, f, weight.element_size());
-  at::Tensor dx = chunk >= n ? at::Tensor() : at::empty_like(xc);
+  at::Tensor dx;
   auto dw_acc = at::zeros({k, f}, x.options().dtype(sdt));
   auto dgates = at::empty({n, k}, x.options().dtype(sdt));
-  for (int64_t n0 = 0; n0 < n; n0 += chunk) {
-    const int64_t s = std::min(chunk, n - n0);
-    auto g_chunk = gates_acc.narrow(0, n0, s);
-    auto w_mix = mixed_kernel_buffer(s, f, weight.options());
-    { RECORD_FUNCTION("fastblock_ext::mix", std::vector<c10::IValue>()); kern.mix(g_chunk, w_flat, nullptr, nullptr, per_out, w_mix); }
-    auto grads = at::convolution_backward(
-        dz.narrow(0, n0, s).reshape({1, s * cout, ho, wo}), xc.narrow(0, n0, s).reshape({1, s * cin, h, w}),
-        w_mix.view({s * cout, cin, kh, kw}), c10::nullopt, {stride, stride}, {pad_h, pad_w}, {1, 1}, false, {0, 0},
-        s, {true, true, false});
-    if (chunk >= n) {
-      dx = std::get<0>(grads).view({s, cin, h, w});  // one chunk: no copy
-    } else {
-      dx.narrow(0, n0, s).copy_(std::get<0>(grads).view({s, cin, h, w}));
-    }
-    auto g_weight = std::get<1>(grads).contiguous().view({s, f});
-    auto dg_chunk = dgates.narrow(0, n0, s);
-    { RECORD_FUNCTION("fastblock_ext::fold_weight_grad", std::vector<c10::IValue>()); kern.fold_weight_grad(g_chunk, g_weight, w_flat, dw_acc, dg_chunk); }
-  }
+  gated_conv_backward(kern, dz, xc, gates_acc, weight, stride, pad_h, pad_w, use_concat(k, ho, wo), dx, dw_acc,
+                      dgates);
   // Bias terms, the same fold with G = dz_sum: db_k = sum_n a[n,k] s_n, da[n,k] += <b_k, s_n>.
   auto db_acc = at::zeros({k, cout}, x.options().dtype(sdt));
   auto dgates_bias = at::empty({n, k}, x.options().dtype(sdt));

@@ -9,16 +9,23 @@ _STATUS = fastblock.available_backends("cpu")["cuda"]
 pytestmark = pytest.mark.skipif(not _STATUS.available, reason=f"extension unavailable: {_STATUS.reason}")
 
 
+@pytest.fixture(params=["mix", "concat"])
+def schedule(request, monkeypatch):
+    """Both exact schedules of the extension: per-sample kernel mixing and the K-fold concatenation."""
+    monkeypatch.setenv("FASTBLOCK_EXT_SCHEDULE", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("case", SHAPES, ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_extension_matches_reference(case, training, dtype):
+def test_extension_matches_reference(case, training, dtype, schedule):
     compare_with_reference("cuda", case, dtype, training=training, seed=hash((str(case), training)) % 991)
 
 
 @pytest.mark.parametrize("case", SHAPES[:5], ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_extension_gradcheck_fp64(case, training):
+def test_extension_gradcheck_fp64(case, training, schedule):
     gradcheck_backend("cuda", case, training=training)
 
 
@@ -34,7 +41,7 @@ def test_extension_chunked_samples(monkeypatch):
     compare_with_reference("cuda", Case(5, 6, 8, 5, 6, k=2, ksize=5, stride=2), torch.float64, training=False)
 
 
-def test_extension_eval_inference_folds_batchnorm():
+def test_extension_eval_inference_folds_batchnorm(schedule):
     args, kwargs = make_inputs(SHAPES[0], torch.float32, requires_grad=False)
     with torch.no_grad():
         y = fastblock.mixed_conv_bn_relu(*args, training=False, backend="cuda", **kwargs)
