@@ -63,9 +63,10 @@ void mix_cpu(const at::Tensor& gates, const at::Tensor& w, const at::Tensor* sca
           }
           data_t* o = op + n * f + j0;
           if (sc || sh) {
-            for (int64_t j = 0; j < len; ++j) {
-              const int64_t ch = (j0 + j) / inner;
-              o[j] = static_cast<data_t>(r[j] * (sc ? sc[ch] : acc_t(1)) + (sh ? sh[ch] : acc_t(0)));
+            for (int64_t j = 0; j < len;) {  // one output channel's segment at a time (no division per element)
+              const int64_t ch = (j0 + j) / inner, end = std::min(len, (ch + 1) * inner - j0);
+              const acc_t m = sc ? sc[ch] : acc_t(1), t = sh ? sh[ch] : acc_t(0);
+              for (; j < end; ++j) o[j] = static_cast<data_t>(r[j] * m + t);
             }
           } else {
             for (int64_t j = 0; j < len; ++j) o[j] = static_cast<data_t>(r[j]);
