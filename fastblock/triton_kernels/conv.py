@@ -21,6 +21,47 @@ import triton.language as tl
 
 
 @triton.jit
+def _row_tile(pid_m, N, P, BLOCK_M: tl.constexpr, MIX: tl.constexpr):
+    """Rows of an implicit-GEMM tile: (sample of the tile when MIX, per-row sample, pixel within it, valid)."""
+    if MIX:
+        tiles_per_sample = tl.cdiv(P, BLOCK_M)
+        n_scalar = pid_m // tiles_per_sample
+        pix = (pid_m % tiles_per_sample) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_valid = pix < P
+        n_row = tl.zeros([BLOCK_M], tl.int64) + n_scalar
+    else:
+        n_scalar = pid_m * 0  # unused: rows span samples
+        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_valid = rows < N * P
+        n_row = rows // P
+        pix = (rows % P).to(tl.int32)
+    return n_scalar, n_row, pix, row_valid
+
+
+@triton.jit
+def _gated_dot(acc, a, w_ptr, w_off, w_mask, gates_ptr, n_scalar, n_row, row_valid, k_stride,
+               NUM_CONVS: tl.constexpr, MIX: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc += sum_k a[n,k] * (A @ W_k[tile]) by either schedule:
+    MIX mixes the K weight tiles with the tile's sample gates (one MMA); otherwise the A rows are scaled by their
+    own sample's gate before each of the K MMAs (the K-fold concatenation)."""
+    if MIX:
+        b_mix = tl.zeros([BLOCK_K, BLOCK_N], ACC_DTYPE)
+        for k in tl.static_range(NUM_CONVS):
+            g = tl.load(gates_ptr + n_scalar * NUM_CONVS + k).to(ACC_DTYPE)
+            wk = tl.load(w_ptr + k * k_stride + w_off, mask=w_mask, other=0.0)
+            b_mix += g * wk.to(ACC_DTYPE)
+        acc = tl.dot(a, b_mix.to(a.dtype), acc, input_precision=DOT_PRECISION)
+    else:
+        for k in tl.static_range(NUM_CONVS):
+            g_rows = tl.load(gates_ptr + n_row * NUM_CONVS + k, mask=row_valid, other=0.0)
+            wk = tl.load(w_ptr + k * k_stride + w_off, mask=w_mask, other=0.0)
+            a_k = (a.to(ACC_DTYPE) * g_rows.to(ACC_DTYPE)[:, None]).to(a.dtype)
+            acc = tl.dot(a_k, wk, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def mixed_conv_fwd_kernel(
     x_ptr, gates_ptr, w_ptr, b_ptr,        # w_ptr: weights permuted to [K, KH, KW, Cin, Cout] (contiguous)
     out_ptr, z_ptr,                        # EVAL: out = y (and z if STORE_Z); training: out = z
@@ -43,18 +84,7 @@ def mixed_conv_fwd_kernel(
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    P = Ho * Wo
-    if MIX:
-        tiles_per_sample = tl.cdiv(P, BLOCK_M)
-        n_scalar = pid_m // tiles_per_sample
-        pix = (pid_m % tiles_per_sample) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_valid = pix < P
-        n_row = tl.zeros([BLOCK_M], tl.int64) + n_scalar
-    else:
-        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_valid = rows < N * P
-        n_row = rows // P
-        pix = (rows % P).to(tl.int32)
+    n_scalar, n_row, pix, row_valid = _row_tile(pid_m, N, Ho * Wo, BLOCK_M, MIX)
     oh = pix // Wo
     ow = pix % Wo
     ih0 = oh * stride - pad_h
@@ -79,20 +109,9 @@ def mixed_conv_fwd_kernel(
                 a = tl.load(x_ptr + x_tap[:, None] + ci[None, :].to(tl.int64) * sxc,
                             mask=tap_ok[:, None] & ci_ok[None, :], other=0.0)
                 w_off = w_tap + ci[:, None].to(tl.int64) * Cout + co[None, :]
-                w_mask = ci_ok[:, None] & co_valid[None, :]
-                if MIX:
-                    b_mix = tl.zeros([BLOCK_K, BLOCK_N], ACC_DTYPE)
-                    for k in tl.static_range(NUM_CONVS):
-                        g = tl.load(gates_ptr + n_scalar * NUM_CONVS + k).to(ACC_DTYPE)
-                        wk = tl.load(w_ptr + k * taps_stride + w_off, mask=w_mask, other=0.0)
-                        b_mix += g * wk.to(ACC_DTYPE)
-                    acc = tl.dot(a, b_mix.to(a.dtype), acc, input_precision=DOT_PRECISION)
-                else:
-                    for k in tl.static_range(NUM_CONVS):
-                        g_rows = tl.load(gates_ptr + n_row * NUM_CONVS + k, mask=row_valid, other=0.0)
-                        wk = tl.load(w_ptr + k * taps_stride + w_off, mask=w_mask, other=0.0)
-                        a_k = (a.to(ACC_DTYPE) * g_rows.to(ACC_DTYPE)[:, None]).to(a.dtype)
-                        acc = tl.dot(a_k, wk, acc, input_precision=DOT_PRECISION)
+                acc = _gated_dot(acc, a, w_ptr, w_off, ci_ok[:, None] & co_valid[None, :], gates_ptr, n_scalar,
+                                 n_row, row_valid, taps_stride, NUM_CONVS, MIX, ACC_DTYPE, DOT_PRECISION,
+                                 BLOCK_K, BLOCK_N)
 
     # mixed bias: sum_k a[n,k] b_k
     for k in tl.static_range(NUM_CONVS):
@@ -140,18 +159,7 @@ def mixed_conv_dx_kernel(
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    P = H * W
-    if MIX:
-        tiles_per_sample = tl.cdiv(P, BLOCK_M)
-        n_scalar = pid_m // tiles_per_sample
-        pix = (pid_m % tiles_per_sample) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_valid = pix < P
-        n_row = tl.zeros([BLOCK_M], tl.int64) + n_scalar
-    else:
-        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_valid = rows < N * P
-        n_row = rows // P
-        pix = (rows % P).to(tl.int32)
+    n_scalar, n_row, pix, row_valid = _row_tile(pid_m, N, H * W, BLOCK_M, MIX)
     ih = pix // W
     iw = pix % W
     ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -177,20 +185,9 @@ def mixed_conv_dx_kernel(
                 a = tl.load(dz_ptr + dz_tap[:, None] + co[None, :].to(tl.int64) * sdc,
                             mask=tap_ok[:, None] & co_ok[None, :], other=0.0)
                 w_off = w_tap + co[:, None].to(tl.int64) * Cin + ci[None, :]
-                w_mask = co_ok[:, None] & ci_valid[None, :]
-                if MIX:
-                    b_mix = tl.zeros([BLOCK_K, BLOCK_N], ACC_DTYPE)
-                    for k in tl.static_range(NUM_CONVS):
-                        g = tl.load(gates_ptr + n_scalar * NUM_CONVS + k).to(ACC_DTYPE)
-                        wk = tl.load(wt_ptr + k * taps_stride + w_off, mask=w_mask, other=0.0)
-                        b_mix += g * wk.to(ACC_DTYPE)
-                    acc = tl.dot(a, b_mix.to(a.dtype), acc, input_precision=DOT_PRECISION)
-                else:
-                    for k in tl.static_range(NUM_CONVS):
-                        g_rows = tl.load(gates_ptr + n_row * NUM_CONVS + k, mask=row_valid, other=0.0)
-                        wk = tl.load(wt_ptr + k * taps_stride + w_off, mask=w_mask, other=0.0)
-                        a_k = (a.to(ACC_DTYPE) * g_rows.to(ACC_DTYPE)[:, None]).to(a.dtype)
-                        acc = tl.dot(a_k, wk, acc, input_precision=DOT_PRECISION)
+                acc = _gated_dot(acc, a, wt_ptr, w_off, co_ok[:, None] & ci_valid[None, :], gates_ptr, n_scalar,
+                                 n_row, row_valid, taps_stride, NUM_CONVS, MIX, ACC_DTYPE, DOT_PRECISION,
+                                 BLOCK_K, BLOCK_N)
 
     dx_off = (n_row * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None] + ci[None, :].to(tl.int64) * sxc
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=row_valid[:, None] & ci_valid[None, :])
