@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------------------
+class BackendUnavailable(RuntimeError):
+    """The --backend asked for cannot run on this machine (the message says why and how to fix it)."""
+
+
 class Dist:
     """torchrun environment (world size 1 without it)."""
 
@@ -377,6 +381,9 @@ def main(argv=None) -> int:
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BackendUnavailable as exc:
+        print(f"error: {exc}\n(--backend auto picks the best backend this machine has)", file=sys.stderr)
+        return 2
 
 
 def run(args) -> int:
@@ -405,7 +412,10 @@ def run(args) -> int:
 
     random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
-    backend_name = resolve_backend(cfg["backend"], device)
+    try:
+        backend_name = resolve_backend(cfg["backend"], device)
+    except RuntimeError as exc:
+        raise BackendUnavailable(str(exc)) from None
     report = available_backends(device)
     say(f"backend: {backend_name} (requested {cfg['backend']}; {report[backend_name].reason})")
     for name, st in report.items():

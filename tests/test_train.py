@@ -252,3 +252,15 @@ def test_torchrun_two_process_gloo(tmp_path, folder_data):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "2 ranks" in proc.stdout
     assert len((tmp_path / "ddp" / "metrics.csv").read_text().splitlines()) == 3
+
+
+def test_unavailable_backend_is_a_clear_error(tmp_path, folder_data, capsys, monkeypatch):
+    from fastblock import backends
+
+    monkeypatch.setattr(backends, "backend_status",
+                        lambda name, device=None: backends.BackendStatus(name == "reference", "no CUDA device"))
+    rc = train.main(["--data-dir", str(folder_data), "--backend", "triton", "--no-progress", "--preset", "tiny",
+                     "--out", str(tmp_path / "run")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "backend 'triton' cannot run" in err and "--backend auto" in err and "Traceback" not in err

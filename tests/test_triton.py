@@ -66,3 +66,19 @@ def test_triton_inference_without_grad_skips_z():
         y = fastblock.mixed_conv_bn_relu(*args, training=False, backend="triton", **kwargs)
     y_ref = fastblock.mixed_conv_bn_relu(*args, training=False, backend="reference", **kwargs)
     torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_triton_block_under_torch_compile_fullgraph():
+    """The Triton backend's custom ops trace as single nodes under torch.compile(fullgraph=True)."""
+    torch.manual_seed(0)
+    block = fastblock.Block(3, 4, num_convs=2, stride=2, backend="triton")
+    eager = fastblock.Block(3, 4, num_convs=2, stride=2, backend="reference")
+    eager.load_state_dict(block.state_dict())
+    x = torch.randn(3, 3, 6, 5)
+    y = torch.compile(block, fullgraph=True, backend="aot_eager")(x)
+    y_ref = eager(x)
+    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(block.weight.grad, eager.weight.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(block.bn.running_var, eager.bn.running_var, atol=1e-5, rtol=1e-5)
