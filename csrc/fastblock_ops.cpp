@@ -17,6 +17,9 @@
 
 #include "fastblock.h"
 
+// Each kernel call runs in a named torch.profiler scope ("fastblock_ext::<kernel>").
+#define FASTBLOCK_PROFILE(name) RECORD_FUNCTION("fastblock_ext::" name, std::vector<c10::IValue>())
+
 namespace fastblock {
 namespace {
 
@@ -114,11 +117,11 @@ at::Tensor gated_conv(const DeviceKernels& kern, const at::Tensor& xc, const at:
   const auto b_flat = bias.contiguous();
   if (concat) {
     auto x_cat = at::empty({n, k * cin, h, w}, xc.options());
-    { RECORD_FUNCTION("fastblock_ext::expand_gated", std::vector<c10::IValue>()); kern.expand_gated(xc, gates_acc, x_cat); }
+    { FASTBLOCK_PROFILE("expand_gated"); kern.expand_gated(xc, gates_acc, x_cat); }
     auto w_cat = weight.transpose(0, 1).reshape({cout, k * cin, kh, kw});
     if (scale) w_cat = w_cat * scale->to(weight.scalar_type()).view({cout, 1, 1, 1});
     auto b_mix = at::empty({n, cout}, bias.options());
-    { RECORD_FUNCTION("fastblock_ext::mix", std::vector<c10::IValue>()); kern.mix(gates_acc, b_flat, scale, shift, 1, b_mix); }
+    { FASTBLOCK_PROFILE("mix"); kern.mix(gates_acc, b_flat, scale, shift, 1, b_mix); }
     auto z = at::convolution(x_cat, w_cat, c10::nullopt, {stride, stride}, {pad_h, pad_w}, {1, 1}, false, {0, 0}, 1);
     return z.contiguous().add_(b_mix.view({n, cout, 1, 1}));
   }
@@ -129,9 +132,9 @@ at::Tensor gated_conv(const DeviceKernels& kern, const at::Tensor& xc, const at:
     const int64_t s = std::min(chunk, n - n0);
     auto g_chunk = gates_acc.narrow(0, n0, s);
     auto w_mix = mixed_kernel_buffer(s, f, weight.options());
-    { RECORD_FUNCTION("fastblock_ext::mix", std::vector<c10::IValue>()); kern.mix(g_chunk, w_flat, scale, nullptr, per_out, w_mix); }
+    { FASTBLOCK_PROFILE("mix"); kern.mix(g_chunk, w_flat, scale, nullptr, per_out, w_mix); }
     auto b_mix = at::empty({s, cout}, bias.options());
-    { RECORD_FUNCTION("fastblock_ext::mix", std::vector<c10::IValue>()); kern.mix(g_chunk, b_flat, scale, shift, 1, b_mix); }
+    { FASTBLOCK_PROFILE("mix"); kern.mix(g_chunk, b_flat, scale, shift, 1, b_mix); }
     auto out = at::convolution(xc.narrow(0, n0, s).reshape({1, s * cin, h, w}), w_mix.view({s * cout, cin, kh, kw}),
                                b_mix.view({s * cout}), {stride, stride}, {pad_h, pad_w}, {1, 1}, false, {0, 0}, s);
     pieces.push_back(out.view({s, cout, ho, wo}));
@@ -150,13 +153,13 @@ void gated_conv_backward(const DeviceKernels& kern, const at::Tensor& dz, const 
   const auto w_flat = weight.contiguous().view({k, f});
   if (concat) {
     auto x_cat = at::empty({n, k * cin, h, w}, xc.options());
-    { RECORD_FUNCTION("fastblock_ext::expand_gated", std::vector<c10::IValue>()); kern.expand_gated(xc, gates_acc, x_cat); }
+    { FASTBLOCK_PROFILE("expand_gated"); kern.expand_gated(xc, gates_acc, x_cat); }
     auto w_cat = weight.transpose(0, 1).reshape({cout, k * cin, kh, kw});
     auto grads = at::convolution_backward(dz, x_cat, w_cat, c10::nullopt, {stride, stride}, {pad_h, pad_w}, {1, 1},
                                           false, {0, 0}, 1, {true, true, false});
     dx = at::empty_like(xc);
     const auto dx_cat = std::get<0>(grads).contiguous();
-    { RECORD_FUNCTION("fastblock_ext::reduce_gated", std::vector<c10::IValue>()); kern.reduce_gated(xc, dx_cat, gates_acc, dx, dgates); }
+    { FASTBLOCK_PROFILE("reduce_gated"); kern.reduce_gated(xc, dx_cat, gates_acc, dx, dgates); }
     dw_acc.copy_(std::get<1>(grads).view({cout, k, per_out}).transpose(0, 1).reshape({k, f}));
     return;
   }
@@ -167,7 +170,7 @@ void gated_conv_backward(const DeviceKernels& kern, const at::Tensor& dz, const 
     const int64_t s = std::min(chunk, n - n0);
     auto g_chunk = gates_acc.narrow(0, n0, s);
     auto w_mix = mixed_kernel_buffer(s, f, weight.options());
-    { RECORD_FUNCTION("fastblock_ext::mix", std::vector<c10::IValue>()); kern.mix(g_chunk, w_flat, nullptr, nullptr, per_out, w_mix); }
+    { FASTBLOCK_PROFILE("mix"); kern.mix(g_chunk, w_flat, nullptr, nullptr, per_out, w_mix); }
     auto grads = at::convolution_backward(
         dz.narrow(0, n0, s).reshape({1, s * cout, ho, wo}), xc.narrow(0, n0, s).reshape({1, s * cin, h, w}),
         w_mix.view({s * cout, cin, kh, kw}), c10::nullopt, {stride, stride}, {pad_h, pad_w}, {1, 1}, false, {0, 0},
@@ -179,7 +182,7 @@ void gated_conv_backward(const DeviceKernels& kern, const at::Tensor& dz, const 
     }
     auto g_weight = std::get<1>(grads).contiguous().view({s, f});
     auto dg_chunk = dgates.narrow(0, n0, s);
-    { RECORD_FUNCTION("fastblock_ext::fold_weight_grad", std::vector<c10::IValue>()); kern.fold_weight_grad(g_chunk, g_weight, w_flat, dw_acc, dg_chunk); }
+    { FASTBLOCK_PROFILE("fold_weight_grad"); kern.fold_weight_grad(g_chunk, g_weight, w_flat, dw_acc, dg_chunk); }
   }
 }
 
@@ -232,11 +235,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       rv = *running_var;
       TORCH_CHECK(rm.is_contiguous() && rv.is_contiguous(), "fastblock: running stats must be contiguous");
     }
-    { RECORD_FUNCTION("fastblock_ext::bn_stats", std::vector<c10::IValue>()); kern.bn_stats(z, mean, invstd, running_mean.has_value() ? &rm : nullptr,
+    { FASTBLOCK_PROFILE("bn_stats"); kern.bn_stats(z, mean, invstd, running_mean.has_value() ? &rm : nullptr,
                   running_var.has_value() ? &rv : nullptr, momentum, eps); }
   }
   auto y = at::empty_like(z);
-  { RECORD_FUNCTION("fastblock_ext::bn_relu_apply", std::vector<c10::IValue>()); kern.bn_relu_apply(z, mean, invstd, gamma, beta, y); }
+  { FASTBLOCK_PROFILE("bn_relu_apply"); kern.bn_relu_apply(z, mean, invstd, gamma, beta, y); }
   return {y.contiguous(fmt), save_for_backward ? z.contiguous(fmt) : at::empty({0}, x.options()), mean, invstd};
 }
 
@@ -260,10 +263,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // BatchNorm + ReLU backward: two reductions over (N, H, W), then dz and its per-sample channel sums.
   auto sum_g = at::empty({cout}, x.options().dtype(sdt));
   auto sum_gx = at::empty({cout}, x.options().dtype(sdt));
-  { RECORD_FUNCTION("fastblock_ext::bn_relu_bwd_reduce", std::vector<c10::IValue>()); kern.bn_relu_bwd_reduce(dyc, zc, mean_c, invstd_c, gamma, beta, sum_g, sum_gx); }
+  { FASTBLOCK_PROFILE("bn_relu_bwd_reduce"); kern.bn_relu_bwd_reduce(dyc, zc, mean_c, invstd_c, gamma, beta, sum_g, sum_gx); }
   auto dz = at::empty_like(zc);
   auto dz_sum = at::empty({n, cout}, x.options().dtype(sdt));
-  { RECORD_FUNCTION("fastblock_ext::bn_relu_bwd_dz", std::vector<c10::IValue>()); kern.bn_relu_bwd_dz(dyc, zc, mean_c, invstd_c, gamma, beta, sum_g, sum_gx, use_batch_stats, dz, dz_sum); }
+  { FASTBLOCK_PROFILE("bn_relu_bwd_dz"); kern.bn_relu_bwd_dz(dyc, zc, mean_c, invstd_c, gamma, beta, sum_g, sum_gx, use_batch_stats, dz, dz_sum); }
 
   at::Tensor dx;
   auto dw_acc = at::zeros({k, f}, x.options().dtype(sdt));
@@ -273,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // Bias terms, the same fold with G = dz_sum: db_k = sum_n a[n,k] s_n, da[n,k] += <b_k, s_n>.
   auto db_acc = at::zeros({k, cout}, x.options().dtype(sdt));
   auto dgates_bias = at::empty({n, k}, x.options().dtype(sdt));
-  { RECORD_FUNCTION("fastblock_ext::fold_weight_grad", std::vector<c10::IValue>()); kern.fold_weight_grad(gates_acc, dz_sum, bias.to(sdt).contiguous(), db_acc, dgates_bias); }
+  { FASTBLOCK_PROFILE("fold_weight_grad"); kern.fold_weight_grad(gates_acc, dz_sum, bias.to(sdt).contiguous(), db_acc, dgates_bias); }
   dgates.add_(dgates_bias);
 
   return {dx.contiguous(fmt),

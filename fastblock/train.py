@@ -219,7 +219,7 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module):
-        for e, m in zip(self.model.state_dict().values(), model.state_dict().values()):
+        for e, m in zip(self.model.state_dict().values(), model.state_dict().values(), strict=True):
             if e.dtype.is_floating_point:
                 e.lerp_(m, 1 - self.decay)
             else:

@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import fastblock
 from fastblock import mixed_conv_bn_relu
 from helpers import Case, make_inputs
 
