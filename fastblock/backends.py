@@ -78,24 +78,22 @@ def resolve_backend(requested: Optional[str], device: Union[str, torch.device]) 
 def _resolve(requested: Optional[str], device_type: str, env_choice: str) -> str:
     # Host-side bookkeeping (imports, extension builds): torch.compile runs it once at trace time and keeps the
     # answer as a constant instead of tracing it.
-    device = device_type
     requested = "auto" if requested is None else requested
     if requested == "auto":
         requested = env_choice
         if requested not in BACKENDS + ("auto",):
             raise ValueError(f"FASTBLOCK_BACKEND={requested!r} is not one of {BACKENDS + ('auto',)}")
     if requested != "auto":
-        status = backend_status(requested, device)
+        status = backend_status(requested, device_type)
         if not status.available:
             raise RuntimeError(
-                f"fastblock backend {requested!r} cannot run on {torch.device(device).type} tensors: "
+                f"fastblock backend {requested!r} cannot run on {device_type} tensors: "
                 f"{status.reason}. To fix: {_FIX_HINTS.get(requested, '')}"
             )
         return requested
-    dev = _device_type(device)
-    for name in _AUTO_ORDER.get(dev, ("reference",)):
-        if dev == "cpu" and name == "triton":
+    for name in _AUTO_ORDER.get(device_type, ("reference",)):
+        if device_type == "cpu" and name == "triton":
             continue  # the interpreter is for tests, never an automatic choice
-        if backend_status(name, dev).available:
+        if backend_status(name, device_type).available:
             return name
     return "reference"

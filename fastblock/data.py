@@ -9,6 +9,7 @@ import hashlib
 import math
 import os
 import pickle
+import shutil
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -160,8 +161,6 @@ def _extract_archive(archive: Path, cache_dir: Path) -> Path:
     if not marker.exists():
         tmp = dest.with_suffix(".tmp")
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         try:
@@ -173,8 +172,6 @@ def _extract_archive(archive: Path, cache_dir: Path) -> Path:
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise DataError(f"cannot extract {archive}: {exc}") from None
         if dest.exists():
-            import shutil
-
             shutil.rmtree(dest)
         tmp.rename(dest)
         marker.touch()

@@ -104,20 +104,16 @@ def _register_fake() -> None:
     """Fake kernels for the raw extension ops, so they also trace under torch.compile when called directly."""
     if getattr(_register_fake, "done", False):
         return
-    from .ops import empty_like_layout, output_shape, stats_dtype
+    from .ops import fake_backward_outputs, fake_forward_outputs
 
     @torch.library.register_fake("fastblock_ext::forward")
     def _fwd(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, momentum, eps,
              stride, pad_h, pad_w, save_for_backward):
-        shape = output_shape(x, weight, stride, pad_h, pad_w)
-        z = empty_like_layout(x, shape) if save_for_backward else x.new_empty((0,))
-        sdt = stats_dtype(x.dtype)
-        return empty_like_layout(x, shape), z, x.new_empty((shape[1],), dtype=sdt), x.new_empty((shape[1],), dtype=sdt)
+        return fake_forward_outputs(x, weight, stride, pad_h, pad_w, save_for_backward)
 
     @torch.library.register_fake("fastblock_ext::backward")
     def _bwd(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w):
-        return (empty_like_layout(x, x.shape), torch.empty_like(gates), torch.empty_like(weight),
-                torch.empty_like(bias), torch.empty_like(bn_weight), torch.empty_like(bn_bias))
+        return fake_backward_outputs(x, gates, weight, bias, bn_weight, bn_bias)
 
     _register_fake.done = True
 

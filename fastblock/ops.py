@@ -101,14 +101,25 @@ def _fused_forward(
     )
 
 
-@_fused_forward.register_fake
-def _fused_forward_fake(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                        use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward, backend):
+def fake_forward_outputs(x, weight, stride, pad_h, pad_w, save_for_backward):
+    """(y, z, mean, invstd) with the shapes, dtypes and layouts every backend's forward returns."""
     shape = output_shape(x, weight, stride, pad_h, pad_w)
     y = empty_like_layout(x, shape)
     z = empty_like_layout(x, shape) if save_for_backward else x.new_empty((0,))
     sdt = stats_dtype(x.dtype)
     return y, z, x.new_empty((shape[1],), dtype=sdt), x.new_empty((shape[1],), dtype=sdt)
+
+
+def fake_backward_outputs(x, gates, weight, bias, bn_weight, bn_bias):
+    """(dx, dgates, dweight, dbias, dbn_weight, dbn_bias) as every backend's backward returns them."""
+    return (empty_like_layout(x, x.shape), torch.empty_like(gates), torch.empty_like(weight),
+            torch.empty_like(bias), torch.empty_like(bn_weight), torch.empty_like(bn_bias))
+
+
+@_fused_forward.register_fake
+def _fused_forward_fake(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                        use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward, backend):
+    return fake_forward_outputs(x, weight, stride, pad_h, pad_w, save_for_backward)
 
 
 @torch.library.custom_op("fastblock::mixed_conv_bn_relu_bwd", mutates_args=())
@@ -137,8 +148,7 @@ def _fused_backward(
 @_fused_backward.register_fake
 def _fused_backward_fake(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd,
                          use_batch_stats, stride, pad_h, pad_w, backend):
-    return (empty_like_layout(x, x.shape), torch.empty_like(gates), torch.empty_like(weight),
-            torch.empty_like(bias), torch.empty_like(bn_weight), torch.empty_like(bn_bias))
+    return fake_backward_outputs(x, gates, weight, bias, bn_weight, bn_bias)
 
 
 class _FusedMixedConvBnRelu(torch.autograd.Function):

@@ -435,7 +435,8 @@ def run(args) -> int:
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     n_params = sum(p.numel() for p in model.parameters())
-    say(f"model: {cfg['model']}: {n_params / 1e6:.2f} M parameters, {count_flops(model) / 1e6:.1f} MFLOPs per image")
+    flops = count_flops(model)
+    say(f"model: {cfg['model']}: {n_params / 1e6:.2f} M parameters, {flops / 1e6:.1f} MFLOPs per image")
     if dist.world > 1 and args.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ema = EMA(model, cfg["ema"]) if cfg["ema"] else None
@@ -476,7 +477,7 @@ def run(args) -> int:
             meta = {"config": cfg, "fastblock": __version__, "torch": torch.__version__, "python": platform.python_version(),
                     "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
                     "backend": backend_name, "world_size": dist.world, "parameters": n_params,
-                    "flops_per_image": count_flops(model), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+                    "flops_per_image": flops, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
             (run_dir / "config.json").write_text(json.dumps(meta, indent=2))
         say(f"run directory: {run_dir}")
 

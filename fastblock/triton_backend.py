@@ -23,7 +23,7 @@ import os
 import torch
 
 from .backends import BackendStatus
-from .ops import empty_buffer, empty_like_layout, output_shape
+from .ops import empty_buffer, empty_like_layout, output_shape, stats_dtype
 
 _FORCE_SCHEDULE = None  # tests set "mix" or "concat" to exercise both schedules on tiny shapes
 
@@ -134,7 +134,7 @@ def forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_va
     n, cin, h, w = x.shape
     num_convs, cout, _, kh, kw = weight.shape
     _, _, ho, wo = output_shape(x, weight, stride, pad_h, pad_w)
-    acc_torch = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc_torch = stats_dtype(x.dtype)
     acc = _tl_dtype(x.dtype)
     interp = _interpreting(x)
     cfg = _conv_config(ho * wo, cout, x.dtype, interp)
@@ -192,7 +192,7 @@ def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, us
     ho, wo = z.shape[2], z.shape[3]
     p = ho * wo
     m = n * p
-    acc_torch = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc_torch = stats_dtype(x.dtype)
     acc = _tl_dtype(x.dtype)
     interp = _interpreting(x)
     channels_last = _is_channels_last(z)
