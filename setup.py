@@ -17,8 +17,13 @@ if os.environ.get("FASTBLOCK_BUILD_EXT", "0") == "1":
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
 
     here = os.path.dirname(os.path.abspath(__file__))
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fastblock_build_flags", os.path.join(here, "fastblock", "build_flags.py"))
+    build_flags = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_flags)
     sources = [os.path.join("csrc", "fastblock_ops.cpp"), os.path.join("csrc", "fastblock_cpu.cpp")]
-    cxx_flags = ["-O3"]  # C++ standard chosen by torch
+    cxx_flags = ["-O3"] + build_flags.ISA_FLAGS.get(build_flags.isa_level(), [])  # C++ standard chosen by torch
     want_cuda = os.environ.get("FASTBLOCK_BUILD_CUDA")
     with_cuda = (want_cuda == "1") or (
         want_cuda is None and torch.version.cuda is not None and (CUDA_HOME or shutil.which("nvcc"))

@@ -25,31 +25,12 @@ from pathlib import Path
 import torch
 
 from .backends import BackendStatus
+from .build_flags import ISA_FLAGS, isa_level
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 CPU_SOURCES = ["fastblock_ops.cpp", "fastblock_cpu.cpp"]
 CUDA_SOURCES = ["fastblock_cuda.cu"]
 CXX_FLAGS = ["-O3"]  # the C++ standard is left to torch (C++17 up to torch 2.9, C++20 after)
-# The JIT build compiles on the machine that runs it, so on x86 CPUs with AVX2 (ATen's "AVX2" and "AVX512"
-# dispatch levels, as torch reports them) it targets AVX2 + FMA: the CPU kernels run 1.5-2x faster than on
-# baseline x86-64 (SSE2). Not AVX-512: the kernels' reductions use 8 lanes, and gcc vectorises those with 512-bit
-# registers plus a permute per step, which measured 3x slower than 256-bit. The level is part of the build's name,
-# so a build cache shared between machines never loads code for the wrong CPU. FASTBLOCK_EXT_ISA=DEFAULT forces a
-# portable build (setup.py's ahead-of-time build is always portable).
-ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma", "-mf16c"]}
-
-
-def _isa() -> str:
-    forced = os.environ.get("FASTBLOCK_EXT_ISA")
-    if forced:
-        return forced.upper()
-    try:
-        level = torch.backends.cpu.get_cpu_capability()
-    except Exception:  # very old torch: stay portable
-        return "DEFAULT"
-    return "AVX2" if level in ("AVX2", "AVX512") else "DEFAULT"
-
-
 def _nvcc() -> str | None:
     from torch.utils.cpp_extension import CUDA_HOME
 
@@ -98,7 +79,7 @@ def load() -> tuple[bool, str]:
 
     with_cuda = _want_cuda()
     sources = [str(CSRC / s) for s in CPU_SOURCES + (CUDA_SOURCES if with_cuda else [])]
-    isa = _isa()
+    isa = isa_level()
     flags = CXX_FLAGS + ISA_FLAGS.get(isa, []) + (["-DFASTBLOCK_WITH_CUDA"] if with_cuda else [])
     name = ("fastblock_ext_cuda" if with_cuda else "fastblock_ext_cpu") + f"_{isa.lower()}"
     try:
