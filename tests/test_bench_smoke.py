@@ -20,3 +20,13 @@ def test_bench_suite_smoke_and_report(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "| fwdbwd N4-C8-8x8-K2 float32 | reference |" in proc.stdout
     assert png.stat().st_size > 1000
+
+
+def test_interleaved_ab_tool(capsys):
+    from bench import interleaved
+
+    assert interleaved.main(["--n", "2", "--c", "4", "--hw", "6", "--k", "2", "--rounds", "3", "--device", "cpu",
+                             "--providers", "reference,dynconv"]) == 0
+    out = capsys.readouterr().out
+    assert "3 interleaved rounds" in out
+    assert "reference" in out and "1.00x" in out and "dynconv" in out
