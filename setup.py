@@ -8,18 +8,35 @@ import os
 import shutil
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(HERE, "csrc")
+
+
+class BuildPyWithSources(build_py):
+    """Ship csrc/ inside the package (fastblock/csrc): a non-editable install (wheel, sdist) can then still JIT-build
+    the extension on first use. Editable installs read csrc/ from the checkout."""
+
+    def run(self):
+        super().run()
+        dst = os.path.join(self.build_lib, "fastblock", "csrc")
+        self.mkpath(dst)
+        for name in sorted(os.listdir(CSRC)):
+            if name.endswith((".cpp", ".cu", ".h")):
+                self.copy_file(os.path.join(CSRC, name), os.path.join(dst, name))
+
 
 ext_modules = []
-cmdclass = {}
+cmdclass = {"build_py": BuildPyWithSources}
 
 if os.environ.get("FASTBLOCK_BUILD_EXT", "0") == "1":
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
 
-    here = os.path.dirname(os.path.abspath(__file__))
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("fastblock_build_flags", os.path.join(here, "fastblock", "build_flags.py"))
+    spec = importlib.util.spec_from_file_location("fastblock_build_flags", os.path.join(HERE, "fastblock", "build_flags.py"))
     build_flags = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build_flags)
     sources = [os.path.join("csrc", "fastblock_ops.cpp"), os.path.join("csrc", "fastblock_cpu.cpp")]

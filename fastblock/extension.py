@@ -27,7 +27,15 @@ import torch
 from .backends import BackendStatus
 from .build_flags import ISA_FLAGS, isa_level
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+def _find_csrc(package_dir: Path) -> Path:
+    """The C++/CUDA sources: the copy a wheel carries inside the package, else the checkout's csrc/ (editable)."""
+    shipped = package_dir / "csrc"
+    return shipped if (shipped / "fastblock_ops.cpp").exists() else package_dir.parent / "csrc"
+
+
+CSRC = _find_csrc(Path(__file__).resolve().parent)
 CPU_SOURCES = ["fastblock_ops.cpp", "fastblock_cpu.cpp"]
 CUDA_SOURCES = ["fastblock_cuda.cu"]
 CXX_FLAGS = ["-O3"]  # the C++ standard is left to torch (C++17 up to torch 2.9, C++20 after)

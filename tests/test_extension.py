@@ -1,8 +1,13 @@
 """The C++/CUDA extension backend ("cuda") vs the reference: C++ kernels on CPU tensors."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import fastblock
+from fastblock import extension
 from helpers import SHAPES, Case, compare_with_reference, gradcheck_backend, make_inputs
 
 _STATUS = fastblock.available_backends("cpu")["cuda"]
@@ -83,3 +88,16 @@ def test_extension_deterministic():
     assert torch.equal(first[0], second[0])
     for name in first[1]:
         assert torch.equal(first[1][name], second[1][name]), name
+
+
+def test_csrc_ships_inside_the_package(tmp_path):
+    """A non-editable install carries csrc/ as fastblock/csrc, and the JIT build finds it there."""
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shipped = tmp_path / "fastblock" / "csrc"
+    expected = sorted(p.name for p in (root / "csrc").iterdir() if p.suffix in (".cpp", ".cu", ".h"))
+    assert sorted(p.name for p in shipped.iterdir()) == expected
+    assert extension._find_csrc(tmp_path / "fastblock") == shipped
+    assert extension._find_csrc(root / "fastblock") == root / "csrc"
