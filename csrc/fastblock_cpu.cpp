@@ -1,8 +1,9 @@
 // CPU kernels of the fastblock extension (see fastblock.h for what each computes).
 //
 // Parallelised with at::parallel_for over independent units (channels, (n, c) planes, column blocks).
-// Reductions are deterministic: every unit reduces its own data in a fixed order, and the column-block split of
-// fold_weight_grad is a fixed size, not a function of the thread count. Reductions accumulate in double.
+// Reductions are deterministic: every unit reduces its own data in a fixed order and units are combined in a fixed
+// order (in double), independent of the thread count. The float32/float64 mixing and dW/da fold go to torch's BLAS
+// (see use_blas), which is deterministic run to run at a given thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
