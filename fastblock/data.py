@@ -100,11 +100,32 @@ def _list_split(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, items
 
 
-def _decode(path: Path) -> torch.Tensor:
+def _decode_torchvision(path: Path) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_image, read_file
 
+    return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+
+
+def _decode_pil(path: Path) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
+
+
+def _image_decoder():
+    """torchvision.io's decoder (libjpeg-turbo / libpng, releases the GIL) while torchvision still ships it -- 0.29
+    deprecates it in favour of TorchCodec -- else Pillow, which torchvision depends on."""
     try:
-        img = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        from torchvision.io import ImageReadMode, decode_image, read_file  # noqa: F401
+    except ImportError:
+        return _decode_pil
+    return _decode_torchvision
+
+
+def _decode(path: Path, decoder=None) -> torch.Tensor:
+    try:
+        img = (decoder or _image_decoder())(path)
     except Exception as exc:
         raise DataError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from None
     if tuple(img.shape[1:]) != (CIFAR_SIZE, CIFAR_SIZE):
@@ -138,11 +159,14 @@ def _load_folder(root: Path, cache_dir: Path, progress: bool) -> Cifar:
         except Exception:
             pass  # a damaged cache is rebuilt below
 
+    decoder = _image_decoder()
+
     def decode_all(items, what):
         from tqdm.auto import tqdm
 
         with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-            images = list(tqdm(pool.map(_decode, (p for p, _ in items)), total=len(items), disable=not progress,
+            images = list(tqdm(pool.map(lambda p: _decode(p, decoder), (p for p, _ in items)), total=len(items),
+                               disable=not progress,
                                desc=f"decoding {what}", unit="img"))
         return torch.stack(images), torch.tensor([label for _, label in items], dtype=torch.int64)
 

@@ -263,3 +263,15 @@ def test_unavailable_backend_is_a_clear_error(tmp_path, folder_data, capsys, mon
     assert rc == 2
     err = capsys.readouterr().err
     assert "backend 'triton' cannot run" in err and "--backend auto" in err and "Traceback" not in err
+
+
+def test_pil_decoder_matches_torchvision(folder_data, monkeypatch):
+    """Pillow is the fallback decoder once torchvision drops image decoding: same pixels on lossless PNGs, and the
+    fallback is what gets picked when torchvision.io cannot be imported."""
+    files = sorted((folder_data / "train").rglob("*.png"))[:5]
+    for f in files:
+        assert torch.equal(fdata._decode(f, fdata._decode_pil), fdata._decode(f, fdata._decode_torchvision))
+    monkeypatch.setitem(sys.modules, "torchvision.io", None)  # import now raises ImportError
+    assert fdata._image_decoder() is fdata._decode_pil
+    with pytest.raises(fdata.DataError, match="cannot decode image"):
+        fdata._decode(files[0].with_suffix(".missing.png"), fdata._decode_pil)
