@@ -56,7 +56,7 @@ case "$stage" in
     ;;
   tests)
     versions | tee "$OUT/versions.txt"
-    if [ "$QUICK" = 1 ]; then set -- tests/test_gpu.py; else set -- tests/; fi
+    if [ "$QUICK" = 1 ]; then set -- tests/test_gpu.py --collect-only; else set -- tests/; fi
     step tests "$PY" -m pytest -q -p no:cacheprovider -rs "$@"
     ;;
   bench)
