@@ -16,9 +16,9 @@ ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DC
 
 
 def isa_level() -> str:
-    forced = os.environ.get("FASTBLOCK_EXT_ISA")
+    forced = os.environ.get("FASTBLOCK_EXT_ISA", "").upper()
     if forced:
-        return forced.upper()
+        return forced if forced in ISA_FLAGS else "DEFAULT"
     try:
         level = torch.backends.cpu.get_cpu_capability()
     except Exception:  # very old torch: stay portable

@@ -166,8 +166,7 @@ def _load_folder(root: Path, cache_dir: Path, progress: bool) -> Cifar:
 
         with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
             images = list(tqdm(pool.map(lambda p: _decode(p, decoder), (p for p, _ in items)), total=len(items),
-                               disable=not progress,
-                               desc=f"decoding {what}", unit="img"))
+                               disable=not progress, desc=f"decoding {what}", unit="img"))
         return torch.stack(images), torch.tensor([label for _, label in items], dtype=torch.int64)
 
     train_x, train_y = decode_all(train_items, "train")

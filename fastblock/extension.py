@@ -28,7 +28,6 @@ from .backends import BackendStatus
 from .build_flags import ISA_FLAGS, isa_level
 
 
-
 def _find_csrc(package_dir: Path) -> Path:
     """The C++/CUDA sources: the copy a wheel carries inside the package, else the checkout's csrc/ (editable)."""
     shipped = package_dir / "csrc"
@@ -39,6 +38,8 @@ CSRC = _find_csrc(Path(__file__).resolve().parent)
 CPU_SOURCES = ["fastblock_ops.cpp", "fastblock_cpu.cpp"]
 CUDA_SOURCES = ["fastblock_cuda.cu"]
 CXX_FLAGS = ["-O3"]  # the C++ standard is left to torch (C++17 up to torch 2.9, C++20 after)
+
+
 def _nvcc() -> str | None:
     from torch.utils.cpp_extension import CUDA_HOME
 

@@ -101,3 +101,15 @@ def test_csrc_ships_inside_the_package(tmp_path):
     assert sorted(p.name for p in shipped.iterdir()) == expected
     assert extension._find_csrc(tmp_path / "fastblock") == shipped
     assert extension._find_csrc(root / "fastblock") == root / "csrc"
+
+
+def test_isa_level(monkeypatch):
+    from fastblock.build_flags import ISA_FLAGS, isa_level
+
+    monkeypatch.setenv("FASTBLOCK_EXT_ISA", "avx2")
+    assert isa_level() == "AVX2" and "-mfma" in ISA_FLAGS["AVX2"]
+    monkeypatch.setenv("FASTBLOCK_EXT_ISA", "sse9000")  # unknown levels build portable code
+    assert isa_level() == "DEFAULT"
+    monkeypatch.delenv("FASTBLOCK_EXT_ISA")
+    expected = "AVX2" if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else "DEFAULT"
+    assert isa_level() == expected
