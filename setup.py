@@ -31,29 +31,28 @@ ext_modules = []
 cmdclass = {"build_py": BuildPyWithSources}
 
 if os.environ.get("FASTBLOCK_BUILD_EXT", "0") == "1":
+    import importlib.util
+
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
-
-    import importlib.util
 
     spec = importlib.util.spec_from_file_location("fastblock_build_flags", os.path.join(HERE, "fastblock", "build_flags.py"))
     build_flags = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build_flags)
-    sources = [os.path.join("csrc", "fastblock_ops.cpp"), os.path.join("csrc", "fastblock_cpu.cpp")]
-    cxx_flags = ["-O3"] + build_flags.ISA_FLAGS.get(build_flags.isa_level(), [])  # C++ standard chosen by torch
     want_cuda = os.environ.get("FASTBLOCK_BUILD_CUDA")
     with_cuda = (want_cuda == "1") or (
         want_cuda is None and torch.version.cuda is not None and (CUDA_HOME or shutil.which("nvcc"))
     )
+    names = build_flags.CPU_SOURCES + (build_flags.CUDA_SOURCES if with_cuda else [])
+    sources = [os.path.join("csrc", name) for name in names]
     if with_cuda:
-        sources.append(os.path.join("csrc", "fastblock_cuda.cu"))
         ext = CUDAExtension(
             "fastblock._C",
             sources,
-            extra_compile_args={"cxx": cxx_flags + ["-DFASTBLOCK_WITH_CUDA"], "nvcc": ["-O3", "-DFASTBLOCK_WITH_CUDA"]},
+            extra_compile_args={"cxx": build_flags.cxx_flags(True), "nvcc": build_flags.NVCC_FLAGS},
         )
     else:
-        ext = CppExtension("fastblock._C", sources, extra_compile_args={"cxx": cxx_flags})
+        ext = CppExtension("fastblock._C", sources, extra_compile_args={"cxx": build_flags.cxx_flags(False)})
     ext_modules.append(ext)
     cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
 

@@ -1,10 +1,14 @@
-"""Compiler flags for the C++ extension, shared by the JIT build (fastblock/extension.py) and setup.py (which loads
-this file by path, so it must only import os and torch)."""
+"""Sources and compiler flags of the C++/CUDA extension, shared by the JIT build (fastblock/extension.py) and
+setup.py's ahead-of-time build (which loads this file by path, so it must only import os and torch)."""
 from __future__ import annotations
 
 import os
 
 import torch
+
+CPU_SOURCES = ["fastblock_ops.cpp", "fastblock_cpu.cpp"]  # in csrc/
+CUDA_SOURCES = ["fastblock_cuda.cu"]
+NVCC_FLAGS = ["-O3", "-DFASTBLOCK_WITH_CUDA"]
 
 # The build compiles on the machine that runs it, so on x86 CPUs with AVX2 (ATen's "AVX2" and "AVX512"
 # dispatch levels, as torch reports them) it targets AVX2 + FMA: the CPU kernels run 1.5-2x faster than on
@@ -24,3 +28,8 @@ def isa_level() -> str:
     except Exception:  # very old torch: stay portable
         return "DEFAULT"
     return "AVX2" if level in ("AVX2", "AVX512") else "DEFAULT"
+
+
+def cxx_flags(with_cuda: bool) -> list[str]:
+    """Host compiler flags; the C++ standard is left to torch (C++17 up to torch 2.9, C++20 after)."""
+    return ["-O3", *ISA_FLAGS.get(isa_level(), []), *(["-DFASTBLOCK_WITH_CUDA"] if with_cuda else [])]

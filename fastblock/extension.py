@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .backends import BackendStatus
-from .build_flags import ISA_FLAGS, isa_level
+from .build_flags import CPU_SOURCES, CUDA_SOURCES, NVCC_FLAGS, cxx_flags, isa_level
 
 
 def _find_csrc(package_dir: Path) -> Path:
@@ -35,9 +35,6 @@ def _find_csrc(package_dir: Path) -> Path:
 
 
 CSRC = _find_csrc(Path(__file__).resolve().parent)
-CPU_SOURCES = ["fastblock_ops.cpp", "fastblock_cpu.cpp"]
-CUDA_SOURCES = ["fastblock_cuda.cu"]
-CXX_FLAGS = ["-O3"]  # the C++ standard is left to torch (C++17 up to torch 2.9, C++20 after)
 
 
 def _nvcc() -> str | None:
@@ -89,7 +86,7 @@ def load() -> tuple[bool, str]:
     with_cuda = _want_cuda()
     sources = [str(CSRC / s) for s in CPU_SOURCES + (CUDA_SOURCES if with_cuda else [])]
     isa = isa_level()
-    flags = CXX_FLAGS + ISA_FLAGS.get(isa, []) + (["-DFASTBLOCK_WITH_CUDA"] if with_cuda else [])
+    flags = cxx_flags(with_cuda)
     name = ("fastblock_ext_cuda" if with_cuda else "fastblock_ext_cpu") + f"_{isa.lower()}"
     try:
         import io
@@ -98,7 +95,7 @@ def load() -> tuple[bool, str]:
         log = io.StringIO()
         with redirect_stdout(log), redirect_stderr(log):
             cpp_extension.load(name=name, sources=sources, extra_cflags=flags,
-                               extra_cuda_cflags=["-O3", "-DFASTBLOCK_WITH_CUDA"] if with_cuda else None,
+                               extra_cuda_cflags=NVCC_FLAGS if with_cuda else None,
                                with_cuda=with_cuda, is_python_module=False, verbose=False)
     except Exception as exc:  # compiler errors come back as RuntimeError / CalledProcessError
         detail = getattr(exc, "output", None) or str(exc)
