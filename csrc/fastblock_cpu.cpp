@@ -2,8 +2,7 @@
 //
 // Parallelised with at::parallel_for over independent units (channels, (n, c) planes, column blocks).
 // Reductions are deterministic: every unit reduces its own data in a fixed order and units are combined in a fixed
-// order (in double), independent of the thread count. The float32/float64 mixing and dW/da fold go to torch's BLAS
-// (see use_blas), which is deterministic run to run at a given thread count.
+// order (in double), independent of the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -34,23 +33,67 @@ inline acc_t combine_lanes(const acc_t* lanes) {
   return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
 }
 
-// float32/float64 mixing and folding are GEMM-shaped ([S, K] x [K, F] and back) and memory-bound: torch's BLAS
-// streams them at copy speed, 1.5-3x faster than the hand loops below, which remain for bf16/fp16 (accumulating
-// in float32) and for the per-channel shift of eval-mode folding.
-bool use_blas(const at::Tensor& data, const at::Tensor& gates) {
+// float32/float64 data (accumulated in its own type) takes the Vectorized kernels mix_rows / fold_rows; the
+// plain loops below them remain for bf16/fp16 (accumulating in float32) and for eval-mode folding's shift.
+bool same_dtype_fp(const at::Tensor& data, const at::Tensor& gates) {
   const auto dt = data.scalar_type();
   return (dt == at::kFloat || dt == at::kDouble) && gates.scalar_type() == dt;
 }
 
+// out[n, :] = sum_k a[n, k] w[k, :] for float32/float64 (data type == accumulation type). Parallel over column
+// blocks: a block of the K kernel rows (K * 4 KiB at float32) stays in L1 while every sample's row of it is
+// written, so the kernels are read from memory once and the output is streamed out once. Four vectors per step:
+// four independent FMA chains hide the FMA latency (one chain ran at ~9 cycles per vector).
+template <typename T>
+void mix_rows(const T* a, const T* w, T* out, int64_t s, int64_t k, int64_t f) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t kCols = 1024, V = Vec::size();
+  const int64_t blocks = (f + kCols - 1) / kCols;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t j0 = b * kCols, len = std::min(kCols, f - j0);
+      const T* wb = w + j0;
+      for (int64_t n = 0; n < s; ++n) {
+        const T* an = a + n * k;
+        T* o = out + n * f + j0;
+        int64_t j = 0;
+        for (; j + 4 * V <= len; j += 4 * V) {
+          const Vec a0(an[0]);
+          Vec r0 = a0 * Vec::loadu(wb + j), r1 = a0 * Vec::loadu(wb + j + V);
+          Vec r2 = a0 * Vec::loadu(wb + j + 2 * V), r3 = a0 * Vec::loadu(wb + j + 3 * V);
+          for (int64_t kk = 1; kk < k; ++kk) {
+            const Vec ak(an[kk]);
+            const T* wk = wb + kk * f + j;
+            r0 = at::vec::fmadd(ak, Vec::loadu(wk), r0);
+            r1 = at::vec::fmadd(ak, Vec::loadu(wk + V), r1);
+            r2 = at::vec::fmadd(ak, Vec::loadu(wk + 2 * V), r2);
+            r3 = at::vec::fmadd(ak, Vec::loadu(wk + 3 * V), r3);
+          }
+          r0.store(o + j);
+          r1.store(o + j + V);
+          r2.store(o + j + 2 * V);
+          r3.store(o + j + 3 * V);
+        }
+        for (; j < len; ++j) {
+          T acc = an[0] * wb[j];
+          for (int64_t kk = 1; kk < k; ++kk) acc += an[kk] * wb[kk * f + j];
+          o[j] = acc;
+        }
+      }
+    }
+  });
+}
+
 void mix_cpu(const at::Tensor& gates, const at::Tensor& w, const at::Tensor* scale, const at::Tensor* shift,
              int64_t inner, at::Tensor& out) {
-  if (!shift && use_blas(w, gates)) {
-    if (scale) {  // scale the K small kernels, not the S mixed ones
-      const int64_t k = w.size(0), f = w.size(1);
-      at::mm_out(out, gates, (w.view({k, f / inner, inner}) * scale->view({1, -1, 1})).view({k, f}));
-    } else {
-      at::mm_out(out, gates, w);
-    }
+  if (!shift && same_dtype_fp(w, gates)) {
+    const int64_t k = w.size(0), f = w.size(1);
+    // eval-mode folding scales the K small kernels, not the S mixed ones
+    const at::Tensor ws = scale ? (w.view({k, f / inner, inner}) * scale->view({1, -1, 1})).view({k, f}) : w;
+    AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "fastblock_mix_rows", [&] {
+      mix_rows<scalar_t>(gates.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                         gates.size(0), k, f);
+    });
     return;
   }
   // out[n, block] = sum_k a[n,k] w_k[block] over L1-sized column blocks (parallel over (sample, block)), with
@@ -155,33 +198,6 @@ void bn_stats_cpu(const at::Tensor& z, at::Tensor& mean, at::Tensor& invstd, at:
   });
 }
 
-void bn_relu_apply_cpu(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& gamma,
-                       const at::Tensor& beta, at::Tensor& y) {
-  const int64_t n = z.size(0), c = z.size(1), hw = z.size(2) * z.size(3);
-  FASTBLOCK_DISPATCH(z.scalar_type(), "fastblock_bn_apply_cpu", [&] {
-    using data_t = scalar_t;
-    const data_t* zp = z.data_ptr<data_t>();
-    data_t* yp = y.data_ptr<data_t>();
-    FASTBLOCK_DISPATCH_ACC(mean.scalar_type(), "fastblock_bn_apply_cpu_acc", [&] {
-      using acc_t = scalar_t;
-      const acc_t *mu = mean.data_ptr<acc_t>(), *is = invstd.data_ptr<acc_t>();
-      const acc_t *ga = gamma.data_ptr<acc_t>(), *be = beta.data_ptr<acc_t>();
-      at::parallel_for(0, n * c, 1, [&](int64_t p0, int64_t p1) {
-        for (int64_t plane = p0; plane < p1; ++plane) {
-          const int64_t ch = plane % c;
-          const acc_t scale = is[ch] * ga[ch], shift = be[ch] - mu[ch] * scale;
-          const data_t* src = zp + plane * hw;
-          data_t* dst = yp + plane * hw;
-          for (int64_t j = 0; j < hw; ++j) {
-            const acc_t v = static_cast<acc_t>(src[j]) * scale + shift;
-            dst[j] = static_cast<data_t>(v > acc_t(0) ? v : acc_t(0));
-          }
-        }
-      });
-    });
-  });
-}
-
 // A plane's data as acc_t: the pointer itself for float32/float64, else converted into buf (len <= kChunk).
 constexpr int64_t kChunk = 256;
 
@@ -202,6 +218,43 @@ inline acc_t hsum(const at::vec::Vectorized<acc_t>& v) {  // fixed-order horizon
   acc_t total = 0;
   for (int64_t l = 0; l < at::vec::Vectorized<acc_t>::size(); ++l) total += lanes[l];
   return total;
+}
+
+void bn_relu_apply_cpu(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& gamma,
+                       const at::Tensor& beta, at::Tensor& y) {
+  const int64_t n = z.size(0), c = z.size(1), hw = z.size(2) * z.size(3);
+  FASTBLOCK_DISPATCH(z.scalar_type(), "fastblock_bn_apply_cpu", [&] {
+    using data_t = scalar_t;
+    using acc_t = at::opmath_type<data_t>;
+    using Vec = at::vec::Vectorized<acc_t>;
+    const data_t* zp = z.data_ptr<data_t>();
+    data_t* yp = y.data_ptr<data_t>();
+    const acc_t *mu = mean.data_ptr<acc_t>(), *is = invstd.data_ptr<acc_t>();
+    const acc_t *ga = gamma.data_ptr<acc_t>(), *be = beta.data_ptr<acc_t>();
+    at::parallel_for(0, n * c, 1, [&](int64_t p0, int64_t p1) {
+      acc_t zbuf[kChunk], obuf[kChunk];
+      for (int64_t plane = p0; plane < p1; ++plane) {
+        const int64_t ch = plane % c;
+        const acc_t scale = is[ch] * ga[ch], shift = be[ch] - mu[ch] * scale;
+        const Vec vscale(scale), vshift(shift), zero(acc_t(0));
+        for (int64_t j0 = 0; j0 < hw; j0 += kChunk) {
+          const int64_t len = std::min(kChunk, hw - j0);
+          const acc_t* src = as_acc(zp + plane * hw + j0, len, zbuf);
+          acc_t* dst = std::is_same_v<data_t, acc_t> ? reinterpret_cast<acc_t*>(yp + plane * hw + j0) : obuf;
+          int64_t j = 0;
+          for (; j + Vec::size() <= len; j += Vec::size())
+            at::vec::maximum(at::vec::fmadd(Vec::loadu(src + j), vscale, vshift), zero).store(dst + j);
+          for (; j < len; ++j) {
+            const acc_t v = src[j] * scale + shift;
+            dst[j] = std::isnan(v) ? v : (v > acc_t(0) ? v : acc_t(0));  // NaN propagates, as in torch.relu
+          }
+          if constexpr (!std::is_same_v<data_t, acc_t>) {
+            for (int64_t i = 0; i < len; ++i) yp[plane * hw + j0 + i] = static_cast<data_t>(obuf[i]);
+          }
+        }
+      }
+    });
+  });
 }
 
 // The BN+ReLU backward kernels recompute, per element, xhat = (z - mean) * invstd and the ReLU mask
@@ -343,11 +396,62 @@ inline acc_t axpy_dot(int64_t len, acc_t alpha, const acc_t* __restrict__ g, con
   return combine_lanes(lanes);
 }
 
+// dw[k, :] += sum_n a[n, k] g[n, :] and da[n, k] = <w[k, :], g[n, :]> for float32/float64, in ONE pass over g.
+// Parallel over column blocks (a block of dw's and w's K rows stays in L1); each block's partial dot products
+// are kept and added in block order (double), so the result does not depend on the thread count. Two vectors
+// per step, with two dot accumulators, so the dot product is not one latency-bound FMA chain.
+template <typename T>
+void fold_rows(const T* a, const T* g, const T* w, T* dw, T* da, int64_t da_row, int64_t s, int64_t k, int64_t f) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t kCols = 512, V = Vec::size();
+  const int64_t blocks = (f + kCols - 1) / kCols;
+  std::vector<double> partial(size_t(blocks * s * k));
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t j0 = b * kCols, len = std::min(kCols, f - j0);
+      for (int64_t n = 0; n < s; ++n) {
+        const T* gn = g + n * f + j0;
+        for (int64_t kk = 0; kk < k; ++kk) {
+          const T* wk = w + kk * f + j0;
+          T* dwk = dw + kk * f + j0;
+          const T alpha = a[n * k + kk];
+          const Vec valpha(alpha);
+          Vec dot0(T(0)), dot1(T(0));
+          int64_t j = 0;
+          for (; j + 2 * V <= len; j += 2 * V) {
+            const Vec g0 = Vec::loadu(gn + j), g1 = Vec::loadu(gn + j + V);
+            at::vec::fmadd(valpha, g0, Vec::loadu(dwk + j)).store(dwk + j);
+            at::vec::fmadd(valpha, g1, Vec::loadu(dwk + j + V)).store(dwk + j + V);
+            dot0 = at::vec::fmadd(Vec::loadu(wk + j), g0, dot0);
+            dot1 = at::vec::fmadd(Vec::loadu(wk + j + V), g1, dot1);
+          }
+          T tail = 0;
+          for (; j < len; ++j) {
+            dwk[j] += alpha * gn[j];
+            tail += wk[j] * gn[j];
+          }
+          partial[size_t((b * s + n) * k + kk)] = static_cast<double>(hsum(dot0 + dot1) + tail);
+        }
+      }
+    }
+  });
+  for (int64_t n = 0; n < s; ++n) {
+    for (int64_t kk = 0; kk < k; ++kk) {
+      double total = 0;
+      for (int64_t b = 0; b < blocks; ++b) total += partial[size_t((b * s + n) * k + kk)];
+      da[n * da_row + kk] = static_cast<T>(total);
+    }
+  }
+}
+
 void fold_weight_grad_cpu(const at::Tensor& gates, const at::Tensor& g, const at::Tensor& w, at::Tensor& dw,
                           at::Tensor& dgates) {
-  if (use_blas(g, gates) && dw.scalar_type() == g.scalar_type()) {
-    dw.addmm_(gates.t(), g);
-    at::mm_out(dgates, g, w.t());
+  if (same_dtype_fp(g, gates) && dw.scalar_type() == g.scalar_type()) {
+    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "fastblock_fold_rows", [&] {
+      fold_rows<scalar_t>(gates.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                          dw.data_ptr<scalar_t>(), dgates.data_ptr<scalar_t>(), dgates.stride(0), g.size(0),
+                          gates.size(1), g.size(1));
+    });
     return;
   }
   // One pass over g: each fixed-size column block accumulates its dW columns (axpy per sample and kernel) and

@@ -5,13 +5,15 @@
 //
 // Memory (per call): the mixed kernels W_n [S, Cout, Cin, kh, kw] and, in backward, the per-sample weight
 // gradient G_n of the same size, are only ever held for a chunk of S samples, with S chosen so that one such
-// buffer stays under chunk_bytes() (256 MiB); besides that, forward keeps z (saved for backward) and y, backward dz and dx.
+// buffer stays under chunk_bytes() (CPU 2 MiB, CUDA 256 MiB); besides that, forward keeps z (saved for backward)
+// and y, backward dz and dx.
 // Channels-last inputs are computed in NCHW (the grouped reshape needs it) and returned channels-last.
 #include <torch/library.h>
 
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 
+#include <array>
 #include <cstdlib>
 #include <string>
 
@@ -23,14 +25,20 @@
 namespace fastblock {
 namespace {
 
-// Budget for one chunk's mixed kernels (and, in backward, its per-sample weight gradients).
+// Target size of one chunk's mixed kernels (and, in backward, its per-sample weight gradients).
+//   CUDA: 256 MiB, a memory bound only -- bigger grouped convolutions keep the GPU busier.
+//   CPU: 2 MiB. Small chunks are faster there: one chunk's kernels stay cache-resident from the mixing through
+//   oneDNN's weight reorder and the convolution, and buffers that size are recycled by malloc instead of being
+//   mmapped and page-faulted afresh. Measured fwd+bwd at N=32, 16x16, K=4 (bench/RESULTS.md): C=64 is ~7% faster
+//   with 8-16 samples per chunk than with all 32, C=128 ~17% faster with 4; much smaller chunks lose again
+//   (per-call overhead).
 // FASTBLOCK_EXT_CHUNK_BYTES overrides it (tests use a tiny value to exercise the multi-chunk path).
-int64_t chunk_bytes() {
+int64_t chunk_bytes(const at::Device& device) {
   if (const char* env = std::getenv("FASTBLOCK_EXT_CHUNK_BYTES")) {
     const long long v = std::atoll(env);
     if (v > 0) return v;
   }
-  return int64_t(256) << 20;
+  return device.is_cpu() ? int64_t(2) << 20 : int64_t(256) << 20;
 }
 
 at::ScalarType stats_dtype(const at::Tensor& x) {
@@ -69,24 +77,38 @@ void check_common(const at::Tensor& x, const at::Tensor& gates, const at::Tensor
               "fastblock: input too small for the kernel");
 }
 
-// The mixed kernels of a chunk, on CPU, live in a per-thread workspace reused across calls: a fresh multi-MB
-// allocation each call is mmapped by glibc and pays a page fault per 4 KiB on first touch, which cost more than
-// the mixing itself. (CUDA tensors use PyTorch's caching allocator, which already reuses memory.) The workspace
-// is only used inside one op call on its thread, so nothing aliases it.
-at::Tensor mixed_kernel_buffer(int64_t rows, int64_t cols, const at::TensorOptions& opts) {
-  if (!opts.device().is_cpu()) return at::empty({rows, cols}, opts);
-  thread_local at::Tensor workspace;
-  const int64_t numel = rows * cols;
-  if (!workspace.defined() || workspace.scalar_type() != c10::typeMetaToScalarType(opts.dtype()) ||
-      workspace.numel() < numel) {
-    workspace = at::empty({numel}, opts);
+// Scratch that never leaves an op call -- the mixed kernels of a chunk, and backward's dz -- lives, on CPU, in
+// per-thread workspaces reused across calls: a fresh multi-MB allocation each call is mmapped by glibc and pays
+// a page fault per 4 KiB on first touch, which on the measured VM cost more than the kernels that fill these
+// buffers (dz from a workspace: fwd+bwd 5% faster at N=32, C=64, 16x16). Buffers over kMaxScratchBytes are
+// allocated per call instead, so a thread never holds more than that per slot. (CUDA tensors use PyTorch's
+// caching allocator, which already reuses memory.) A slot is used by one op call at a time on its thread, so
+// nothing aliases it.
+enum class Scratch { kMixedKernels = 0, kDz = 1 };
+constexpr int64_t kMaxScratchBytes = int64_t(64) << 20;
+
+at::Tensor scratch_buffer(Scratch slot, at::IntArrayRef shape, const at::TensorOptions& opts) {
+  const int64_t numel = c10::multiply_integers(shape);
+  const int64_t bytes = numel * static_cast<int64_t>(opts.dtype().itemsize());
+  if (!opts.device().is_cpu() || bytes > kMaxScratchBytes) return at::empty(shape, opts);
+  thread_local std::array<at::Tensor, 2> workspace;
+  at::Tensor& buf = workspace[static_cast<size_t>(slot)];
+  if (!buf.defined() || buf.scalar_type() != c10::typeMetaToScalarType(opts.dtype()) || buf.numel() < numel) {
+    buf = at::empty({numel}, opts);
   }
-  return workspace.narrow(0, 0, numel).view({rows, cols});
+  return buf.narrow(0, 0, numel).view(shape);
 }
 
-int64_t samples_per_chunk(int64_t n, int64_t per_sample_elems, int64_t elem_size) {
+at::Tensor mixed_kernel_buffer(int64_t rows, int64_t cols, const at::TensorOptions& opts) {
+  return scratch_buffer(Scratch::kMixedKernels, {rows, cols}, opts);
+}
+
+// Samples per chunk: as many as fit the chunk budget (at least one), evened out over the chunks needed.
+int64_t samples_per_chunk(int64_t n, int64_t per_sample_elems, int64_t elem_size, const at::Device& device) {
   const int64_t per_sample = std::max<int64_t>(1, per_sample_elems * elem_size);
-  return std::max<int64_t>(1, std::min<int64_t>(n, chunk_bytes() / per_sample));
+  const int64_t fit = std::max<int64_t>(1, std::min<int64_t>(n, chunk_bytes(device) / per_sample));
+  const int64_t chunks = (n + fit - 1) / fit;
+  return (n + chunks - 1) / chunks;
 }
 
 // Two exact schedules for sum_k a_k conv(x, W_k):
@@ -126,7 +148,7 @@ at::Tensor gated_conv(const DeviceKernels& kern, const at::Tensor& xc, const at:
     return z.contiguous().add_(b_mix.view({n, cout, 1, 1}));
   }
   const int64_t ho = (h + 2 * pad_h - kh) / stride + 1, wo = (w + 2 * pad_w - kw) / stride + 1;
-  const int64_t chunk = samples_per_chunk(n, f, weight.element_size());
+  const int64_t chunk = samples_per_chunk(n, f, weight.element_size(), xc.device());
   std::vector<at::Tensor> pieces;
   for (int64_t n0 = 0; n0 < n; n0 += chunk) {
     const int64_t s = std::min(chunk, n - n0);
@@ -164,7 +186,7 @@ void gated_conv_backward(const DeviceKernels& kern, const at::Tensor& dz, const 
     return;
   }
   // Per-sample weight gradients G, never all at once: folded chunk by chunk into dW_k and da.
-  const int64_t chunk = samples_per_chunk(n, f, weight.element_size());
+  const int64_t chunk = samples_per_chunk(n, f, weight.element_size(), xc.device());
   if (chunk < n) dx = at::empty_like(xc);
   for (int64_t n0 = 0; n0 < n; n0 += chunk) {
     const int64_t s = std::min(chunk, n - n0);
@@ -264,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto sum_g = at::empty({cout}, x.options().dtype(sdt));
   auto sum_gx = at::empty({cout}, x.options().dtype(sdt));
   { FASTBLOCK_PROFILE("bn_relu_bwd_reduce"); kern.bn_relu_bwd_reduce(dyc, zc, mean_c, invstd_c, gamma, beta, sum_g, sum_gx); }
-  auto dz = at::empty_like(zc);
+  auto dz = scratch_buffer(Scratch::kDz, zc.sizes(), zc.options());
   auto dz_sum = at::empty({n, cout}, x.options().dtype(sdt));
   { FASTBLOCK_PROFILE("bn_relu_bwd_dz"); kern.bn_relu_bwd_dz(dyc, zc, mean_c, invstd_c, gamma, beta, sum_g, sum_gx, use_batch_stats, dz, dz_sum); }
 

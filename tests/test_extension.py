@@ -113,3 +113,11 @@ def test_isa_level(monkeypatch):
     monkeypatch.delenv("FASTBLOCK_EXT_ISA")
     expected = "AVX2" if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else "DEFAULT"
     assert isa_level() == expected
+
+
+def test_extension_scratch_buffers_reused_across_shapes_and_dtypes():
+    """The CPU op keeps per-thread scratch (mixed kernels, dz) across calls: growing, shrinking and changing dtype
+    between calls must not leak one call's data into the next."""
+    for case, dtype in [(Case(3, 4, 5, 7, 6, k=2), torch.float32), (Case(6, 5, 9, 9, 8, k=3), torch.float32),
+                        (Case(2, 3, 4, 5, 5, k=2), torch.float64), (Case(3, 4, 5, 7, 6, k=2), torch.float32)]:
+        compare_with_reference("cuda", case, dtype, training=True)
