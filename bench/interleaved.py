@@ -3,7 +3,10 @@
 pytest-benchmark times one provider after another, so a machine that slows down for a minute -- the 2-core VM this
 project's CPU figures come from drifts by +-25% -- can flip a 15% comparison. Here every round times each provider
 once, back to back, and the speed-up is computed per round (reference time / provider time in that round) before
-taking the median over rounds: slow drift cancels.
+taking the median over rounds: slow drift cancels. Within a round each provider first runs ``--settle`` untimed
+calls (default 1), so its timed call finds the caches and the allocator in the state its own calls leave (glibc
+hands freed multi-MB buffers back to the OS, so which allocations page-fault depends on the calls before), not in
+the state of the provider timed before it.
 
     python -m bench.interleaved                                  # fwdbwd N32-C64-16x16-K4 float32 on CPU
     python -m bench.interleaved --mode fwd --n 8 --rounds 50 --providers reference,dynconv,cuda
@@ -19,7 +22,8 @@ import torch
 from .providers import MODES, Shape, make_call, provider_status
 
 
-def run(shape: Shape, mode: str, providers: list[str], rounds: int, device: str, dtype: torch.dtype) -> dict:
+def run(shape: Shape, mode: str, providers: list[str], rounds: int, device: str, dtype: torch.dtype,
+        settle: int = 1) -> dict:
     calls = {p: make_call(p, shape, mode, dtype, device, copies=2) for p in providers}
     for call in calls.values():  # warm-up: builds, compiles, allocator
         for _ in range(3):
@@ -27,6 +31,8 @@ def run(shape: Shape, mode: str, providers: list[str], rounds: int, device: str,
     times = {p: [] for p in providers}
     for _ in range(rounds):
         for p, call in calls.items():
+            for _ in range(settle):  # untimed: the timed call then runs in the caches and malloc state it leaves
+                call()
             t0 = time.perf_counter()
             call()
             times[p].append(time.perf_counter() - t0)
@@ -47,6 +53,8 @@ def main(argv=None) -> int:
     ap.add_argument("--providers", default="reference,dynconv,cuda",
                     help="comma-separated; the first is the baseline of the ratios (default: %(default)s)")
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--settle", type=int, default=1,
+                    help="untimed calls of a provider before its timed call in each round (default: %(default)s)")
     args = ap.parse_args(argv)
     providers = [p for p in args.providers.split(",") if p]
     for p in providers:
@@ -54,9 +62,9 @@ def main(argv=None) -> int:
         if not ok:
             ap.error(f"provider {p} is not available on {args.device}: {why}")
     shape = Shape(args.n, args.c, args.hw, args.k)
-    res = run(shape, args.mode, providers, args.rounds, args.device, getattr(torch, args.dtype))
+    res = run(shape, args.mode, providers, args.rounds, args.device, getattr(torch, args.dtype), args.settle)
     print(f"{args.mode} {shape} {args.dtype} on {args.device} ({torch.get_num_threads()} threads), "
-          f"{args.rounds} interleaved rounds; speed-up vs {providers[0]} per round: median [10th-90th percentile]")
+          f"{args.rounds} interleaved rounds (settle {args.settle}); speed-up vs {providers[0]} per round: median [10th-90th percentile]")
     for p, r in res.items():
         q = r["ratios"]
         lo, hi = q[len(q) // 10], q[(len(q) * 9) // 10]
