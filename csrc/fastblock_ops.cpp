@@ -77,21 +77,22 @@ void check_common(const at::Tensor& x, const at::Tensor& gates, const at::Tensor
               "fastblock: input too small for the kernel");
 }
 
-// Scratch that never leaves an op call -- the mixed kernels of a chunk, and backward's dz -- lives, on CPU, in
+// Scratch that never leaves an op call -- the mixed kernels of a chunk, backward's dz, and the concatenation
+// schedule's gated input copies and reordered kernels -- lives, on CPU, in
 // per-thread workspaces reused across calls: a fresh multi-MB allocation each call is mmapped by glibc and pays
 // a page fault per 4 KiB on first touch, which on the measured VM cost more than the kernels that fill these
 // buffers (dz from a workspace: fwd+bwd 5% faster at N=32, C=64, 16x16). Buffers over kMaxScratchBytes are
 // allocated per call instead, so a thread never holds more than that per slot. (CUDA tensors use PyTorch's
 // caching allocator, which already reuses memory.) A slot is used by one op call at a time on its thread, so
 // nothing aliases it.
-enum class Scratch { kMixedKernels = 0, kDz = 1 };
+enum class Scratch { kMixedKernels = 0, kDz = 1, kGatedInput = 2, kConcatKernels = 3 };
 constexpr int64_t kMaxScratchBytes = int64_t(64) << 20;
 
 at::Tensor scratch_buffer(Scratch slot, at::IntArrayRef shape, const at::TensorOptions& opts) {
   const int64_t numel = c10::multiply_integers(shape);
   const int64_t bytes = numel * static_cast<int64_t>(opts.dtype().itemsize());
   if (!opts.device().is_cpu() || bytes > kMaxScratchBytes) return at::empty(shape, opts);
-  thread_local std::array<at::Tensor, 2> workspace;
+  thread_local std::array<at::Tensor, 4> workspace;
   at::Tensor& buf = workspace[static_cast<size_t>(slot)];
   if (!buf.defined() || buf.scalar_type() != c10::typeMetaToScalarType(opts.dtype()) || buf.numel() < numel) {
     buf = at::empty({numel}, opts);
@@ -128,6 +129,16 @@ bool use_concat(int64_t k, int64_t ho, int64_t wo) {
   return k > 1 && ho * wo <= 64;
 }
 
+// The concatenation schedule's kernels [Cout, K*Cin, kh, kw] (W_k side by side along the input channels), a
+// transposed copy of weight [K, Cout, Cin, kh, kw] in scratch memory.
+at::Tensor concat_kernels(const at::Tensor& weight) {
+  const int64_t k = weight.size(0), cout = weight.size(1), cin = weight.size(2), kh = weight.size(3),
+                kw = weight.size(4);
+  auto w_cat = scratch_buffer(Scratch::kConcatKernels, {cout, k, cin, kh, kw}, weight.options());
+  w_cat.copy_(weight.transpose(0, 1));
+  return w_cat.view({cout, k * cin, kh, kw});
+}
+
 // z = sum_k a[n,k] (conv(x, W_k) + b_k), optionally followed by a per-channel affine (eval-mode BN folding).
 at::Tensor gated_conv(const DeviceKernels& kern, const at::Tensor& xc, const at::Tensor& gates_acc,
                       const at::Tensor& weight, const at::Tensor& bias, const at::Tensor* scale,
@@ -138,9 +149,9 @@ at::Tensor gated_conv(const DeviceKernels& kern, const at::Tensor& xc, const at:
   const auto w_flat = weight.contiguous().view({k, f});
   const auto b_flat = bias.contiguous();
   if (concat) {
-    auto x_cat = at::empty({n, k * cin, h, w}, xc.options());
+    auto x_cat = scratch_buffer(Scratch::kGatedInput, {n, k * cin, h, w}, xc.options());
     { FASTBLOCK_PROFILE("expand_gated"); kern.expand_gated(xc, gates_acc, x_cat); }
-    auto w_cat = weight.transpose(0, 1).reshape({cout, k * cin, kh, kw});
+    auto w_cat = concat_kernels(weight);
     if (scale) w_cat = w_cat * scale->to(weight.scalar_type()).view({cout, 1, 1, 1});
     auto b_mix = at::empty({n, cout}, bias.options());
     { FASTBLOCK_PROFILE("mix"); kern.mix(gates_acc, b_flat, scale, shift, 1, b_mix); }
@@ -174,15 +185,15 @@ void gated_conv_backward(const DeviceKernels& kern, const at::Tensor& dz, const 
   const int64_t per_out = cin * kh * kw, f = cout * per_out;
   const auto w_flat = weight.contiguous().view({k, f});
   if (concat) {
-    auto x_cat = at::empty({n, k * cin, h, w}, xc.options());
+    auto x_cat = scratch_buffer(Scratch::kGatedInput, {n, k * cin, h, w}, xc.options());
     { FASTBLOCK_PROFILE("expand_gated"); kern.expand_gated(xc, gates_acc, x_cat); }
-    auto w_cat = weight.transpose(0, 1).reshape({cout, k * cin, kh, kw});
-    auto grads = at::convolution_backward(dz, x_cat, w_cat, c10::nullopt, {stride, stride}, {pad_h, pad_w}, {1, 1},
-                                          false, {0, 0}, 1, {true, true, false});
+    auto grads = at::convolution_backward(dz, x_cat, concat_kernels(weight), c10::nullopt, {stride, stride},
+                                          {pad_h, pad_w}, {1, 1}, false, {0, 0}, 1, {true, true, false});
     dx = at::empty_like(xc);
     const auto dx_cat = std::get<0>(grads).contiguous();
     { FASTBLOCK_PROFILE("reduce_gated"); kern.reduce_gated(xc, dx_cat, gates_acc, dx, dgates); }
-    dw_acc.copy_(std::get<1>(grads).view({cout, k, per_out}).transpose(0, 1).reshape({k, f}));
+    // [Cout, K, per_out] -> [K, Cout, per_out]: one strided copy straight into dW
+    dw_acc.view({k, cout, per_out}).copy_(std::get<1>(grads).view({cout, k, per_out}).transpose(0, 1));
     return;
   }
   // Per-sample weight gradients G, never all at once: folded chunk by chunk into dW_k and da.
@@ -291,10 +302,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   { FASTBLOCK_PROFILE("bn_relu_bwd_dz"); kern.bn_relu_bwd_dz(dyc, zc, mean_c, invstd_c, gamma, beta, sum_g, sum_gx, use_batch_stats, dz, dz_sum); }
 
   at::Tensor dx;
-  auto dw_acc = at::zeros({k, f}, x.options().dtype(sdt));
+  const bool concat = use_concat(k, ho, wo);
+  // the mixing schedule accumulates dW chunk by chunk; the concatenation schedule writes it once
+  auto dw_acc = concat ? at::empty({k, f}, x.options().dtype(sdt)) : at::zeros({k, f}, x.options().dtype(sdt));
   auto dgates = at::empty({n, k}, x.options().dtype(sdt));
-  gated_conv_backward(kern, dz, xc, gates_acc, weight, stride, pad_h, pad_w, use_concat(k, ho, wo), dx, dw_acc,
-                      dgates);
+  gated_conv_backward(kern, dz, xc, gates_acc, weight, stride, pad_h, pad_w, concat, dx, dw_acc, dgates);
   // Bias terms, the same fold with G = dz_sum: db_k = sum_n a[n,k] s_n, da[n,k] += <b_k, s_n>.
   auto db_acc = at::zeros({k, cout}, x.options().dtype(sdt));
   auto dgates_bias = at::empty({n, k}, x.options().dtype(sdt));
