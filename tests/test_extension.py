@@ -121,3 +121,18 @@ def test_extension_scratch_buffers_reused_across_shapes_and_dtypes():
     for case, dtype in [(Case(3, 4, 5, 7, 6, k=2), torch.float32), (Case(6, 5, 9, 9, 8, k=3), torch.float32),
                         (Case(2, 3, 4, 5, 5, k=2), torch.float64), (Case(3, 4, 5, 7, 6, k=2), torch.float32)]:
         compare_with_reference("cuda", case, dtype, training=True)
+
+
+def test_extension_default_cpu_chunks(monkeypatch):
+    """The default CPU chunk budget (2 MiB of mixed kernels) splits 20 samples of 64->64 3x3 kernels (144 KiB
+    each) into two chunks of 10 -- the mixing kernel then runs twice per chunk in forward (kernels and biases) --
+    and the chunked op still matches the reference."""
+    monkeypatch.delenv("FASTBLOCK_EXT_CHUNK_BYTES", raising=False)
+    monkeypatch.setenv("FASTBLOCK_EXT_SCHEDULE", "mix")
+    case = Case(20, 64, 64, 9, 9, k=2)
+    compare_with_reference("cuda", case, torch.float32, training=True)
+    args, kwargs = make_inputs(case, torch.float32, requires_grad=False)
+    with torch.profiler.profile() as prof:
+        fastblock.mixed_conv_bn_relu(*args, training=True, backend="cuda", **kwargs)
+    mix_calls = sum(e.count for e in prof.key_averages() if e.key == "fastblock_ext::mix")
+    assert mix_calls == 4
