@@ -136,3 +136,23 @@ def test_extension_default_cpu_chunks(monkeypatch):
         fastblock.mixed_conv_bn_relu(*args, training=True, backend="cuda", **kwargs)
     mix_calls = sum(e.count for e in prof.key_averages() if e.key == "fastblock_ext::mix")
     assert mix_calls == 4
+
+
+def test_extension_eager_direct_call_matches_custom_ops(monkeypatch):
+    """Eager mode calls the extension directly, skipping the custom-op layer (only torch.compile needs it): both
+    routes run the same kernels, so outputs, all six gradients and the running statistics agree bit for bit,
+    and both bump the running statistics' version counters as a declared mutation does."""
+    from fastblock import ops
+    from helpers import run_op
+
+    args, kwargs = make_inputs(Case(3, 4, 5, 6, 7, k=2), torch.float32)
+    results = {}
+    for through_custom_ops in (False, True):
+        monkeypatch.setattr(ops, "EAGER_THROUGH_CUSTOM_OPS", through_custom_ops)
+        results[through_custom_ops] = run_op("cuda", args, kwargs, training=True)  # on fresh copies of args
+        running_mean, running_var = results[through_custom_ops][2:]
+        assert running_mean._version > 0 and running_var._version > 0
+    (y0, g0, rm0, rv0), (y1, g1, rm1, rv1) = results[False], results[True]
+    assert torch.equal(y0, y1) and torch.equal(rm0, rm1) and torch.equal(rv0, rv1)
+    for name in g0:
+        assert torch.equal(g0[name], g1[name]), name
