@@ -156,11 +156,12 @@ def _fused_backward_fake(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean
 EAGER_THROUGH_CUSTOM_OPS = False
 
 
-def _through_custom_ops() -> bool:
-    """Call the backends through the custom ops under torch.compile, which needs their fake kernels and declared
-    mutation; in eager mode call them directly: there the custom-op layer is only Python dispatch overhead
-    (~40-50 us per call measured on CPU), which adds up for the small, launch-bound Blocks of a GPU network."""
-    return EAGER_THROUGH_CUSTOM_OPS or torch.compiler.is_compiling()
+def _through_custom_ops(x: torch.Tensor) -> bool:
+    """Call the backends through the custom ops under torch.compile/export, which need their fake kernels and
+    declared mutation, and for tensor subclasses (FakeTensor, ...), which dispatch on them; for plain tensors in
+    eager mode call them directly: there the custom-op layer is only Python dispatch overhead (~40-50 us per call
+    measured on CPU), which adds up for the small, launch-bound Blocks of a GPU network."""
+    return EAGER_THROUGH_CUSTOM_OPS or torch.compiler.is_compiling() or type(x) is not torch.Tensor
 
 
 class _FusedMixedConvBnRelu(torch.autograd.Function):
@@ -176,7 +177,7 @@ class _FusedMixedConvBnRelu(torch.autograd.Function):
                 use_batch_stats, momentum, eps, stride, pad_h, pad_w, save, backend):
         args = (x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                 use_batch_stats, momentum, eps, stride, pad_h, pad_w, save)
-        if _through_custom_ops():
+        if _through_custom_ops(x):
             y, z, mean, invstd = _fused_forward(*args, backend)
         else:
             y, z, mean, invstd = backend_module(backend).forward(*args)
@@ -196,7 +197,7 @@ class _FusedMixedConvBnRelu(torch.autograd.Function):
             raise RuntimeError("fastblock: backward through a forward that ran without saving for backward")
         dy = dy.contiguous(memory_format=_memory_format(z))
         args = (dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w)
-        grads = _fused_backward(*args, backend) if _through_custom_ops() else backend_module(backend).backward(*args)
+        grads = _fused_backward(*args, backend) if _through_custom_ops(dy) else backend_module(backend).backward(*args)
         return (*grads, None, None, None, None, None, None, None, None, None, None)
 
 

@@ -155,3 +155,19 @@ def gradcheck_backend(backend: str, case: Case, training=True, device="cpu", see
                                             **kwargs)
 
     assert torch.autograd.gradcheck(fn, diff, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=fast_mode)
+
+
+def check_fake_tensor_mode(backend: str):
+    """FakeTensors (shape propagation, memory estimation, tracing tools) must reach a backend's fake kernels in
+    eager mode too -- the custom-op route -- never its real kernels; forward and backward."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    case = Case(3, 4, 5, 6, 7, k=2, stride=2)
+    args, kwargs = make_inputs(case, torch.float32)
+    mode = FakeTensorMode()
+    fake = [None if a is None else mode.from_tensor(a) for a in args]
+    with mode:
+        y = fastblock.mixed_conv_bn_relu(*fake, training=True, backend=backend, **kwargs)
+        y.sum().backward()
+    assert isinstance(y, FakeTensor) and tuple(y.shape) == (3, 5, 3, 4)
+    assert tuple(fake[2].grad.shape) == tuple(args[2].shape)

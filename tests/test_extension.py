@@ -8,7 +8,7 @@ import torch
 
 import fastblock
 from fastblock import extension
-from helpers import SHAPES, Case, compare_with_reference, gradcheck_backend, make_inputs
+from helpers import SHAPES, Case, check_fake_tensor_mode, compare_with_reference, gradcheck_backend, make_inputs
 
 _STATUS = fastblock.available_backends("cpu")["cuda"]
 pytestmark = pytest.mark.skipif(not _STATUS.available, reason=f"extension unavailable: {_STATUS.reason}")
@@ -156,3 +156,8 @@ def test_extension_eager_direct_call_matches_custom_ops(monkeypatch):
     assert torch.equal(y0, y1) and torch.equal(rm0, rm1) and torch.equal(rv0, rv1)
     for name in g0:
         assert torch.equal(g0[name], g1[name]), name
+
+
+
+def test_extension_under_fake_tensor_mode():
+    check_fake_tensor_mode("cuda")

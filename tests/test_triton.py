@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fastblock
-from helpers import SHAPES, Case, compare_with_reference, gradcheck_backend
+from helpers import SHAPES, Case, check_fake_tensor_mode, compare_with_reference, gradcheck_backend
 
 pytestmark = pytest.mark.skipif(not fastblock.available_backends("cpu")["triton"].available
                                 and not torch.cuda.is_available(),
@@ -82,3 +82,7 @@ def test_triton_block_under_torch_compile_fullgraph():
     y_ref.square().sum().backward()
     torch.testing.assert_close(block.weight.grad, eager.weight.grad, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(block.bn.running_var, eager.bn.running_var, atol=1e-5, rtol=1e-5)
+
+
+def test_triton_under_fake_tensor_mode():
+    check_fake_tensor_mode("triton")
