@@ -396,10 +396,24 @@ inline acc_t axpy_dot(int64_t len, acc_t alpha, const acc_t* __restrict__ g, con
   return combine_lanes(lanes);
 }
 
+// The dW/da folds' last step: da[n, k] = sum over column blocks b of partial[(b * s + n) * k + k'], added in
+// block order (double), so the result does not depend on how the blocks were split among threads.
+template <typename acc_t>
+void sum_block_partials(const std::vector<double>& partial, int64_t blocks, int64_t s, int64_t k, acc_t* da,
+                        int64_t da_row) {
+  for (int64_t n = 0; n < s; ++n) {
+    for (int64_t kk = 0; kk < k; ++kk) {
+      double total = 0;
+      for (int64_t b = 0; b < blocks; ++b) total += partial[size_t((b * s + n) * k + kk)];
+      da[n * da_row + kk] = static_cast<acc_t>(total);
+    }
+  }
+}
+
 // dw[k, :] += sum_n a[n, k] g[n, :] and da[n, k] = <w[k, :], g[n, :]> for float32/float64, in ONE pass over g.
 // Parallel over column blocks (a block of dw's and w's K rows stays in L1); each block's partial dot products
-// are kept and added in block order (double), so the result does not depend on the thread count. Two vectors
-// per step, with two dot accumulators, so the dot product is not one latency-bound FMA chain.
+// are kept and added in block order (sum_block_partials). Two vectors per step, with two dot accumulators, so
+// the dot product is not one latency-bound FMA chain.
 template <typename T>
 void fold_rows(const T* a, const T* g, const T* w, T* dw, T* da, int64_t da_row, int64_t s, int64_t k, int64_t f) {
   using Vec = at::vec::Vectorized<T>;
@@ -435,13 +449,7 @@ void fold_rows(const T* a, const T* g, const T* w, T* dw, T* da, int64_t da_row,
       }
     }
   });
-  for (int64_t n = 0; n < s; ++n) {
-    for (int64_t kk = 0; kk < k; ++kk) {
-      double total = 0;
-      for (int64_t b = 0; b < blocks; ++b) total += partial[size_t((b * s + n) * k + kk)];
-      da[n * da_row + kk] = static_cast<T>(total);
-    }
-  }
+  sum_block_partials(partial, blocks, s, k, da, da_row);
 }
 
 void fold_weight_grad_cpu(const at::Tensor& gates, const at::Tensor& g, const at::Tensor& w, at::Tensor& dw,
@@ -482,15 +490,7 @@ void fold_weight_grad_cpu(const at::Tensor& gates, const at::Tensor& g, const at
           }
         }
       });
-      acc_t* da = dgates.data_ptr<acc_t>();
-      const int64_t da_row = dgates.stride(0);
-      for (int64_t n = 0; n < s; ++n) {
-        for (int64_t kk = 0; kk < k; ++kk) {
-          double total = 0;
-          for (int64_t b = 0; b < blocks; ++b) total += partial[size_t((b * s + n) * k + kk)];
-          da[n * da_row + kk] = static_cast<acc_t>(total);
-        }
-      }
+      sum_block_partials(partial, blocks, s, k, dgates.data_ptr<acc_t>(), dgates.stride(0));
     });
   });
 }

@@ -100,10 +100,6 @@ at::Tensor scratch_buffer(Scratch slot, at::IntArrayRef shape, const at::TensorO
   return buf.narrow(0, 0, numel).view(shape);
 }
 
-at::Tensor mixed_kernel_buffer(int64_t rows, int64_t cols, const at::TensorOptions& opts) {
-  return scratch_buffer(Scratch::kMixedKernels, {rows, cols}, opts);
-}
-
 // Samples per chunk: as many as fit the chunk budget (at least one), evened out over the chunks needed.
 int64_t samples_per_chunk(int64_t n, int64_t per_sample_elems, int64_t elem_size, const at::Device& device) {
   const int64_t per_sample = std::max<int64_t>(1, per_sample_elems * elem_size);
@@ -164,7 +160,7 @@ at::Tensor gated_conv(const DeviceKernels& kern, const at::Tensor& xc, const at:
   for (int64_t n0 = 0; n0 < n; n0 += chunk) {
     const int64_t s = std::min(chunk, n - n0);
     auto g_chunk = gates_acc.narrow(0, n0, s);
-    auto w_mix = mixed_kernel_buffer(s, f, weight.options());
+    auto w_mix = scratch_buffer(Scratch::kMixedKernels, {s, f}, weight.options());
     { FASTBLOCK_PROFILE("mix"); kern.mix(g_chunk, w_flat, scale, nullptr, per_out, w_mix); }
     auto b_mix = at::empty({s, cout}, bias.options());
     { FASTBLOCK_PROFILE("mix"); kern.mix(g_chunk, b_flat, scale, shift, 1, b_mix); }
@@ -202,7 +198,7 @@ void gated_conv_backward(const DeviceKernels& kern, const at::Tensor& dz, const 
   for (int64_t n0 = 0; n0 < n; n0 += chunk) {
     const int64_t s = std::min(chunk, n - n0);
     auto g_chunk = gates_acc.narrow(0, n0, s);
-    auto w_mix = mixed_kernel_buffer(s, f, weight.options());
+    auto w_mix = scratch_buffer(Scratch::kMixedKernels, {s, f}, weight.options());
     { FASTBLOCK_PROFILE("mix"); kern.mix(g_chunk, w_flat, nullptr, nullptr, per_out, w_mix); }
     auto grads = at::convolution_backward(
         dz.narrow(0, n0, s).reshape({1, s * cout, ho, wo}), xc.narrow(0, n0, s).reshape({1, s * cin, h, w}),
