@@ -7,6 +7,8 @@
 
 #include <ATen/ATen.h>
 
+#include <vector>
+
 namespace fastblock {
 
 constexpr int64_t kMaxConvs = 16;  // K is held in registers / stack arrays by the kernels
@@ -46,6 +48,24 @@ struct DeviceKernels {
 };
 
 const DeviceKernels& cpu_kernels();
+
+// While a PoolScope lives on a thread, that thread's CPU allocations of 64 KiB and more (its own, ATen's and
+// oneDNN's) come from a cache of freed blocks instead of fresh mmaps (cpu_pool.cpp says why and how).
+class PoolScope {
+ public:
+  PoolScope();
+  ~PoolScope();
+  PoolScope(const PoolScope&) = delete;
+  PoolScope& operator=(const PoolScope&) = delete;
+
+ private:
+  bool active_;
+};
+// The pool's state: {cached bytes, pooled blocks in use, hits, misses, limit in bytes}; its cached blocks
+// returned to the system; its limit (0 turns it off).
+std::vector<int64_t> cpu_pool_stats();
+void cpu_pool_empty_cache();
+void cpu_pool_set_limit(int64_t bytes);
 #ifdef FASTBLOCK_WITH_CUDA
 const DeviceKernels& cuda_kernels();
 #endif

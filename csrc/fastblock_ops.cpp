@@ -5,7 +5,7 @@
 //
 // Memory (per call): the mixed kernels W_n [S, Cout, Cin, kh, kw] and, in backward, the per-sample weight
 // gradient G_n of the same size, are only ever held for a chunk of S samples, with S chosen so that one such
-// buffer stays under chunk_bytes() (CPU 2 MiB, CUDA 256 MiB); besides that, forward keeps z (saved for backward)
+// buffer stays under chunk_bytes() (CPU 16 MiB, CUDA 256 MiB); besides that, forward keeps z (saved for backward)
 // and y, backward dz and dx.
 // Channels-last inputs are computed in NCHW (the grouped reshape needs it) and returned channels-last.
 #include <torch/library.h>
@@ -27,18 +27,17 @@ namespace {
 
 // Target size of one chunk's mixed kernels (and, in backward, its per-sample weight gradients).
 //   CUDA: 256 MiB, a memory bound only -- bigger grouped convolutions keep the GPU busier.
-//   CPU: 2 MiB. Small chunks are faster there: one chunk's kernels stay cache-resident from the mixing through
-//   oneDNN's weight reorder and the convolution, and buffers that size are recycled by malloc instead of being
-//   mmapped and page-faulted afresh. Measured fwd+bwd at N=32, 16x16, K=4 (bench/RESULTS.md): C=64 is ~7% faster
-//   with 8-16 samples per chunk than with all 32, C=128 ~17% faster with 4; much smaller chunks lose again
-//   (per-call overhead).
+//   CPU: 16 MiB. With the allocation pool (cpu_pool.cpp) buffers are not page-faulted afresh, and then fewer,
+//   bigger grouped convolutions win up to a point: fwd+bwd at 16x16, K=4 (bench/RESULTS.md) with one chunk of
+//   all 32 samples at C=128 (19 MiB of kernels) was 25% faster than with 2 MiB chunks, but at N=128 (75 MiB)
+//   one chunk was 1.5x slower than 16-64 MiB chunks; 16 MiB was within 5% of the best at every shape tried.
 // FASTBLOCK_EXT_CHUNK_BYTES overrides it (tests use a tiny value to exercise the multi-chunk path).
 int64_t chunk_bytes(const at::Device& device) {
   if (const char* env = std::getenv("FASTBLOCK_EXT_CHUNK_BYTES")) {
     const long long v = std::atoll(env);
     if (v > 0) return v;
   }
-  return device.is_cpu() ? int64_t(2) << 20 : int64_t(256) << 20;
+  return device.is_cpu() ? int64_t(16) << 20 : int64_t(256) << 20;
 }
 
 at::ScalarType stats_dtype(const at::Tensor& x) {
@@ -77,29 +76,6 @@ void check_common(const at::Tensor& x, const at::Tensor& gates, const at::Tensor
               "fastblock: input too small for the kernel");
 }
 
-// Scratch that never leaves an op call -- the mixed kernels of a chunk, backward's dz, and the concatenation
-// schedule's gated input copies and reordered kernels -- lives, on CPU, in
-// per-thread workspaces reused across calls: a fresh multi-MB allocation each call is mmapped by glibc and pays
-// a page fault per 4 KiB on first touch, which on the measured VM cost more than the kernels that fill these
-// buffers (dz from a workspace: fwd+bwd 5% faster at N=32, C=64, 16x16). Buffers over kMaxScratchBytes are
-// allocated per call instead, so a thread never holds more than that per slot. (CUDA tensors use PyTorch's
-// caching allocator, which already reuses memory.) A slot is used by one op call at a time on its thread, so
-// nothing aliases it.
-enum class Scratch { kMixedKernels = 0, kDz = 1, kGatedInput = 2, kConcatKernels = 3 };
-constexpr int64_t kMaxScratchBytes = int64_t(64) << 20;
-
-at::Tensor scratch_buffer(Scratch slot, at::IntArrayRef shape, const at::TensorOptions& opts) {
-  const int64_t numel = c10::multiply_integers(shape);
-  const int64_t bytes = numel * static_cast<int64_t>(opts.dtype().itemsize());
-  if (!opts.device().is_cpu() || bytes > kMaxScratchBytes) return at::empty(shape, opts);
-  thread_local std::array<at::Tensor, 4> workspace;
-  at::Tensor& buf = workspace[static_cast<size_t>(slot)];
-  if (!buf.defined() || buf.scalar_type() != c10::typeMetaToScalarType(opts.dtype()) || buf.numel() < numel) {
-    buf = at::empty({numel}, opts);
-  }
-  return buf.narrow(0, 0, numel).view(shape);
-}
-
 // Samples per chunk: as many as fit the chunk budget (at least one), evened out over the chunks needed.
 int64_t samples_per_chunk(int64_t n, int64_t per_sample_elems, int64_t elem_size, const at::Device& device) {
   const int64_t per_sample = std::max<int64_t>(1, per_sample_elems * elem_size);
@@ -126,11 +102,11 @@ bool use_concat(int64_t k, int64_t ho, int64_t wo) {
 }
 
 // The concatenation schedule's kernels [Cout, K*Cin, kh, kw] (W_k side by side along the input channels), a
-// transposed copy of weight [K, Cout, Cin, kh, kw] in scratch memory.
+// transposed copy of weight [K, Cout, Cin, kh, kw].
 at::Tensor concat_kernels(const at::Tensor& weight) {
   const int64_t k = weight.size(0), cout = weight.size(1), cin = weight.size(2), kh = weight.size(3),
                 kw = weight.size(4);
-  auto w_cat = scratch_buffer(Scratch::kConcatKernels, {cout, k, cin, kh, kw}, weight.options());
+  auto w_cat = at::empty({cout, k, cin, kh, kw}, weight.options());
   w_cat.copy_(weight.transpose(0, 1));
   return w_cat.view({cout, k * cin, kh, kw});
 }
@@ -145,7 +121,7 @@ at::Tensor gated_conv(const DeviceKernels& kern, const at::Tensor& xc, const at:
   const auto w_flat = weight.contiguous().view({k, f});
   const auto b_flat = bias.contiguous();
   if (concat) {
-    auto x_cat = scratch_buffer(Scratch::kGatedInput, {n, k * cin, h, w}, xc.options());
+    auto x_cat = at::empty({n, k * cin, h, w}, xc.options());
     { FASTBLOCK_PROFILE("expand_gated"); kern.expand_gated(xc, gates_acc, x_cat); }
     auto w_cat = concat_kernels(weight);
     if (scale) w_cat = w_cat * scale->to(weight.scalar_type()).view({cout, 1, 1, 1});
@@ -160,7 +136,7 @@ at::Tensor gated_conv(const DeviceKernels& kern, const at::Tensor& xc, const at:
   for (int64_t n0 = 0; n0 < n; n0 += chunk) {
     const int64_t s = std::min(chunk, n - n0);
     auto g_chunk = gates_acc.narrow(0, n0, s);
-    auto w_mix = scratch_buffer(Scratch::kMixedKernels, {s, f}, weight.options());
+    auto w_mix = at::empty({s, f}, weight.options());
     { FASTBLOCK_PROFILE("mix"); kern.mix(g_chunk, w_flat, scale, nullptr, per_out, w_mix); }
     auto b_mix = at::empty({s, cout}, bias.options());
     { FASTBLOCK_PROFILE("mix"); kern.mix(g_chunk, b_flat, scale, shift, 1, b_mix); }
@@ -181,7 +157,7 @@ void gated_conv_backward(const DeviceKernels& kern, const at::Tensor& dz, const 
   const int64_t per_out = cin * kh * kw, f = cout * per_out;
   const auto w_flat = weight.contiguous().view({k, f});
   if (concat) {
-    auto x_cat = scratch_buffer(Scratch::kGatedInput, {n, k * cin, h, w}, xc.options());
+    auto x_cat = at::empty({n, k * cin, h, w}, xc.options());
     { FASTBLOCK_PROFILE("expand_gated"); kern.expand_gated(xc, gates_acc, x_cat); }
     auto grads = at::convolution_backward(dz, x_cat, concat_kernels(weight), c10::nullopt, {stride, stride},
                                           {pad_h, pad_w}, {1, 1}, false, {0, 0}, 1, {true, true, false});
@@ -198,7 +174,7 @@ void gated_conv_backward(const DeviceKernels& kern, const at::Tensor& dz, const 
   for (int64_t n0 = 0; n0 < n; n0 += chunk) {
     const int64_t s = std::min(chunk, n - n0);
     auto g_chunk = gates_acc.narrow(0, n0, s);
-    auto w_mix = scratch_buffer(Scratch::kMixedKernels, {s, f}, weight.options());
+    auto w_mix = at::empty({s, f}, weight.options());
     { FASTBLOCK_PROFILE("mix"); kern.mix(g_chunk, w_flat, nullptr, nullptr, per_out, w_mix); }
     auto grads = at::convolution_backward(
         dz.narrow(0, n0, s).reshape({1, s * cout, ho, wo}), xc.narrow(0, n0, s).reshape({1, s * cin, h, w}),
@@ -293,7 +269,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto sum_g = at::empty({cout}, x.options().dtype(sdt));
   auto sum_gx = at::empty({cout}, x.options().dtype(sdt));
   { FASTBLOCK_PROFILE("bn_relu_bwd_reduce"); kern.bn_relu_bwd_reduce(dyc, zc, mean_c, invstd_c, gamma, beta, sum_g, sum_gx); }
-  auto dz = scratch_buffer(Scratch::kDz, zc.sizes(), zc.options());
+  auto dz = at::empty(zc.sizes(), zc.options());
   auto dz_sum = at::empty({n, cout}, x.options().dtype(sdt));
   { FASTBLOCK_PROFILE("bn_relu_bwd_dz"); kern.bn_relu_bwd_dz(dyc, zc, mean_c, invstd_c, gamma, beta, sum_g, sum_gx, use_batch_stats, dz, dz_sum); }
 
@@ -324,6 +300,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, bool use_batch_stats, double momentum, double eps, int64_t stride,
     int64_t pad_h, int64_t pad_w, bool save_for_backward) {
+  PoolScope pooled;
   return forward_impl(cpu_kernels(), x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                       use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward);
 }
@@ -333,6 +310,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& bias, const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& z,
     const at::Tensor& mean, const at::Tensor& invstd, bool use_batch_stats, int64_t stride, int64_t pad_h,
     int64_t pad_w) {
+  PoolScope pooled;
   return backward_impl(cpu_kernels(), dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd,
                        use_batch_stats, stride, pad_h, pad_w);
 }
@@ -349,6 +327,10 @@ TORCH_LIBRARY(fastblock_ext, m) {
       "backward(Tensor dy, Tensor x, Tensor gates, Tensor weight, Tensor bias, Tensor bn_weight, Tensor bn_bias, "
       "Tensor z, Tensor mean, Tensor invstd, bool use_batch_stats, int stride, int pad_h, int pad_w) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The CPU ops' allocation pool (cpu_pool.cpp): inspect, empty, limit.
+  m.def("cpu_pool_stats() -> int[]", &fastblock::cpu_pool_stats);
+  m.def("cpu_pool_empty_cache() -> ()", &fastblock::cpu_pool_empty_cache);
+  m.def("cpu_pool_set_limit(int bytes) -> ()", &fastblock::cpu_pool_set_limit);
 }
 
 TORCH_LIBRARY_IMPL(fastblock_ext, CPU, m) {

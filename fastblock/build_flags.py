@@ -6,7 +6,7 @@ import os
 
 import torch
 
-CPU_SOURCES = ["fastblock_ops.cpp", "fastblock_cpu.cpp"]  # in csrc/
+CPU_SOURCES = ["fastblock_ops.cpp", "fastblock_cpu.cpp", "cpu_pool.cpp"]  # in csrc/
 CUDA_SOURCES = ["fastblock_cuda.cu"]
 NVCC_FLAGS = ["-O3", "-DFASTBLOCK_WITH_CUDA"]
 

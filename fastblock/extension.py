@@ -151,6 +151,33 @@ def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, us
                                             use_batch_stats, stride, pad_h, pad_w)
 
 
+def _loaded_ops():
+    ok, info = load()
+    if not ok:
+        raise RuntimeError(f"fastblock: the extension is not available: {info}")
+    return torch.ops.fastblock_ext
+
+
+def cpu_pool_stats() -> dict[str, int]:
+    """The extension's CPU allocation pool (csrc/cpu_pool.cpp): the memory its op calls allocate is cached for
+    reuse across calls instead of being page-faulted afresh. Returns ``cached_bytes`` (freed blocks held),
+    ``live_blocks`` (pooled blocks in use), ``hits`` / ``misses`` (requests served from / not found in the cache)
+    and ``limit_bytes``."""
+    keys = ("cached_bytes", "live_blocks", "hits", "misses", "limit_bytes")
+    return dict(zip(keys, _loaded_ops().cpu_pool_stats(), strict=True))
+
+
+def cpu_pool_empty_cache() -> None:
+    """Return the pool's cached blocks to the system (blocks in use are not affected), like
+    ``torch.cuda.empty_cache()``."""
+    _loaded_ops().cpu_pool_empty_cache()
+
+
+def set_cpu_pool_limit(nbytes: int) -> None:
+    """Cap the pool's cache at ``nbytes`` (0 turns pooling off; default 256 MiB or ``FASTBLOCK_EXT_POOL_BYTES``)."""
+    _loaded_ops().cpu_pool_set_limit(int(nbytes))
+
+
 def check_cuda_compile() -> int:
     """Compile every .cu source with nvcc against torch's headers (object files only; no GPU needed)."""
     from torch.utils.cpp_extension import include_paths

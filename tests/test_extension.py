@@ -115,21 +115,139 @@ def test_isa_level(monkeypatch):
     assert isa_level() == expected
 
 
-def test_extension_scratch_buffers_reused_across_shapes_and_dtypes():
-    """The CPU op keeps per-thread scratch (mixed kernels, dz) across calls: growing, shrinking and changing dtype
-    between calls must not leak one call's data into the next."""
+def test_extension_buffers_reused_across_shapes_and_dtypes():
+    """Buffers recycled through the CPU pool: growing, shrinking and changing dtype between calls must not leak one
+    call's data into the next."""
     for case, dtype in [(Case(3, 4, 5, 7, 6, k=2), torch.float32), (Case(6, 5, 9, 9, 8, k=3), torch.float32),
-                        (Case(2, 3, 4, 5, 5, k=2), torch.float64), (Case(3, 4, 5, 7, 6, k=2), torch.float32)]:
+                        (Case(2, 3, 4, 5, 5, k=2), torch.float64), (Case(3, 4, 5, 7, 6, k=2), torch.float32),
+                        (Case(8, 32, 24, 16, 16, k=2), torch.float32), (Case(8, 32, 24, 16, 16, k=2), torch.float64)]:
         compare_with_reference("cuda", case, dtype, training=True)
 
 
+# --- the CPU allocation pool (csrc/cpu_pool.cpp) ---------------------------------------------------------------
+POOLED_CASE = Case(8, 32, 24, 16, 16, k=2)  # x, z, dz, ... are 200-260 KiB: above the pool's 64 KiB floor
+
+
+@pytest.fixture
+def pool():
+    """The pool at its default limit with an empty cache; the limit is restored afterwards."""
+    limit = extension.cpu_pool_stats()["limit_bytes"]
+    extension.set_cpu_pool_limit(256 << 20)
+    extension.cpu_pool_empty_cache()
+    yield extension
+    extension.set_cpu_pool_limit(limit)
+
+
+def _pool_delta(before, after):
+    return {k: after[k] - before[k] for k in ("hits", "misses", "live_blocks")}
+
+
+def test_cpu_pool_recycles_the_op_memory_across_calls(pool):
+    from helpers import run_op
+
+    def detached_copy(run):  # copies made outside the op: the op's own output blocks are freed
+        return run[0].clone(), {name: g.clone() for name, g in run[1].items()}
+
+    args, kwargs = make_inputs(POOLED_CASE, torch.float32)
+    first = detached_copy(run_op("cuda", args, kwargs, training=True))
+    s0 = pool.cpu_pool_stats()
+    assert s0["misses"] > 0 and s0["cached_bytes"] > 0, s0
+    second = detached_copy(run_op("cuda", args, kwargs, training=True))  # same sizes: all from the cache
+    s1 = pool.cpu_pool_stats()
+    delta = _pool_delta(s0, s1)
+    assert delta == {"hits": delta["hits"], "misses": 0, "live_blocks": 0} and delta["hits"] > 0, delta
+    assert s1["cached_bytes"] <= s1["limit_bytes"]
+    # recycled memory changes nothing: bit-identical to a run without the pool
+    pool.set_cpu_pool_limit(0)
+    unpooled = run_op("cuda", args, kwargs, training=True)
+    for a, b in [(second, first), (unpooled, first)]:
+        assert torch.equal(a[0], b[0])
+        for name in first[1]:
+            assert torch.equal(a[1][name], b[1][name]), name
+
+
+def test_cpu_pool_serves_only_the_op(pool):
+    """Outside an op call the process allocates as before; the op's outputs are pooled blocks that return to the
+    cache when freed, wherever that happens."""
+    before = pool.cpu_pool_stats()
+    outside = torch.empty(1 << 20)
+    assert pool.cpu_pool_stats() == before
+    args, kwargs = make_inputs(POOLED_CASE, torch.float32, requires_grad=False)
+    y = fastblock.mixed_conv_bn_relu(*args, training=True, backend="cuda", **kwargs)
+    during = pool.cpu_pool_stats()
+    assert during["live_blocks"] > before["live_blocks"]  # y
+    del y
+    after = pool.cpu_pool_stats()
+    assert after["live_blocks"] == before["live_blocks"] and after["cached_bytes"] > before["cached_bytes"]
+    del outside
+    assert pool.cpu_pool_stats() == after
+
+
+def test_cpu_pool_limit_and_empty_cache(pool):
+    from helpers import run_op
+
+    args, kwargs = make_inputs(POOLED_CASE, torch.float32)
+    run_op("cuda", args, kwargs, training=True)
+    assert pool.cpu_pool_stats()["cached_bytes"] > 300 << 10
+    pool.set_cpu_pool_limit(300 << 10)  # shrinking the limit evicts at once
+    assert 0 < pool.cpu_pool_stats()["cached_bytes"] <= 300 << 10
+    run_op("cuda", args, kwargs, training=True)
+    assert pool.cpu_pool_stats()["cached_bytes"] <= 300 << 10
+    pool.cpu_pool_empty_cache()
+    assert pool.cpu_pool_stats()["cached_bytes"] == 0
+    pool.set_cpu_pool_limit(0)  # off: nothing pooled, nothing counted
+    before = pool.cpu_pool_stats()
+    run_op("cuda", args, kwargs, training=True)
+    assert _pool_delta(before, pool.cpu_pool_stats()) == {"hits": 0, "misses": 0, "live_blocks": 0}
+    with pytest.raises(RuntimeError, match="limit must be >= 0"):
+        pool.set_cpu_pool_limit(-1)
+
+
+def test_cpu_pool_concurrent_calls(pool):
+    """Op calls on several threads at once (each thread pooled on its own, one shared cache), and outputs freed
+    on other threads, give the single-threaded results and leave no block behind."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from helpers import run_op
+
+    inputs = [make_inputs(POOLED_CASE, torch.float32, seed=s) for s in range(4)]
+    expected = [run_op("cuda", a, kw, training=True) for a, kw in inputs]
+    before = pool.cpu_pool_stats()
+    with ThreadPoolExecutor(4) as ex:
+        results = list(ex.map(lambda i: [run_op("cuda", *inputs[i % 4], training=True) for _ in range(3)],
+                              range(8)))
+    for i, runs in enumerate(results):
+        for got in runs:
+            assert torch.equal(got[0], expected[i % 4][0])
+            for name in got[1]:
+                assert torch.equal(got[1][name], expected[i % 4][1][name]), name
+    del results, got, runs
+    assert pool.cpu_pool_stats()["live_blocks"] == before["live_blocks"]
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork()")
+def test_cpu_pool_usable_after_fork(pool):
+    """A forked child (DataLoader workers) can free pooled tensors it inherited."""
+    import os
+
+    args, kwargs = make_inputs(POOLED_CASE, torch.float32, requires_grad=False)
+    y = fastblock.mixed_conv_bn_relu(*args, training=True, backend="cuda", **kwargs)
+    live = pool.cpu_pool_stats()["live_blocks"]
+    pid = os.fork()
+    if pid == 0:  # child: no compute (OpenMP is not fork-safe), just the pool's bookkeeping
+        del y
+        os._exit(0 if pool.cpu_pool_stats()["live_blocks"] == live - 1 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
 def test_extension_default_cpu_chunks(monkeypatch):
-    """The default CPU chunk budget (2 MiB of mixed kernels) splits 20 samples of 64->64 3x3 kernels (144 KiB
-    each) into two chunks of 10 -- the mixing kernel then runs twice per chunk in forward (kernels and biases) --
-    and the chunked op still matches the reference."""
+    """The default CPU chunk budget (16 MiB of mixed kernels) splits 40 samples of 128->128 3x3 kernels
+    (576 KiB each) into two chunks of 20 -- the mixing kernel then runs twice per chunk in forward (kernels and
+    biases) -- and the chunked op still matches the reference."""
     monkeypatch.delenv("FASTBLOCK_EXT_CHUNK_BYTES", raising=False)
     monkeypatch.setenv("FASTBLOCK_EXT_SCHEDULE", "mix")
-    case = Case(20, 64, 64, 9, 9, k=2)
+    case = Case(40, 128, 128, 9, 9, k=2)
     compare_with_reference("cuda", case, torch.float32, training=True)
     args, kwargs = make_inputs(case, torch.float32, requires_grad=False)
     with torch.profiler.profile() as prof:
