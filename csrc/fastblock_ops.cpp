@@ -89,16 +89,21 @@ int64_t samples_per_chunk(int64_t n, int64_t per_sample_elems, int64_t elem_size
 //             FLOPs of one convolution, plus N * Cout*Cin*kh*kw mixed-kernel elements written and read;
 //   concat -- conv([a_1 x .. a_K x], [W_1 .. W_K]): one ordinary convolution over K*Cin channels; K times the
 //             FLOPs, plus a K-fold copy of x, but no per-sample kernels.
-// Mixing wins while a sample's output map is large next to its kernels; on small maps with many channels
-// (8x8 and 4x4 stages) the per-sample kernels dwarf the activations and the concatenation is cheaper.
-// FASTBLOCK_EXT_SCHEDULE=mix|concat overrides the rule (tests cover both paths with it).
+// Per sample, mixing moves Cout*Cin*kh*kw kernel elements through memory several times (written, reordered by
+// oneDNN, read by the convolution) to save (K-1) convolutions' worth of FLOPs, 2*Ho*Wo per kernel element
+// each; the concatenation moves K*Cin*H*W activations instead. So mixing wins once (K-1)*Ho*Wo is large enough,
+// whatever the channel counts. Measured fwd+bwd on CPU (N=32, C=128..512, bench/RESULTS.md) the crossover lies
+// at (K-1)*Ho*Wo ~ 144: K=4 mixes from 8x8 (1.53x vs 1.18x the reference at C=128) and concatenates at 6x6 and
+// 4x4 (1.17x vs 0.57x at C=256); K=2 concatenates at 8x8 and mixes at 12x12; K=6 mixes at 6x6. K=1 always
+// concatenates: its "concatenation" is one ordinary convolution of a[n]*x[n], with no per-sample kernels.
+// (The rule is the CPU one; on CUDA it is unmeasured.) FASTBLOCK_EXT_SCHEDULE=mix|concat overrides the rule (tests cover both paths with it).
 bool use_concat(int64_t k, int64_t ho, int64_t wo) {
   if (const char* env = std::getenv("FASTBLOCK_EXT_SCHEDULE")) {
     const std::string v(env);
     if (v == "mix") return false;
     if (v == "concat") return true;
   }
-  return k > 1 && ho * wo <= 64;
+  return (k - 1) * ho * wo < 144;
 }
 
 // The concatenation schedule's kernels [Cout, K*Cin, kh, kw] (W_k side by side along the input channels), a

@@ -46,6 +46,20 @@ def test_extension_chunked_samples(monkeypatch):
     compare_with_reference("cuda", Case(5, 6, 8, 5, 6, k=2, ksize=5, stride=2), torch.float64, training=False)
 
 
+@pytest.mark.parametrize("k,hw,expect_concat", [(4, 6, True), (4, 8, False), (2, 8, True), (2, 12, False),
+                                                 (1, 16, True), (6, 6, False)])
+def test_extension_default_schedule(monkeypatch, k, hw, expect_concat):
+    """Without FASTBLOCK_EXT_SCHEDULE the op concatenates where (K-1) * output pixels < 144, and for K=1 (the
+    concatenation's expand_gated scope shows in the profile), and matches the reference either way."""
+    monkeypatch.delenv("FASTBLOCK_EXT_SCHEDULE", raising=False)
+    case = Case(3, 4, 5, hw, hw, k=k)
+    compare_with_reference("cuda", case, torch.float32, training=True)
+    args, kwargs = make_inputs(case, torch.float32, requires_grad=False)
+    with torch.profiler.profile() as prof:
+        fastblock.mixed_conv_bn_relu(*args, training=True, backend="cuda", **kwargs)
+    assert any(e.key == "fastblock_ext::expand_gated" for e in prof.key_averages()) == expect_concat
+
+
 def test_extension_eval_inference_folds_batchnorm(schedule):
     args, kwargs = make_inputs(SHAPES[0], torch.float32, requires_grad=False)
     with torch.no_grad():
