@@ -28,6 +28,7 @@ from typing import Optional
 
 import torch
 import torch._subclasses
+from torch.autograd.function import once_differentiable
 
 from .backends import backend_module, resolve_backend
 from .reference import mixed_conv_bn_relu_reference
@@ -190,6 +191,7 @@ class _FusedMixedConvBnRelu(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the backward kernels have no derivative: a second backward raises, never runs silently
     def backward(ctx, dy):
         x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd = ctx.saved_tensors
         use_batch_stats, stride, pad_h, pad_w, backend = ctx.config

@@ -165,3 +165,22 @@ def test_non_contiguous_input():
     x = torch.randn(3, 7, 4, 6).transpose(1, 2)  # [3, 4, 7, 6] non-contiguous
     assert not x.is_contiguous()
     torch.testing.assert_close(block(x), block(x.contiguous()))
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_double_backward_raises_for_fused_backends(backend):
+    """The fused backward kernels have no derivative of their own: differentiating through them a second time
+    (gradient penalties, Hessian-vector products) must raise, not silently drop the op's second-order terms.
+    The reference backend is plain PyTorch and supports it."""
+    if not fastblock.available_backends("cpu")[backend].available:
+        pytest.skip(f"{backend} unavailable: {fastblock.available_backends('cpu')[backend].reason}")
+    torch.manual_seed(0)
+    block = Block(3, 4, num_convs=2, backend=backend).double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(block(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.square().sum().backward()
+    block.backend = "reference"
+    (g,) = torch.autograd.grad(block(x).square().sum(), x, create_graph=True)
+    g.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
