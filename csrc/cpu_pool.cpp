@@ -17,7 +17,9 @@
 // like the default allocator's.
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
+#ifndef _WIN32
 #include <pthread.h>
+#endif
 
 #include <cstdlib>
 #include <mutex>
@@ -158,9 +160,11 @@ PoolingCPUAllocator* pool() {
   static PoolingCPUAllocator* installed = [] {
     g_pool = new PoolingCPUAllocator(c10::GetCPUAllocator(), limit_from_env());
     c10::SetCPUAllocator(g_pool, /*priority=*/0);
+#ifndef _WIN32
     // a fork() while another thread holds the lock must not leave the child's copy locked
     pthread_atfork([] { g_pool->mutex().lock(); }, [] { g_pool->mutex().unlock(); },
                    [] { g_pool->mutex().unlock(); });
+#endif
     return g_pool;
   }();
   return c10::GetCPUAllocator() == installed ? installed : nullptr;
