@@ -6,14 +6,13 @@
 // Memory (per call): the mixed kernels W_n [S, Cout, Cin, kh, kw] and, in backward, the per-sample weight
 // gradient G_n of the same size, are only ever held for a chunk of S samples, with S chosen so that one such
 // buffer stays under chunk_bytes() (CPU 16 MiB, CUDA 256 MiB); besides that, forward keeps z (saved for backward)
-// and y, backward dz and dx.
+// and y, backward dz and dx. On CPU every allocation of a call goes through the pool of cpu_pool.cpp.
 // Channels-last inputs are computed in NCHW (the grouped reshape needs it) and returned channels-last.
 #include <torch/library.h>
 
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 
-#include <array>
 #include <cstdlib>
 #include <string>
 
@@ -96,7 +95,8 @@ int64_t samples_per_chunk(int64_t n, int64_t per_sample_elems, int64_t elem_size
 // at (K-1)*Ho*Wo ~ 144: K=4 mixes from 8x8 (1.53x vs 1.18x the reference at C=128) and concatenates at 6x6 and
 // 4x4 (1.17x vs 0.57x at C=256); K=2 concatenates at 8x8 and mixes at 12x12; K=6 mixes at 6x6. K=1 always
 // concatenates: its "concatenation" is one ordinary convolution of a[n]*x[n], with no per-sample kernels.
-// (The rule is the CPU one; on CUDA it is unmeasured.) FASTBLOCK_EXT_SCHEDULE=mix|concat overrides the rule (tests cover both paths with it).
+// (The rule is the CPU one; on CUDA it is unmeasured.)
+// FASTBLOCK_EXT_SCHEDULE=mix|concat overrides the rule (tests cover both paths with it).
 bool use_concat(int64_t k, int64_t ho, int64_t wo) {
   if (const char* env = std::getenv("FASTBLOCK_EXT_SCHEDULE")) {
     const std::string v(env);
