@@ -10,6 +10,7 @@ import math
 import os
 import pickle
 import shutil
+import sys
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,6 +42,12 @@ class Cifar:
         """Per-channel mean/std of the training images in [0, 1] (the dataset's own statistics)."""
         x = self.train_x.float().div_(255)
         return x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3))
+
+
+def progress_interval() -> float:
+    """Seconds between progress-bar refreshes: live on a terminal; twice a minute when stderr is a log file or a
+    pipe, where every refresh would be another line in the log."""
+    return 0.1 if sys.stderr.isatty() else 30.0
 
 
 def default_cache_dir() -> Path:
@@ -166,7 +173,8 @@ def _load_folder(root: Path, cache_dir: Path, progress: bool) -> Cifar:
 
         with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
             images = list(tqdm(pool.map(lambda p: _decode(p, decoder), (p for p, _ in items)), total=len(items),
-                               disable=not progress, desc=f"decoding {what}", unit="img"))
+                               disable=not progress, desc=f"decoding {what}", unit="img",
+                               mininterval=progress_interval()))
         return torch.stack(images), torch.tensor([label for _, label in items], dtype=torch.int64)
 
     train_x, train_y = decode_all(train_items, "train")

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 from . import __version__
 from .backends import available_backends, resolve_backend
-from .data import (Cifar, DataError, atomic_torch_save, cutout, load_cifar10, random_affine, random_crop,
-                   random_flip, split_validation)
+from .data import (Cifar, DataError, atomic_torch_save, cutout, load_cifar10, progress_interval, random_affine,
+                   random_crop, random_flip, split_validation)
 from .models import MODELS, build_model, count_flops
 
 # --------------------------------------------------------------------------------------------------------------
@@ -491,7 +491,7 @@ def run(args) -> int:
         t0 = time.perf_counter()
         loss_sum = correct = seen = 0.0
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False,
-                   disable=not dist.main or args.no_progress, unit="step")
+                   disable=not dist.main or args.no_progress, unit="step", mininterval=progress_interval())
         for step in bar:
             global_step = epoch * steps_per_epoch + step
             factor = lr_factor(cfg, global_step, total_steps, steps_per_epoch)

@@ -275,3 +275,18 @@ def test_pil_decoder_matches_torchvision(folder_data, monkeypatch):
     assert fdata._image_decoder() is fdata._decode_pil
     with pytest.raises(fdata.DataError, match="cannot decode image"):
         fdata._decode(files[0].with_suffix(".missing.png"), fdata._decode_pil)
+
+
+def test_progress_bars_refresh_rarely_in_logs(monkeypatch):
+    """On a terminal the bars refresh live; into a log file or pipe (CI, nohup) only twice a minute, so a log gets
+    a handful of bar lines per epoch instead of one per step."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert fdata.progress_interval() < 1
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert fdata.progress_interval() >= 10
