@@ -14,7 +14,12 @@
 // training step to the next). A pooled block freed anywhere, on any thread and at any later time, goes back to
 // the cache; when the cache would grow past its limit (FASTBLOCK_EXT_POOL_BYTES, default 256 MiB; 0 turns the
 // pool off), other cached blocks are returned to the system first. Allocations are reported to the profiler
-// like the default allocator's.
+// like the default allocator's. (c10 has the same scoped design for mobile builds -- CPUCachingAllocator with
+// WithCPUCachingAllocatorGuard -- which desktop builds do not consult.)
+// One deviation from c10::Allocator's contract: raw_deleter() is the pool's deleter, while requests outside a
+// scope return the replaced allocator's DataPtr with its own deleter. raw_deallocate() handles both (ATen's
+// oneDNN glue allocates through raw_allocate/raw_deallocate); code that decides ownership by comparing a CPU
+// tensor's deleter with raw_deleter() would see such tensors as foreign, the conservative answer.
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 #ifndef _WIN32
