@@ -23,7 +23,8 @@ def test_train_step_throughput(benchmark, backend, device, bench_mode):
     dev = torch.device(device)
     torch.manual_seed(0)
     model = build_model(model_name, backend=backend).to(dev)
-    if cfg["channels_last"] and device == "cuda":
+    channels_last = train.channels_last_for(cfg, dev)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = train.make_optimizer(cfg, model)
     amp = train.amp_dtype_for(cfg, dev)
@@ -33,7 +34,7 @@ def test_train_step_throughput(benchmark, backend, device, bench_mode):
 
     def step():
         x = train.augment(cfg, images.float().div_(255), gen)
-        if device == "cuda":
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss = F.cross_entropy(model(x).float(), labels, label_smoothing=cfg["label_smoothing"])

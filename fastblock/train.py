@@ -39,7 +39,7 @@ from .models import MODELS, build_model, count_flops
 BASE = dict(model="fast", epochs=10, batch_size=512, optimizer="sgd", lr=0.2, momentum=0.9, nesterov=True,
             weight_decay=5e-4, label_smoothing=0.2, schedule="linear", warmup_epochs=1.0, min_lr_ratio=0.0,
             t_max=None, crop_pad=4, flip=True, cutout=0, resized_crop=False, rotate=0.0, ema=0.99, ema_every=5,
-            accum_steps=1, amp="auto", channels_last=True, tta=True, compile=False)
+            accum_steps=1, amp="auto", channels_last="auto", tta=True, compile=False)
 
 PRESETS = {
     "fast": dict(description="default: the fastest route to high accuracy -- " + MODELS["fast"].description +
@@ -123,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     hp.add_argument("--ema", type=float, help="EMA decay of the weights used for evaluation (0: off)")
     hp.add_argument("--ema-every", type=int, help="update the EMA every this many steps")
     hp.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], help="autocast (auto: bf16 on GPUs, off on CPU)")
-    hp.add_argument("--channels-last", action=argparse.BooleanOptionalAction)
+    hp.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                    help="channels-last activations and weights (default: on GPUs only; on CPU the extension "
+                         "computes in NCHW and would pay a layout copy per Block)"),
     hp.add_argument("--tta", action=argparse.BooleanOptionalAction, help="flip test-time augmentation")
     hp.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     run = p.add_argument_group("runs")
@@ -285,6 +287,11 @@ def evaluate(model, images, labels, mean, std, batch_size, amp_dtype, channels_l
     return loss_sum / total, correct / total, (torch.cat(preds) if preds else labels[:0])
 
 
+def channels_last_for(cfg, device) -> bool:
+    value = cfg["channels_last"]
+    return device.type == "cuda" if value == "auto" else bool(value)
+
+
 def amp_dtype_for(cfg, device) -> torch.dtype | None:
     amp = cfg["amp"]
     if amp == "auto":
@@ -432,7 +439,8 @@ def run(args) -> int:
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
 
     model = build_model(cfg["model"], backend=cfg["backend"]).to(device)
-    if cfg["channels_last"]:
+    channels_last = channels_last_for(cfg, device)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     n_params = sum(p.numel() for p in model.parameters())
     flops = count_flops(model)
@@ -504,7 +512,7 @@ def run(args) -> int:
             opt.zero_grad(set_to_none=True)
             for m0 in range(0, len(batch), micro):
                 x, y = x_all[m0:m0 + micro], y_all[m0:m0 + micro]
-                if cfg["channels_last"]:
+                if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                     logits = train_model(x)
@@ -530,7 +538,7 @@ def run(args) -> int:
             ema.update(model)
         eval_model = ema.model if ema is not None else model
         test_loss, test_acc, _ = evaluate(eval_model, test_x, test_y, mean, std, 1024, amp_dtype,
-                                          cfg["channels_last"], cfg["tta"], dist, device)
+                                          channels_last, cfg["tta"], dist, device)
         if plateau is not None:
             plateau.step(test_loss)
         row = dict(epoch=epoch + 1, lr=opt.param_groups[0]["lr"], train_loss=loss_all / seen_all,

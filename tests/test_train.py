@@ -290,3 +290,14 @@ def test_progress_bars_refresh_rarely_in_logs(monkeypatch):
     assert fdata.progress_interval() < 1
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     assert fdata.progress_interval() >= 10
+
+
+def test_channels_last_defaults_to_gpus_only():
+    """The preset's "auto" means channels-last on CUDA only: on CPU the extension computes in NCHW, and a
+    channels-last network made the default network's training step 27% slower there (bench/RESULTS.md)."""
+    cfg = train.resolve_preset("fast")
+    assert cfg["channels_last"] == "auto"
+    assert train.channels_last_for(cfg, torch.device("cuda")) is True
+    assert train.channels_last_for(cfg, torch.device("cpu")) is False
+    assert train.channels_last_for(dict(cfg, channels_last=True), torch.device("cpu")) is True
+    assert train.channels_last_for(dict(cfg, channels_last=False), torch.device("cuda")) is False
