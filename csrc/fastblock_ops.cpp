@@ -7,7 +7,8 @@
 // gradient G_n of the same size, are only ever held for a chunk of S samples, with S chosen so that one such
 // buffer stays under chunk_bytes() (CPU 16 MiB, CUDA 256 MiB); besides that, forward keeps z (saved for backward)
 // and y, backward dz and dx. On CPU every allocation of a call goes through the pool of cpu_pool.cpp.
-// Channels-last inputs are computed in NCHW (the grouped reshape needs it) and returned channels-last.
+// Channels-last inputs are computed in NCHW (the grouped reshape needs it) and y and dx returned channels-last;
+// the saved z stays NCHW.
 #include <torch/library.h>
 
 #include <ATen/ATen.h>
@@ -250,7 +251,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   }
   auto y = at::empty_like(z);
   { FASTBLOCK_PROFILE("bn_relu_apply"); kern.bn_relu_apply(z, mean, invstd, gamma, beta, y); }
-  return {y.contiguous(fmt), save_for_backward ? z.contiguous(fmt) : at::empty({0}, x.options()), mean, invstd};
+  // z stays NCHW: only this op's backward reads it
+  return {y.contiguous(fmt), save_for_backward ? z : at::empty({0}, x.options()), mean, invstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(

@@ -103,11 +103,16 @@ def _fused_forward(
     )
 
 
-def fake_forward_outputs(x, weight, stride, pad_h, pad_w, save_for_backward):
-    """(y, z, mean, invstd) with the shapes, dtypes and layouts every backend's forward returns."""
+def fake_forward_outputs(x, weight, stride, pad_h, pad_w, save_for_backward, z_nchw=False):
+    """(y, z, mean, invstd) with the shapes, dtypes and layouts the backends' forwards return: y laid out like x;
+    z (saved for backward only) like x too, except for the extension, which computes and keeps it NCHW
+    (``z_nchw``), so a channels-last input costs it no layout copies of z."""
     shape = output_shape(x, weight, stride, pad_h, pad_w)
     y = empty_like_layout(x, shape)
-    z = empty_like_layout(x, shape) if save_for_backward else x.new_empty((0,))
+    if not save_for_backward:
+        z = x.new_empty((0,))
+    else:
+        z = _maybe_poison(x.new_empty(shape)) if z_nchw else empty_like_layout(x, shape)
     sdt = stats_dtype(x.dtype)
     return y, z, x.new_empty((shape[1],), dtype=sdt), x.new_empty((shape[1],), dtype=sdt)
 
@@ -121,7 +126,7 @@ def fake_backward_outputs(x, gates, weight, bias, bn_weight, bn_bias):
 @_fused_forward.register_fake
 def _fused_forward_fake(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                         use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward, backend):
-    return fake_forward_outputs(x, weight, stride, pad_h, pad_w, save_for_backward)
+    return fake_forward_outputs(x, weight, stride, pad_h, pad_w, save_for_backward, z_nchw=backend == "cuda")
 
 
 @torch.library.custom_op("fastblock::mixed_conv_bn_relu_bwd", mutates_args=())
