@@ -39,7 +39,6 @@ namespace {
 constexpr size_t kMinPooledBytes = size_t(64) << 10;  // smaller blocks: malloc's own free lists do the job
 
 thread_local int scope_depth = 0;
-void* const kOff = reinterpret_cast<void*>(uintptr_t(1));  // allocate(): "the pool is off" marker
 
 class PoolingCPUAllocator final : public c10::Allocator {
  public:
@@ -47,28 +46,27 @@ class PoolingCPUAllocator final : public c10::Allocator {
 
   c10::DataPtr allocate(size_t nbytes) override {
     if (scope_depth == 0 || nbytes < kMinPooledBytes) return fallback_->allocate(nbytes);
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (limit_ == 0) {  // pool off
+      lock.unlock();
+      return fallback_->allocate(nbytes);
+    }
     void* ptr = nullptr;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (limit_ == 0) ptr = kOff;
-      auto it = ptr ? cached_.end() : cached_.find(nbytes);
-      if (it != cached_.end()) {
-        ptr = it->second.back();
-        it->second.pop_back();
-        if (it->second.empty()) cached_.erase(it);
-        cached_bytes_ -= nbytes;
-        ++hits_;
-        live_.emplace(ptr, nbytes);
-      } else if (!ptr) {
-        ++misses_;
-      }
-    }
-    if (ptr == kOff) return fallback_->allocate(nbytes);
-    if (ptr == nullptr) {
+    auto it = cached_.find(nbytes);
+    if (it != cached_.end()) {
+      ptr = it->second.back();
+      it->second.pop_back();
+      if (it->second.empty()) cached_.erase(it);
+      cached_bytes_ -= nbytes;
+      ++hits_;
+    } else {
+      ++misses_;
+      lock.unlock();  // the system allocation runs outside the lock
       ptr = c10::alloc_cpu(nbytes);
-      std::lock_guard<std::mutex> lock(mutex_);
-      live_.emplace(ptr, nbytes);
+      lock.lock();
     }
+    live_.emplace(ptr, nbytes);
+    lock.unlock();
     c10::profiledCPUMemoryReporter().New(ptr, nbytes);
     return {ptr, ptr, &free_block, c10::Device(c10::DeviceType::CPU)};
   }

@@ -110,11 +110,8 @@ bool use_concat(int64_t k, int64_t ho, int64_t wo) {
 // The concatenation schedule's kernels [Cout, K*Cin, kh, kw] (W_k side by side along the input channels), a
 // transposed copy of weight [K, Cout, Cin, kh, kw].
 at::Tensor concat_kernels(const at::Tensor& weight) {
-  const int64_t k = weight.size(0), cout = weight.size(1), cin = weight.size(2), kh = weight.size(3),
-                kw = weight.size(4);
-  auto w_cat = at::empty({cout, k, cin, kh, kw}, weight.options());
-  w_cat.copy_(weight.transpose(0, 1));
-  return w_cat.view({cout, k * cin, kh, kw});
+  return weight.transpose(0, 1).reshape({weight.size(1), weight.size(0) * weight.size(2), weight.size(3),
+                                         weight.size(4)});
 }
 
 // z = sum_k a[n,k] (conv(x, W_k) + b_k), optionally followed by a per-channel affine (eval-mode BN folding).
@@ -276,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto sum_g = at::empty({cout}, x.options().dtype(sdt));
   auto sum_gx = at::empty({cout}, x.options().dtype(sdt));
   { FASTBLOCK_PROFILE("bn_relu_bwd_reduce"); kern.bn_relu_bwd_reduce(dyc, zc, mean_c, invstd_c, gamma, beta, sum_g, sum_gx); }
-  auto dz = at::empty(zc.sizes(), zc.options());
+  auto dz = at::empty_like(zc);
   auto dz_sum = at::empty({n, cout}, x.options().dtype(sdt));
   { FASTBLOCK_PROFILE("bn_relu_bwd_dz"); kern.bn_relu_bwd_dz(dyc, zc, mean_c, invstd_c, gamma, beta, sum_g, sum_gx, use_batch_stats, dz, dz_sum); }
 

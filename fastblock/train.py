@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     hp.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], help="autocast (auto: bf16 on GPUs, off on CPU)")
     hp.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                     help="channels-last activations and weights (default: on GPUs only; on CPU the extension "
-                         "computes in NCHW and would pay a layout copy per Block)"),
+                         "computes in NCHW and would pay a layout copy per Block)")
     hp.add_argument("--tta", action=argparse.BooleanOptionalAction, help="flip test-time augmentation")
     hp.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     run = p.add_argument_group("runs")
