@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
-# Everything fastblock still has to measure on a GPU, in stages that each fit one 10-minute `device` run.
-# Results land in $OUT (the device tool brings back up to 8 files): logs, pytest-benchmark JSON, the report
-# (markdown + plot) and each training run's summary.json / metrics.csv.
+# Every GPU check of fastblock, for any machine with an NVIDIA GPU, in stages of under 10 minutes each. Logs and
+# results go to $OUT (default bench/out/gpu-session): at most 8 files per stage (logs, pytest-benchmark JSON, the
+# report as markdown + plot, each training run's summary.json / metrics.csv).
 #
 #   bash bench/gpu_session.sh check            # extension build (with CUDA), Triton AOT compile of every kernel
 #   bash bench/gpu_session.sh tests            # the whole test suite, GPU tests included
 #   bash bench/gpu_session.sh bench            # pytest-benchmark quick subset + report (bf16, N=512, K=4)
-#   bash bench/gpu_session.sh train BACKEND    # default preset on CIFAR-10 from data/cifar10-jpeg.tar.gz
+#   bash bench/gpu_session.sh train BACKEND    # default preset on CIFAR-10 from $GPU_SESSION_DATA
 #
-# Data for `train`: on the developer machine, `mkdir -p data && cp ../shared/data/cifar10-jpeg.tar.gz data/`
-# (data/ is git-ignored) and pass carry=["data"] to the device run. GPU_SESSION_QUICK=1 shrinks every stage
-# to a smoke run; tests/test_gpu_session.py uses it on CPU so this script cannot rot unnoticed.
+# GPU_SESSION_DATA: anything the trainer's --data-dir takes (default data/cifar10-jpeg.tar.gz). GPU_SESSION_QUICK=1
+# shrinks every stage to a smoke run; tests/test_gpu_session.py uses it on CPU so this script cannot rot unnoticed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out/gpu-session}
@@ -66,14 +65,14 @@ case "$stage" in
     step report "$PY" -m bench.report "$OUT/bench.json" --markdown --plot "$OUT/speedup.png"
     ;;
   train)
-    backend=${2:?usage: gpu_session.sh train triton|cuda|reference}
+    backend=${2:?usage: gpu_session.sh train triton|extension|reference}
     data=${GPU_SESSION_DATA:-data/cifar10-jpeg.tar.gz}
-    [ -e "$data" ] || { echo "no data at $data: copy ../shared/data/cifar10-jpeg.tar.gz into data/ and carry it" >&2; exit 2; }
+    [ -e "$data" ] || { echo "no data at $data: set GPU_SESSION_DATA to CIFAR-10 in any form --data-dir takes" >&2; exit 2; }
     versions | tee "$OUT/versions.txt"
     extra=()
     [ "$QUICK" = 1 ] && extra=(--preset tiny --epochs 1 --subset 200 --device cpu)
-    run_dir=${GPU_SESSION_RUNS:-runs}/gpu-$backend  # outside $OUT: the device tool brings back 8 files at most
-    rm -rf "$run_dir"
+    # outside $OUT, which keeps to 8 files per stage; a new directory per run, never an earlier run's
+    run_dir=${GPU_SESSION_RUNS:-runs}/gpu-$backend-$(date +%Y%m%d-%H%M%S)
     step "train-$backend" "$PY" -m fastblock.train --data-dir "$data" --backend "$backend" --no-progress \
       --cache-dir "${GPU_SESSION_CACHE:-.cache/fastblock}" --out "$run_dir" "${extra[@]}"
     for f in summary.json metrics.csv; do

@@ -9,7 +9,7 @@ hands freed multi-MB buffers back to the OS, so which allocations page-fault dep
 the state of the provider timed before it.
 
     python -m bench.interleaved                                  # fwdbwd N32-C64-16x16-K4 float32 on CPU
-    python -m bench.interleaved --mode fwd --n 8 --rounds 50 --providers reference,dynconv,cuda
+    python -m bench.interleaved --mode fwd --n 8 --rounds 50 --providers reference,dynconv,extension
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--providers", default="reference,dynconv,cuda",
+    ap.add_argument("--providers", default="reference,dynconv,extension",
                     help="comma-separated; the first is the baseline of the ratios (default: %(default)s)")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--settle", type=int, default=1,

@@ -5,8 +5,7 @@ Providers
   compiled    torch.compile of the reference (inductor)
   dynconv     the public CondConv/DynamicConv formulation: mix the K kernels per sample with einsum, one grouped
               convolution with groups=N, then F.batch_norm + ReLU -- the strongest plain-PyTorch rival
-  triton      fastblock's Triton kernels
-  cuda        fastblock's C++/CUDA extension
+  <backend>   each fused fastblock backend of the registry (triton, extension, ...)
 """
 from __future__ import annotations
 
@@ -19,7 +18,8 @@ import torch.nn.functional as F
 import fastblock
 from fastblock.reference import mixed_conv_bn_relu_reference
 
-PROVIDERS = ("reference", "compiled", "dynconv", "triton", "cuda")
+PROVIDERS = ("reference", "compiled", "dynconv",
+             *(name for name in fastblock.backend_names() if fastblock.get_backend(name).fused))
 MODES = ("fwd", "fwdbwd", "eval")
 
 

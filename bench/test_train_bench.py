@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastblock import available_backends, train
+from fastblock import available_backends, backend_names, train
 from fastblock.models import build_model
 
 
-@pytest.mark.parametrize("backend", ["reference", "cuda", "triton"])
+@pytest.mark.parametrize("backend", backend_names())
 def test_train_step_throughput(benchmark, backend, device, bench_mode):
     status = available_backends(device)[backend]
     if not status.available or (backend == "triton" and device == "cpu"):

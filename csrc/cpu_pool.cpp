@@ -1,31 +1,30 @@
-// A caching CPU allocator that serves fastblock's CPU op calls (PoolScope in fastblock.h) and nothing else.
+// An opt-in caching CPU allocator that serves fastblock's CPU op calls (PoolScope in fastblock.h) and nothing else.
 //
-// Why: inside one fwd+bwd, oneDNN (through ATen) allocates every buffer it works in -- the blocked copies of
-// the activations and of the per-sample kernels, the weight-gradient outputs -- and ATen allocates each op's
-// outputs. glibc serves multi-MB requests with fresh mmaps and hands them back to the kernel on free, so every
-// call page-faults its whole working set in again (~0.5 ms per MB on the measured VM): in oneDNN's verbose log
-// of one fwd+bwd at N=32, C=64, 16x16, K=4, the reorders into such fresh buffers took 5.3 of ~16.5 ms, 2.9 ms
-// with this pool. CUDA tensors have PyTorch's caching allocator for this; CPU tensors have none, and ATen's
-// convolutions take no output buffers, so the op cannot hand them reused memory itself.
+// Off by default: switching it on (fastblock.extension.set_cpu_pool_limit(bytes > 0), or FASTBLOCK_EXT_POOL_BYTES
+// > 0 at the first op call) installs it as c10's CPU allocator for the rest of the process, a process-wide change
+// a library must not make unasked. Why one might: glibc serves multi-MB requests with fresh mmaps and hands them
+// back on free, so oneDNN's and ATen's buffers inside each call page-fault their whole working set in again;
+// CUDA tensors have a caching allocator for this, CPU tensors have none (measurements: bench/RESULTS.md).
 //
-// How: installed once as c10's CPU allocator, it forwards every request to the allocator it replaced -- the
-// rest of the process sees no change -- except on a thread inside a PoolScope, where requests of at least
-// kMinPooledBytes are served from a cache of freed blocks of the same size (sizes repeat exactly from one
-// training step to the next). A pooled block freed anywhere, on any thread and at any later time, goes back to
-// the cache; when the cache would grow past its limit (FASTBLOCK_EXT_POOL_BYTES, default 256 MiB; 0 turns the
-// pool off), other cached blocks are returned to the system first. Allocations are reported to the profiler
-// like the default allocator's. (c10 has the same scoped design for mobile builds -- CPUCachingAllocator with
-// WithCPUCachingAllocatorGuard -- which desktop builds do not consult.)
-// One deviation from c10::Allocator's contract: raw_deleter() is the pool's deleter, while requests outside a
-// scope return the replaced allocator's DataPtr with its own deleter. raw_deallocate() handles both (ATen's
-// oneDNN glue allocates through raw_allocate/raw_deallocate); code that decides ownership by comparing a CPU
-// tensor's deleter with raw_deleter() would see such tensors as foreign, the conservative answer.
+// How: once installed it forwards every request to the allocator it replaced -- the rest of the process sees no
+// change -- except on a thread inside a PoolScope, where requests of at least kMinPooledBytes are served from a
+// cache of freed blocks of the same size (sizes repeat exactly from one training step to the next). A pooled block
+// freed anywhere, on any thread and at any later time, goes back to the cache; when the cache would grow past its
+// limit, other cached blocks are returned to the system first. Allocations are reported to the profiler like the
+// default allocator's.
+// The contract it bends: c10::Allocator's raw_deleter() is the pool's deleter, while requests outside a scope
+// return the replaced allocator's DataPtr with its own deleter. raw_deallocate() handles both (ATen's oneDNN glue
+// allocates through raw_allocate/raw_deallocate); code that decides ownership by comparing a CPU tensor's deleter
+// with raw_deleter() would see such tensors as foreign, the conservative answer. It is never uninstalled (tensors
+// anywhere may still carry its deleter); limit 0 makes it forward everything.
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 #ifndef _WIN32
 #include <pthread.h>
 #endif
 
+#include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <mutex>
 #include <unordered_map>
@@ -153,15 +152,15 @@ void PoolingCPUAllocator::free_block(void* ptr) {
 }
 
 size_t limit_from_env() {
-  if (const char* env = std::getenv("FASTBLOCK_EXT_POOL_BYTES")) return static_cast<size_t>(std::atoll(env));
-  return size_t(256) << 20;
+  if (const char* env = std::getenv("FASTBLOCK_EXT_POOL_BYTES")) return static_cast<size_t>(std::max(0LL, std::atoll(env)));
+  return 0;
 }
 
-// Installed on first use and never removed: tensors anywhere may still carry its deleter. A null result means
-// another allocator with a higher priority owns the CPU slot, and the op runs unpooled.
-PoolingCPUAllocator* pool() {
-  static PoolingCPUAllocator* installed = [] {
-    g_pool = new PoolingCPUAllocator(c10::GetCPUAllocator(), limit_from_env());
+// Installs the pool with `limit` (once; later calls only return it). Null when another allocator with a higher
+// priority owns the CPU slot: the op then runs unpooled.
+PoolingCPUAllocator* install(size_t limit) {
+  static PoolingCPUAllocator* installed = [limit] {
+    g_pool = new PoolingCPUAllocator(c10::GetCPUAllocator(), limit);
     c10::SetCPUAllocator(g_pool, /*priority=*/0);
 #ifndef _WIN32
     // a fork() while another thread holds the lock must not leave the child's copy locked
@@ -171,6 +170,19 @@ PoolingCPUAllocator* pool() {
     return g_pool;
   }();
   return c10::GetCPUAllocator() == installed ? installed : nullptr;
+}
+
+std::atomic<bool> g_installed{false};
+
+// The pool when it is on, else null. FASTBLOCK_EXT_POOL_BYTES > 0 switches it on at the first op call.
+PoolingCPUAllocator* pool() {
+  static const bool from_env = [] {
+    const size_t limit = limit_from_env();
+    if (limit > 0 && install(limit) != nullptr) g_installed.store(true);
+    return true;
+  }();
+  (void)from_env;
+  return g_installed.load(std::memory_order_acquire) ? install(0) : nullptr;
 }
 
 }  // namespace
@@ -193,7 +205,13 @@ void cpu_pool_empty_cache() {
 
 void cpu_pool_set_limit(int64_t bytes) {
   TORCH_CHECK(bytes >= 0, "fastblock: the CPU pool limit must be >= 0 bytes, got ", bytes);
-  if (auto* p = pool()) p->set_limit(static_cast<size_t>(bytes));
+  if (auto* p = pool()) {
+    p->set_limit(static_cast<size_t>(bytes));
+  } else if (bytes > 0) {
+    TORCH_CHECK(install(static_cast<size_t>(bytes)) != nullptr,
+                "fastblock: cannot switch the CPU pool on: another CPU allocator has a higher priority");
+    g_installed.store(true, std::memory_order_release);
+  }
 }
 
 }  // namespace fastblock

@@ -49,8 +49,8 @@ struct DeviceKernels {
 
 const DeviceKernels& cpu_kernels();
 
-// While a PoolScope lives on a thread, that thread's CPU allocations of 64 KiB and more (its own, ATen's and
-// oneDNN's) come from a cache of freed blocks instead of fresh mmaps (cpu_pool.cpp says why and how).
+// While a PoolScope lives on a thread and the opt-in pool is on, that thread's CPU allocations of 64 KiB and
+// more (its own, ATen's and oneDNN's) come from a cache of freed blocks instead of fresh mmaps (cpu_pool.cpp).
 class PoolScope {
  public:
   PoolScope();
@@ -62,7 +62,7 @@ class PoolScope {
   bool active_;
 };
 // The pool's state: {cached bytes, pooled blocks in use, hits, misses, limit in bytes}; its cached blocks
-// returned to the system; its limit (0 turns it off).
+// returned to the system; its limit (> 0 installs it on first use, 0 turns it off).
 std::vector<int64_t> cpu_pool_stats();
 void cpu_pool_empty_cache();
 void cpu_pool_set_limit(int64_t bytes);
@@ -75,12 +75,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const at::Tensor& bias, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
     const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
     bool use_batch_stats, double momentum, double eps, int64_t stride, int64_t pad_h, int64_t pad_w,
-    bool save_for_backward);
+    bool save_for_backward, int64_t schedule);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const DeviceKernels& kern, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gates,
     const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
     const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd, bool use_batch_stats, int64_t stride,
-    int64_t pad_h, int64_t pad_w);
+    int64_t pad_h, int64_t pad_w, int64_t schedule);
+
+// The `schedule` argument of the ops: the shape rule picks (kScheduleAuto), or a forced one (tests).
+constexpr int64_t kScheduleAuto = -1, kScheduleMix = 0, kScheduleConcat = 1;
 
 }  // namespace fastblock

@@ -258,9 +258,10 @@ void bn_relu_apply_cpu(const at::Tensor& z, const at::Tensor& mean, const at::Te
 }
 
 // The BN+ReLU backward kernels recompute, per element, xhat = (z - mean) * invstd and the ReLU mask
-// [xhat * gamma + beta > 0] from z (cheaper than saving y), and use g = dy * mask. They are written with ATen's
-// Vectorized (AVX2 when the build targets it): gcc turned the plain-loop versions' two interleaved reductions and
-// select into shuffles and scalar adds, 5x slower.
+// [xhat * gamma + beta > 0] from z (cheaper than saving y), and use g = dy * mask. As in torch's ReLU backward the
+// mask is "not <= 0": a NaN passes the gradient. They are written with ATen's
+// Vectorized (AVX2 when the build targets it): gcc vectorises the plain-loop versions' two interleaved reductions
+// and select poorly (bench/RESULTS.md).
 void bn_relu_bwd_reduce_cpu(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean,
                             const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta,
                             at::Tensor& sum_g, at::Tensor& sum_gx) {
@@ -291,13 +292,13 @@ void bn_relu_bwd_reduce_cpu(const at::Tensor& dy, const at::Tensor& z, const at:
           int64_t j = 0;
           for (; j + Vec::size() <= len; j += Vec::size()) {
             const Vec xhat = (Vec::loadu(zr + j) - vm) * vs;
-            const Vec g = Vec::blendv(zero, Vec::loadu(dr + j), (xhat * vgm + vbt) > zero);
+            const Vec g = Vec::blendv(Vec::loadu(dr + j), zero, (xhat * vgm + vbt) <= zero);
             v1 = v1 + g;
             v2 = at::vec::fmadd(g, xhat, v2);
           }
           for (; j < len; ++j) {
             const acc_t xhat = (zr[j] - m) * s;
-            const acc_t g = (xhat * gm + bt > acc_t(0)) ? dr[j] : acc_t(0);
+            const acc_t g = (xhat * gm + bt <= acc_t(0)) ? acc_t(0) : dr[j];
             t1 += g;
             t2 += g * xhat;
           }
@@ -350,15 +351,16 @@ void bn_relu_bwd_dz_cpu(const at::Tensor& dy, const at::Tensor& z, const at::Ten
           // dz = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat)); written in acc_t, stored as data_t
           acc_t* o = std::is_same_v<data_t, acc_t> ? reinterpret_cast<acc_t*>(out + plane * hw + j0) : obuf;
           int64_t j = 0;
+          // eval mode: dz = gamma * invstd * g alone (no 0 * xhat term: a NaN z must not reach dz through it)
           for (; j + Vec::size() <= len; j += Vec::size()) {
             const Vec xhat = (Vec::loadu(zr + j) - vm) * vs;
-            const Vec g = Vec::blendv(zero, Vec::loadu(dr + j), (xhat * vgm + vbt) > zero);
-            (vk * (g - vmg - xhat * vmgx)).store(o + j);
+            const Vec g = Vec::blendv(Vec::loadu(dr + j), zero, (xhat * vgm + vbt) <= zero);
+            (batch_stats ? vk * (g - vmg - xhat * vmgx) : vk * g).store(o + j);
           }
           for (; j < len; ++j) {
             const acc_t xhat = (zr[j] - m) * s;
-            const acc_t g = (xhat * gm + bt > acc_t(0)) ? dr[j] : acc_t(0);
-            o[j] = k_scale * (g - mean_g - xhat * mean_gx);
+            const acc_t g = (xhat * gm + bt <= acc_t(0)) ? acc_t(0) : dr[j];
+            o[j] = batch_stats ? k_scale * (g - mean_g - xhat * mean_gx) : k_scale * g;
           }
           if constexpr (!std::is_same_v<data_t, acc_t>) {  // round to data_t; sum what was stored
             data_t* dst = out + plane * hw + j0;

@@ -93,7 +93,7 @@ __global__ void bn_relu_apply_kernel(const data_t* __restrict__ z, const acc_t* 
     const int64_t ch = (i / hw) % c;
     const acc_t scale = invstd[ch] * gamma[ch];
     const acc_t v = static_cast<acc_t>(z[i]) * scale + (beta[ch] - mean[ch] * scale);
-    y[i] = static_cast<data_t>(v > acc_t(0) ? v : acc_t(0));
+    y[i] = static_cast<data_t>(v < acc_t(0) ? acc_t(0) : v);  // NaN propagates, as in torch.relu
   }
 }
 
@@ -111,7 +111,7 @@ __global__ void bn_relu_bwd_reduce_kernel(const data_t* __restrict__ dy, const d
     const int64_t s = i / hw, j = i - s * hw;
     const int64_t idx = (s * c + ch) * hw + j;
     const acc_t xhat = (static_cast<acc_t>(z[idx]) - mean[ch]) * invstd[ch];
-    if (xhat * gamma[ch] + beta[ch] > acc_t(0)) {
+    if (!(xhat * gamma[ch] + beta[ch] <= acc_t(0))) {  // torch's ReLU mask: a NaN passes the gradient
       const acc_t g = static_cast<acc_t>(dy[idx]);
       s1 += g;
       s2 += g * xhat;
@@ -143,8 +143,9 @@ __global__ void bn_relu_bwd_dz_kernel(const data_t* __restrict__ dy, const data_
   for (int64_t j = threadIdx.x; j < hw; j += kThreads) {
     const int64_t idx = plane * hw + j;
     const acc_t xhat = (static_cast<acc_t>(z[idx]) - mean[ch]) * invstd[ch];
-    const acc_t g = xhat * gamma[ch] + beta[ch] > acc_t(0) ? static_cast<acc_t>(dy[idx]) : acc_t(0);
-    const data_t v = static_cast<data_t>(k_scale * (g - mean_g - xhat * mean_gx));
+    const acc_t g = xhat * gamma[ch] + beta[ch] <= acc_t(0) ? acc_t(0) : static_cast<acc_t>(dy[idx]);
+    // eval mode: no 0 * xhat term (a NaN z must not reach dz through it)
+    const data_t v = static_cast<data_t>(batch_stats ? k_scale * (g - mean_g - xhat * mean_gx) : k_scale * g);
     dz[idx] = v;
     total += static_cast<acc_t>(v);
   }
@@ -349,20 +350,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& x, const at::Tensor& gates, const at::Tensor& weight, const at::Tensor& bias,
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, bool use_batch_stats, double momentum, double eps, int64_t stride,
-    int64_t pad_h, int64_t pad_w, bool save_for_backward) {
+    int64_t pad_h, int64_t pad_w, bool save_for_backward, int64_t schedule) {
   const c10::cuda::CUDAGuard guard(x.device());
   return forward_impl(cuda_kernels(), x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                      use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward);
+                      use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward, schedule);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gates, const at::Tensor& weight,
     const at::Tensor& bias, const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& z,
     const at::Tensor& mean, const at::Tensor& invstd, bool use_batch_stats, int64_t stride, int64_t pad_h,
-    int64_t pad_w) {
+    int64_t pad_w, int64_t schedule) {
   const c10::cuda::CUDAGuard guard(x.device());
   return backward_impl(cuda_kernels(), dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd,
-                       use_batch_stats, stride, pad_h, pad_w);
+                       use_batch_stats, stride, pad_h, pad_w, schedule);
 }
 
 }  // namespace

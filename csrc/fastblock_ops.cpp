@@ -5,10 +5,9 @@
 //
 // Memory (per call): the mixed kernels W_n [S, Cout, Cin, kh, kw] and, in backward, the per-sample weight
 // gradient G_n of the same size, are only ever held for a chunk of S samples, with S chosen so that one such
-// buffer stays under chunk_bytes() (CPU 16 MiB, CUDA 256 MiB); besides that, forward keeps z (saved for backward)
-// and y, backward dz and dx. On CPU every allocation of a call goes through the pool of cpu_pool.cpp.
+// buffer stays under chunk_bytes(); besides that, forward keeps z (saved for backward) and y, backward dz and dx.
 // Channels-last inputs are computed in NCHW (the grouped reshape needs it) and y and dx returned channels-last;
-// the saved z stays NCHW.
+// the saved z stays NCHW. Running statistics may be any view: a non-contiguous one is updated through a copy.
 #include <torch/library.h>
 
 #include <ATen/ATen.h>
@@ -25,13 +24,9 @@
 namespace fastblock {
 namespace {
 
-// Target size of one chunk's mixed kernels (and, in backward, its per-sample weight gradients).
-//   CUDA: 256 MiB, a memory bound only -- bigger grouped convolutions keep the GPU busier.
-//   CPU: 16 MiB. With the allocation pool (cpu_pool.cpp) buffers are not page-faulted afresh, and then fewer,
-//   bigger grouped convolutions win up to a point: fwd+bwd at 16x16, K=4 (bench/RESULTS.md) with one chunk of
-//   all 32 samples at C=128 (19 MiB of kernels) was 25% faster than with 2 MiB chunks, but at N=128 (75 MiB)
-//   one chunk was 1.5x slower than 16-64 MiB chunks; 16 MiB was within 5% of the best at every shape tried.
-// FASTBLOCK_EXT_CHUNK_BYTES overrides it (tests use a tiny value to exercise the multi-chunk path).
+// Target size of one chunk's mixed kernels (and, in backward, its per-sample weight gradients): CPU 16 MiB (the
+// fastest budget measured, bench/RESULTS.md), CUDA 256 MiB (a memory bound only). FASTBLOCK_EXT_CHUNK_BYTES
+// overrides it (tests use a tiny value to exercise the multi-chunk path).
 int64_t chunk_bytes(const at::Device& device) {
   if (const char* env = std::getenv("FASTBLOCK_EXT_CHUNK_BYTES")) {
     const long long v = std::atoll(env);
@@ -89,21 +84,12 @@ int64_t samples_per_chunk(int64_t n, int64_t per_sample_elems, int64_t elem_size
 //             FLOPs of one convolution, plus N * Cout*Cin*kh*kw mixed-kernel elements written and read;
 //   concat -- conv([a_1 x .. a_K x], [W_1 .. W_K]): one ordinary convolution over K*Cin channels; K times the
 //             FLOPs, plus a K-fold copy of x, but no per-sample kernels.
-// Per sample, mixing moves Cout*Cin*kh*kw kernel elements through memory several times (written, reordered by
-// oneDNN, read by the convolution) to save (K-1) convolutions' worth of FLOPs, 2*Ho*Wo per kernel element
-// each; the concatenation moves K*Cin*H*W activations instead. So mixing wins once (K-1)*Ho*Wo is large enough,
-// whatever the channel counts. Measured fwd+bwd on CPU (N=32, C=128..512, bench/RESULTS.md) the crossover lies
-// at (K-1)*Ho*Wo ~ 144: K=4 mixes from 8x8 (1.53x vs 1.18x the reference at C=128) and concatenates at 6x6 and
-// 4x4 (1.17x vs 0.57x at C=256); K=2 concatenates at 8x8 and mixes at 12x12; K=6 mixes at 6x6. K=1 always
-// concatenates: its "concatenation" is one ordinary convolution of a[n]*x[n], with no per-sample kernels.
-// (The rule is the CPU one; on CUDA it is unmeasured.)
-// FASTBLOCK_EXT_SCHEDULE=mix|concat overrides the rule (tests cover both paths with it).
-bool use_concat(int64_t k, int64_t ho, int64_t wo) {
-  if (const char* env = std::getenv("FASTBLOCK_EXT_SCHEDULE")) {
-    const std::string v(env);
-    if (v == "mix") return false;
-    if (v == "concat") return true;
-  }
+// Mixing saves (K-1) convolutions, 2*Ho*Wo FLOPs per kernel element each, so it wins once (K-1)*Ho*Wo is large
+// enough, whatever the channel counts: the CPU crossover measured ~144 (bench/RESULTS.md; unmeasured on CUDA).
+// K=1 always concatenates: one ordinary convolution of a[n]*x[n], no per-sample kernels.
+bool use_concat(int64_t schedule, int64_t k, int64_t ho, int64_t wo) {
+  TORCH_CHECK(schedule >= kScheduleAuto && schedule <= kScheduleConcat, "fastblock: unknown schedule ", schedule);
+  if (schedule != kScheduleAuto) return schedule == kScheduleConcat;
   return (k - 1) * ho * wo < 144;
 }
 
@@ -201,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const at::Tensor& bias, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
     const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
     bool use_batch_stats, double momentum, double eps, int64_t stride, int64_t pad_h, int64_t pad_w,
-    bool save_for_backward) {
+    bool save_for_backward, int64_t schedule) {
   check_common(x, gates, weight, bias, bn_weight, bn_bias, stride, pad_h, pad_w);
   TORCH_CHECK(running_mean.has_value() == running_var.has_value(),
               "fastblock: running_mean and running_var must be given together");
@@ -228,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   }
 
   at::Tensor z = gated_conv(kern, xc, gates_acc, weight, bias, fold ? &scale : nullptr, fold ? &shift : nullptr,
-                            stride, pad_h, pad_w, use_concat(k, ho, wo));
+                            stride, pad_h, pad_w, use_concat(schedule, k, ho, wo));
 
   if (fold) {
     z.relu_();
@@ -238,13 +224,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     mean = at::empty({cout}, x.options().dtype(sdt));
     invstd = at::empty({cout}, x.options().dtype(sdt));
     at::Tensor rm, rv;
-    if (running_mean.has_value()) {
-      rm = *running_mean;
-      rv = *running_var;
-      TORCH_CHECK(rm.is_contiguous() && rv.is_contiguous(), "fastblock: running stats must be contiguous");
+    if (running_mean.has_value()) {  // the kernels write contiguous running stats; a view is updated via a copy
+      rm = running_mean->contiguous();
+      rv = running_var->contiguous();
     }
     { FASTBLOCK_PROFILE("bn_stats"); kern.bn_stats(z, mean, invstd, running_mean.has_value() ? &rm : nullptr,
                   running_var.has_value() ? &rv : nullptr, momentum, eps); }
+    if (running_mean.has_value()) {
+      if (!rm.is_same(*running_mean)) running_mean->copy_(rm);
+      if (!rv.is_same(*running_var)) running_var->copy_(rv);
+    }
   }
   auto y = at::empty_like(z);
   { FASTBLOCK_PROFILE("bn_relu_apply"); kern.bn_relu_apply(z, mean, invstd, gamma, beta, y); }
@@ -256,7 +245,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const DeviceKernels& kern, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gates,
     const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
     const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd, bool use_batch_stats, int64_t stride,
-    int64_t pad_h, int64_t pad_w) {
+    int64_t pad_h, int64_t pad_w, int64_t schedule) {
   check_common(x, gates, weight, bias, bn_weight, bn_bias, stride, pad_h, pad_w);
   TORCH_CHECK(z.dim() == 4 && dy.sizes() == z.sizes(), "fastblock: dy ", dy.sizes(), " must match z ", z.sizes());
   const auto sdt = stats_dtype(x);
@@ -278,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   { FASTBLOCK_PROFILE("bn_relu_bwd_dz"); kern.bn_relu_bwd_dz(dyc, zc, mean_c, invstd_c, gamma, beta, sum_g, sum_gx, use_batch_stats, dz, dz_sum); }
 
   at::Tensor dx;
-  const bool concat = use_concat(k, ho, wo);
+  const bool concat = use_concat(schedule, k, ho, wo);
   // the mixing schedule accumulates dW chunk by chunk; the concatenation schedule writes it once
   auto dw_acc = concat ? at::empty({k, f}, x.options().dtype(sdt)) : at::zeros({k, f}, x.options().dtype(sdt));
   auto dgates = at::empty({n, k}, x.options().dtype(sdt));
@@ -303,20 +292,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& x, const at::Tensor& gates, const at::Tensor& weight, const at::Tensor& bias,
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, bool use_batch_stats, double momentum, double eps, int64_t stride,
-    int64_t pad_h, int64_t pad_w, bool save_for_backward) {
+    int64_t pad_h, int64_t pad_w, bool save_for_backward, int64_t schedule) {
   PoolScope pooled;
   return forward_impl(cpu_kernels(), x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                      use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward);
+                      use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward, schedule);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gates, const at::Tensor& weight,
     const at::Tensor& bias, const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& z,
     const at::Tensor& mean, const at::Tensor& invstd, bool use_batch_stats, int64_t stride, int64_t pad_h,
-    int64_t pad_w) {
+    int64_t pad_w, int64_t schedule) {
   PoolScope pooled;
   return backward_impl(cpu_kernels(), dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd,
-                       use_batch_stats, stride, pad_h, pad_w);
+                       use_batch_stats, stride, pad_h, pad_w, schedule);
 }
 
 }  // namespace
@@ -326,12 +315,12 @@ TORCH_LIBRARY(fastblock_ext, m) {
   m.def(
       "forward(Tensor x, Tensor gates, Tensor weight, Tensor bias, Tensor bn_weight, Tensor bn_bias, "
       "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool use_batch_stats, float momentum, float eps, "
-      "int stride, int pad_h, int pad_w, bool save_for_backward) -> (Tensor, Tensor, Tensor, Tensor)");
+      "int stride, int pad_h, int pad_w, bool save_for_backward, int schedule=-1) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "backward(Tensor dy, Tensor x, Tensor gates, Tensor weight, Tensor bias, Tensor bn_weight, Tensor bn_bias, "
-      "Tensor z, Tensor mean, Tensor invstd, bool use_batch_stats, int stride, int pad_h, int pad_w) "
+      "Tensor z, Tensor mean, Tensor invstd, bool use_batch_stats, int stride, int pad_h, int pad_w, int schedule=-1) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // The CPU ops' allocation pool (cpu_pool.cpp): inspect, empty, limit.
+  // The CPU ops' opt-in allocation pool (cpu_pool.cpp): inspect, empty, limit (> 0 switches it on).
   m.def("cpu_pool_stats() -> int[]", &fastblock::cpu_pool_stats);
   m.def("cpu_pool_empty_cache() -> ()", &fastblock::cpu_pool_empty_cache);
   m.def("cpu_pool_set_limit(int bytes) -> ()", &fastblock::cpu_pool_set_limit);

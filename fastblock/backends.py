@@ -1,41 +1,163 @@
-"""Backend registry: which implementations can run on which device, and how ``backend="auto"`` chooses.
+"""The backend contract and its registry: which implementations exist, where they run, how ``auto`` chooses.
 
-Backends:
-  * ``triton``    -- fused Triton kernels (fastblock/triton_backend.py). CUDA tensors; CPU tensors only
-                     under the Triton interpreter (``TRITON_INTERPRET=1`` set before fastblock is imported).
-  * ``cuda``      -- the compiled C++/CUDA extension in csrc/ (fastblock/extension.py): C++ code on CPU
-                     tensors, CUDA kernels on GPU tensors.
-  * ``reference`` -- pure PyTorch (fastblock/reference.py); always available.
+Every fused backend is a module with three functions (fastblock/triton_backend.py, fastblock/extension.py):
 
-``auto`` picks triton -> cuda -> reference on CUDA tensors and cuda -> reference on CPU tensors. The
-``FASTBLOCK_BACKEND`` environment variable overrides ``auto`` (never an explicit choice). An explicitly
-requested backend that cannot run raises ``RuntimeError`` with the reason; it never silently falls back.
+    status(device_type) -> BackendStatus              can it run on this device type, and why (not)
+    forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+            use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward) -> (y, z, mean, invstd)
+    backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd,
+             use_batch_stats, stride, pad_h, pad_w) -> (dx, dgates, dweight, dbias, dbn_weight, dbn_bias)
+
+z is the pre-BatchNorm activation (saved for backward; an empty tensor when not needed); mean/invstd are the
+per-channel statistics that normalised it (batch statistics when ``use_batch_stats``, else the running ones),
+in float32 (float64 for float64 data). Every tensor argument may have any strides; running statistics are
+updated in place when given and ``use_batch_stats``. y and dx are laid out like x.
+
+A ``Backend`` record names such a module (through a loader function, so importing fastblock imports no kernel
+library) and says where it runs and where it stands in the ``auto`` order. Adding a backend is one module plus
+one ``register_backend(Backend(...))``. ``reference`` (pure PyTorch, fastblock/reference.py) is registered too;
+it is called directly, autograd doing its backward.
+
+``auto`` takes the first backend in ``auto_order`` that runs on the tensors' device and supports the problem.
+``FASTBLOCK_BACKEND`` overrides ``auto`` (never an explicit choice). An explicitly requested backend that cannot
+run raises ``RuntimeError`` with the reason and the fix; it never silently falls back.
 """
 from __future__ import annotations
 
-import importlib
+import dataclasses
 import os
-from typing import NamedTuple, Optional, Union
+from types import ModuleType
+from typing import Callable, Optional, Union
 
 import torch
 
-BACKENDS = ("triton", "cuda", "reference")
-_AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cuda", "reference")}
-_MODULES = {"triton": "fastblock.triton_backend", "cuda": "fastblock.extension"}
-_FIX_HINTS = {
-    "triton": "install triton and run on a CUDA device (or set TRITON_INTERPRET=1 before importing fastblock "
-    "to use the slow CPU interpreter), or pass backend='reference'",
-    "cuda": "install a C++ compiler and ninja (and nvcc for CUDA tensors), see `fastblock.available_backends()`; "
-    "or pass backend='reference'",
-}
+from .backend_utils import BackendStatus
 
 
-class BackendStatus(NamedTuple):
-    available: bool
-    reason: str
+def _load_triton() -> ModuleType:
+    from . import triton_backend
 
-    def __repr__(self) -> str:
-        return f"{'available' if self.available else 'unavailable'}: {self.reason}"
+    return triton_backend
+
+
+def _load_extension() -> ModuleType:
+    from . import extension
+
+    return extension
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One implementation of the op.
+
+    name: what users pass as ``backend=``; aliases: other accepted names.
+    devices: device types it can run on at all, None for any (``status`` then says whether it does here).
+    auto_devices: device types on which ``auto`` may pick it, None for any (a backend may run somewhere only for
+        tests, as Triton's CPU interpreter).
+    auto_rank: its place in the ``auto`` order (lower first).
+    load: returns the module implementing ``status``/``forward``/``backward`` (None: the reference).
+    z_nchw: its forward keeps the saved z NCHW even for channels-last x (the fake kernel must say the same).
+    max_convs: the largest K it supports (None: any); ``auto`` passes over it for larger K.
+    fix_hint: what to do when it is requested and cannot run.
+    """
+
+    name: str
+    devices: Optional[tuple[str, ...]]
+    auto_devices: Optional[tuple[str, ...]]
+    auto_rank: int
+    load: Optional[Callable[[], ModuleType]]
+    aliases: tuple[str, ...] = ()
+    z_nchw: bool = False
+    max_convs: Optional[int] = None
+    fix_hint: str = ""
+
+    @property
+    def fused(self) -> bool:
+        return self.load is not None
+
+    def module(self) -> ModuleType:
+        if self.load is None:
+            raise TypeError(f"backend {self.name!r} has no kernel module")
+        return self.load()
+
+    def status(self, device_type: str) -> BackendStatus:
+        if self.devices is not None and device_type not in self.devices:
+            return BackendStatus(False, f"{self.name} runs on {'/'.join(self.devices)} tensors, not {device_type}")
+        if self.load is None:
+            return BackendStatus(True, "pure PyTorch, runs everywhere")
+        try:
+            module = self.module()
+        except Exception as exc:  # an import error is a reason, not a crash
+            return BackendStatus(False, f"import failed: {type(exc).__name__}: {exc}")
+        return module.status(device_type)
+
+    def unsupported(self, num_convs: int) -> Optional[str]:
+        """Why this backend cannot run a problem with ``num_convs`` kernels, or None."""
+        if self.max_convs is not None and num_convs > self.max_convs:
+            return f"{self.name} supports at most K={self.max_convs} convolutions, got K={num_convs}"
+        return None
+
+
+_REGISTRY: dict[str, Backend] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    """Add (or replace) a backend; its name and aliases become valid ``backend=`` values everywhere."""
+    for name in (backend.name, *backend.aliases):
+        owner = _ALIASES.get(name)
+        if owner is not None and owner != backend.name:
+            raise ValueError(f"backend name {name!r} is already taken by {owner!r}")
+    _REGISTRY[backend.name] = backend
+    for name in (backend.name, *backend.aliases):
+        _ALIASES[name] = backend.name
+
+
+def unregister_backend(name: str) -> None:
+    backend = _REGISTRY.pop(canonical_name(name))
+    for alias in (backend.name, *backend.aliases):
+        _ALIASES.pop(alias, None)
+
+
+register_backend(Backend(
+    name="triton", devices=("cuda", "cpu"), auto_devices=("cuda",), auto_rank=0, load=_load_triton,
+    fix_hint="install triton and run on a CUDA device (or set TRITON_INTERPRET=1 before importing fastblock to "
+             "use the slow CPU interpreter), or pass backend='reference'"))
+register_backend(Backend(
+    name="extension", aliases=("cuda",), devices=("cpu", "cuda"), auto_devices=("cpu", "cuda"), auto_rank=1,
+    load=_load_extension, z_nchw=True, max_convs=16,
+    fix_hint="install a C++ compiler and ninja (and nvcc for CUDA tensors), see `fastblock.available_backends()`; "
+             "or pass backend='reference'"))
+register_backend(Backend(
+    name="reference", devices=None, auto_devices=None, auto_rank=99, load=None))
+
+
+def backend_names() -> tuple[str, ...]:
+    """Registered backends' names, in ``auto`` order."""
+    return tuple(b.name for b in sorted(_REGISTRY.values(), key=lambda b: b.auto_rank))
+
+
+def accepted_names() -> tuple[str, ...]:
+    """Everything ``backend=`` accepts: "auto", the names, and the aliases."""
+    return ("auto", *backend_names(), *(a for a in _ALIASES if a not in _REGISTRY))
+
+
+def canonical_name(name: str) -> str:
+    """The backend's name for a name or alias ("cuda" -> "extension"); ValueError for an unknown one."""
+    try:
+        return _ALIASES[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; expected one of {accepted_names()}") from None
+
+
+def get_backend(name: str) -> Backend:
+    return _REGISTRY[canonical_name(name)]
+
+
+def __getattr__(attr: str):
+    if attr == "BACKENDS":  # the registered names, always current
+        return backend_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
 def _device_type(device: Union[str, torch.device, None]) -> str:
@@ -44,56 +166,43 @@ def _device_type(device: Union[str, torch.device, None]) -> str:
     return torch.device(device).type
 
 
-def backend_module(name: str):
-    """The module implementing ``forward``/``backward``/``status`` for a compiled backend."""
-    return importlib.import_module(_MODULES[name])
-
-
 def backend_status(name: str, device: Union[str, torch.device, None] = None) -> BackendStatus:
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS + ('auto',)}")
-    dev = _device_type(device)
-    if name == "reference":
-        return BackendStatus(True, "pure PyTorch, runs everywhere")
-    if dev not in ("cpu", "cuda"):
-        return BackendStatus(False, f"fastblock kernels support cpu and cuda tensors, not {dev}")
-    try:
-        module = backend_module(name)
-    except Exception as exc:  # an import error is a reason, not a crash
-        return BackendStatus(False, f"import failed: {type(exc).__name__}: {exc}")
-    return module.status(dev)
+    return get_backend(name).status(_device_type(device))
 
 
 def available_backends(device: Union[str, torch.device, None] = None) -> dict[str, BackendStatus]:
     """Report every backend for ``device`` (default: CUDA if present, else CPU) as available or not, with why."""
-    return {name: backend_status(name, device) for name in BACKENDS}
+    return {name: backend_status(name, device) for name in backend_names()}
 
 
-def resolve_backend(requested: Optional[str], device: Union[str, torch.device]) -> str:
-    """Turn ``requested`` ("auto" or a name) into a backend that can run on ``device``, or raise."""
-    return _resolve(requested, _device_type(device), os.environ.get("FASTBLOCK_BACKEND", "auto") or "auto")
+def resolve_backend(requested: Optional[str], device: Union[str, torch.device], num_convs: int = 1) -> str:
+    """Turn ``requested`` ("auto", a name or an alias) into the name of a backend that can run a problem with
+    ``num_convs`` kernels on ``device``, or raise."""
+    return _resolve(requested, _device_type(device), os.environ.get("FASTBLOCK_BACKEND", "auto") or "auto",
+                    int(num_convs))
 
 
 @torch.compiler.assume_constant_result
-def _resolve(requested: Optional[str], device_type: str, env_choice: str) -> str:
+def _resolve(requested: Optional[str], device_type: str, env_choice: str, num_convs: int) -> str:
     # Host-side bookkeeping (imports, extension builds): torch.compile runs it once at trace time and keeps the
     # answer as a constant instead of tracing it.
     requested = "auto" if requested is None else requested
     if requested == "auto":
         requested = env_choice
-        if requested not in BACKENDS + ("auto",):
-            raise ValueError(f"FASTBLOCK_BACKEND={requested!r} is not one of {BACKENDS + ('auto',)}")
+        if requested != "auto" and requested not in _ALIASES:
+            raise ValueError(f"FASTBLOCK_BACKEND={requested!r} is not one of {accepted_names()}")
     if requested != "auto":
-        status = backend_status(requested, device_type)
-        if not status.available:
-            raise RuntimeError(
-                f"fastblock backend {requested!r} cannot run on {device_type} tensors: "
-                f"{status.reason}. To fix: {_FIX_HINTS.get(requested, '')}"
-            )
-        return requested
-    for name in _AUTO_ORDER.get(device_type, ("reference",)):
-        if device_type == "cpu" and name == "triton":
-            continue  # the interpreter is for tests, never an automatic choice
-        if backend_status(name, device_type).available:
+        backend = get_backend(requested)
+        status = backend.status(device_type)
+        why = None if status.available else status.reason
+        why = why or backend.unsupported(num_convs)
+        if why:
+            raise RuntimeError(f"fastblock backend {backend.name!r} cannot run on {device_type} tensors: {why}. "
+                               f"To fix: {backend.fix_hint or 'pass backend=' + repr('reference')}")
+        return backend.name
+    for name in backend_names():
+        backend = _REGISTRY[name]
+        if ((backend.auto_devices is None or device_type in backend.auto_devices) and backend.unsupported(num_convs) is None
+                and backend.status(device_type).available):
             return name
     return "reference"

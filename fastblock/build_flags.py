@@ -10,12 +10,10 @@ CPU_SOURCES = ["fastblock_ops.cpp", "fastblock_cpu.cpp", "cpu_pool.cpp"]  # in c
 CUDA_SOURCES = ["fastblock_cuda.cu"]
 NVCC_FLAGS = ["-O3", "-DFASTBLOCK_WITH_CUDA"]
 
-# The build compiles on the machine that runs it, so on x86 CPUs with AVX2 (ATen's "AVX2" and "AVX512"
-# dispatch levels, as torch reports them) it targets AVX2 + FMA: the CPU kernels run 1.5-2x faster than on
-# baseline x86-64 (SSE2). Not AVX-512: the kernels' reductions use 8 lanes, and gcc vectorises those with 512-bit
-# registers plus a permute per step, which measured 3x slower than 256-bit. The level is part of the build's name,
-# so a build cache shared between machines never loads code for the wrong CPU. FASTBLOCK_EXT_ISA=DEFAULT forces a
-# portable build (about 15% slower fwd+bwd at the CIFAR shapes: ATen's generic Vectorized compiles to scalar code).
+# Built on the machine that runs it: AVX2 + FMA where torch reports an AVX2/AVX512 CPU (not AVX-512: the
+# kernels' 8-lane reductions vectorise worse with 512-bit registers; measurements in bench/RESULTS.md). The level is
+# part of the build's name, so a shared build cache never loads code for the wrong CPU. FASTBLOCK_EXT_ISA=DEFAULT
+# forces a portable build.
 ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]}
 
 

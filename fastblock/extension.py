@@ -1,5 +1,5 @@
-"""The C++/CUDA extension backend (``backend="cuda"``): csrc/ compiled into torch ops ``fastblock_ext::forward`` /
-``fastblock_ext::backward`` (C++ kernels for CPU tensors, CUDA kernels for GPU tensors).
+"""The C++/CUDA extension backend (``backend="extension"``, alias ``"cuda"``): csrc/ compiled into the torch ops
+``fastblock_ext::forward`` / ``fastblock_ext::backward`` (C++ kernels for CPU tensors, CUDA kernels for GPU tensors).
 
 Loading order: a prebuilt ``fastblock._C`` (``FASTBLOCK_BUILD_EXT=1 pip install -e .``), else a JIT build with
 ninja through ``torch.utils.cpp_extension.load`` on first use, cached in ``TORCH_EXTENSIONS_DIR``. CUDA sources
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .backends import BackendStatus
+from .backend_utils import BackendStatus, fake_backward_outputs, fake_forward_outputs, forced_schedule
 from .build_flags import CPU_SOURCES, CUDA_SOURCES, NVCC_FLAGS, cxx_flags, isa_level
 
 
@@ -110,15 +110,14 @@ def _register_fake() -> None:
     """Fake kernels for the raw extension ops, so they also trace under torch.compile when called directly."""
     if getattr(_register_fake, "done", False):
         return
-    from .ops import fake_backward_outputs, fake_forward_outputs
-
     @torch.library.register_fake("fastblock_ext::forward")
     def _fwd(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, momentum, eps,
-             stride, pad_h, pad_w, save_for_backward):
+             stride, pad_h, pad_w, save_for_backward, schedule=-1):
         return fake_forward_outputs(x, weight, stride, pad_h, pad_w, save_for_backward, z_nchw=True)
 
     @torch.library.register_fake("fastblock_ext::backward")
-    def _bwd(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w):
+    def _bwd(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w,
+             schedule=-1):
         return fake_backward_outputs(x, gates, weight, bias, bn_weight, bn_bias)
 
     _register_fake.done = True
@@ -140,15 +139,19 @@ def status(device_type: str) -> BackendStatus:
     return BackendStatus(True, info)
 
 
+_SCHEDULE_CODES = {None: -1, "mix": 0, "concat": 1}  # the ops' `schedule` argument (csrc/fastblock.h)
+
+
 def forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
             use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward):
     return torch.ops.fastblock_ext.forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                           use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward)
+                                           use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward,
+                                           _SCHEDULE_CODES[forced_schedule()])
 
 
 def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w):
     return torch.ops.fastblock_ext.backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd,
-                                            use_batch_stats, stride, pad_h, pad_w)
+                                            use_batch_stats, stride, pad_h, pad_w, _SCHEDULE_CODES[forced_schedule()])
 
 
 def _loaded_ops():
@@ -159,10 +162,9 @@ def _loaded_ops():
 
 
 def cpu_pool_stats() -> dict[str, int]:
-    """The extension's CPU allocation pool (csrc/cpu_pool.cpp): the memory its op calls allocate is cached for
-    reuse across calls instead of being page-faulted afresh. Returns ``cached_bytes`` (freed blocks held),
-    ``live_blocks`` (pooled blocks in use), ``hits`` / ``misses`` (requests served from / not found in the cache)
-    and ``limit_bytes``."""
+    """The extension's opt-in CPU allocation pool (csrc/cpu_pool.cpp; off unless switched on): ``cached_bytes``
+    (freed blocks held), ``live_blocks`` (pooled blocks in use), ``hits`` / ``misses`` (requests served from / not
+    found in the cache) and ``limit_bytes`` (all 0 while it is off)."""
     keys = ("cached_bytes", "live_blocks", "hits", "misses", "limit_bytes")
     return dict(zip(keys, _loaded_ops().cpu_pool_stats(), strict=True))
 
@@ -174,7 +176,9 @@ def cpu_pool_empty_cache() -> None:
 
 
 def set_cpu_pool_limit(nbytes: int) -> None:
-    """Cap the pool's cache at ``nbytes`` (0 turns pooling off; default 256 MiB or ``FASTBLOCK_EXT_POOL_BYTES``)."""
+    """Cap the pool's cache at ``nbytes``; the first call with ``nbytes > 0`` switches the pool on, which installs
+    it as the process's CPU allocator (it then serves only the op's calls and forwards everything else); 0 makes
+    it pool nothing. ``FASTBLOCK_EXT_POOL_BYTES=<bytes>`` does the same at the first op call."""
     _loaded_ops().cpu_pool_set_limit(int(nbytes))
 
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backends import BACKENDS
-from .ops import mixed_conv_bn_relu
+from .backends import accepted_names
+from .ops import autocast_enabled, mixed_conv_bn_relu
 
 GATES = ("softmax", "sigmoid", "relu", "none")
 
@@ -35,7 +35,7 @@ class Block(nn.Module):
         gate_hidden: hidden sizes of an MLP gate (e.g. (512, 512)); empty for a single Linear.
         bias: whether the K convolutions have biases.
         momentum, eps, track_running_stats: as in nn.BatchNorm2d.
-        backend: "auto" | "triton" | "cuda" | "reference".
+        backend: "auto", or a backend name or alias ("triton", "extension"/"cuda", "reference").
     """
 
     def __init__(
@@ -130,8 +130,8 @@ class Block(nn.Module):
 
     @backend.setter
     def backend(self, value: str) -> None:
-        if value not in BACKENDS + ("auto",):
-            raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {value!r}")
+        if value not in accepted_names():
+            raise ValueError(f"backend must be one of {accepted_names()}, got {value!r}")
         self._backend = value
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,7 +161,7 @@ class Block(nn.Module):
                 momentum = 1.0 / float(bn.num_batches_tracked)
         use_running = bn.track_running_stats
         return mixed_conv_bn_relu(
-            x, gates.to(x.dtype) if not torch.is_autocast_enabled(x.device.type) else gates,
+            x, gates.to(x.dtype) if not autocast_enabled(x.device.type) else gates,
             self.effective_weight(), self.bias, bn.weight, bn.bias,
             bn.running_mean if use_running else None, bn.running_var if use_running else None,
             training=self.training, momentum=momentum, eps=bn.eps, stride=self.stride, padding=None,

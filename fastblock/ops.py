@@ -1,78 +1,30 @@
-"""The seam: ``mixed_conv_bn_relu`` and the torch custom ops every compiled backend plugs into.
+"""The seam: ``mixed_conv_bn_relu`` and the torch custom ops every fused backend plugs into.
 
     y = ReLU(BatchNorm(sum_k gates[:, k] * conv2d(x, weight[k], bias[k])))
 
 * ``backend="reference"`` runs fastblock.reference directly (plain PyTorch; autograd does the backward).
-* ``backend="triton"`` / ``"cuda"`` go through two ``torch.library`` custom ops,
-  ``fastblock::mixed_conv_bn_relu_fwd`` and ``fastblock::mixed_conv_bn_relu_bwd``, tied together by an
-  autograd.Function. The ops carry fake (meta) implementations, so torch.compile traces them as single
-  opaque nodes with ``fullgraph=True``, and the running-statistics update is a declared mutation
-  (``mutates_args``), not a hidden side effect. In eager mode the autograd.Function calls the backend
-  functions directly (same kernels, without the custom-op layer's Python overhead).
-
-Every backend implements the same two functions (see fastblock/triton_backend.py, fastblock/extension.py):
-
-    forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-            use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward) -> (y, z, mean, invstd)
-    backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd,
-             use_batch_stats, stride, pad_h, pad_w) -> (dx, dgates, dweight, dbias, dbn_weight, dbn_bias)
-
-where z is the pre-BatchNorm activation (saved for backward; an empty tensor when not needed), and
-mean/invstd are the per-channel statistics that normalised it (batch statistics when ``use_batch_stats``,
-else the running statistics), in float32 (float64 for float64 inputs).
+* A fused backend (``"triton"``, ``"extension"``, or any registered one; the contract is in fastblock/backends.py)
+  goes through two ``torch.library`` custom ops, ``fastblock::mixed_conv_bn_relu_fwd`` and
+  ``fastblock::mixed_conv_bn_relu_bwd``, tied together by an autograd.Function. The ops carry fake (meta)
+  implementations, so torch.compile traces them as single opaque nodes with ``fullgraph=True``, and the
+  running-statistics update is a declared mutation (``mutates_args``), not a hidden side effect. In eager mode
+  the autograd.Function calls the backend functions directly (same kernels, without the custom-op layer's
+  Python overhead).
+* Double backward (``create_graph=True``: gradient penalties, Hessian-vector products) through a fused backend
+  recomputes the Block's graph in plain PyTorch from the saved inputs and differentiates that, so second-order
+  terms are exact; first-order backward always runs the fused kernels.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
-import torch._subclasses
-from torch.autograd.function import once_differentiable
+import torch.nn.functional as F
 
-from .backends import backend_module, resolve_backend
-from .reference import mixed_conv_bn_relu_reference
+from .backend_utils import fake_backward_outputs, fake_forward_outputs, memory_format, stats_dtype
+from .backends import get_backend, resolve_backend
+from .reference import gated_conv_reference, mixed_conv_bn_relu_reference
 from .validation import check_inputs
-
-
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """BatchNorm statistics are float32, or float64 when the data is float64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def output_shape(x: torch.Tensor, weight: torch.Tensor, stride: int, pad_h: int, pad_w: int) -> tuple[int, ...]:
-    n, _, h, w = x.shape
-    _, cout, _, kh, kw = weight.shape
-    return n, cout, (h + 2 * pad_h - kh) // stride + 1, (w + 2 * pad_w - kw) // stride + 1
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last for a 4-D tensor stored channels-last (and not also plain contiguous), else contiguous."""
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-# Tests set FASTBLOCK_POISON=1: every buffer a backend allocates starts as NaN, so an element a kernel forgot to
-# write shows up as NaN instead of as whatever memory happened to hold.
-POISON_BUFFERS = os.environ.get("FASTBLOCK_POISON", "0") == "1"
-
-
-def _maybe_poison(t: torch.Tensor) -> torch.Tensor:
-    if POISON_BUFFERS and t.is_floating_point() and not isinstance(t, torch._subclasses.FakeTensor):
-        t.fill_(float("nan"))
-    return t
-
-
-def empty_like_layout(x: torch.Tensor, shape, dtype=None) -> torch.Tensor:
-    """An empty NCHW tensor of ``shape`` laid out like ``x`` (channels_last stays channels_last)."""
-    return _maybe_poison(torch.empty(shape, dtype=dtype or x.dtype, device=x.device,
-                                     memory_format=_memory_format(x)))
-
-
-def empty_buffer(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """A scratch/output buffer a kernel must fill completely."""
-    return _maybe_poison(torch.empty(shape, dtype=dtype, device=device))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,36 +49,17 @@ def _fused_forward(
     save_for_backward: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backend_module(backend).forward(
+    return get_backend(backend).module().forward(
         x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
         use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward,
     )
 
 
-def fake_forward_outputs(x, weight, stride, pad_h, pad_w, save_for_backward, z_nchw=False):
-    """(y, z, mean, invstd) with the shapes, dtypes and layouts the backends' forwards return: y laid out like x;
-    z (saved for backward only) like x too, except for the extension, which computes and keeps it NCHW
-    (``z_nchw``), so a channels-last input costs it no layout copies of z."""
-    shape = output_shape(x, weight, stride, pad_h, pad_w)
-    y = empty_like_layout(x, shape)
-    if not save_for_backward:
-        z = x.new_empty((0,))
-    else:
-        z = _maybe_poison(x.new_empty(shape)) if z_nchw else empty_like_layout(x, shape)
-    sdt = stats_dtype(x.dtype)
-    return y, z, x.new_empty((shape[1],), dtype=sdt), x.new_empty((shape[1],), dtype=sdt)
-
-
-def fake_backward_outputs(x, gates, weight, bias, bn_weight, bn_bias):
-    """(dx, dgates, dweight, dbias, dbn_weight, dbn_bias) as every backend's backward returns them."""
-    return (empty_like_layout(x, x.shape), torch.empty_like(gates), torch.empty_like(weight),
-            torch.empty_like(bias), torch.empty_like(bn_weight), torch.empty_like(bn_bias))
-
-
 @_fused_forward.register_fake
 def _fused_forward_fake(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                         use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward, backend):
-    return fake_forward_outputs(x, weight, stride, pad_h, pad_w, save_for_backward, z_nchw=backend == "cuda")
+    return fake_forward_outputs(x, weight, stride, pad_h, pad_w, save_for_backward,
+                                z_nchw=get_backend(backend).z_nchw)
 
 
 @torch.library.custom_op("fastblock::mixed_conv_bn_relu_bwd", mutates_args=())
@@ -147,7 +80,7 @@ def _fused_backward(
     pad_w: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backend_module(backend).backward(
+    return get_backend(backend).module().backward(
         dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w
     )
 
@@ -186,26 +119,58 @@ class _FusedMixedConvBnRelu(torch.autograd.Function):
         if _through_custom_ops(x):
             y, z, mean, invstd = _fused_forward(*args, backend)
         else:
-            y, z, mean, invstd = backend_module(backend).forward(*args)
+            y, z, mean, invstd = get_backend(backend).module().forward(*args)
             if use_batch_stats:  # what the custom op's declared mutation would do
                 for stat in (running_mean, running_var):
                     if stat is not None and not stat.is_inference():
                         torch.autograd.graph.increment_version(stat)
         ctx.save_for_backward(x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd)
-        ctx.config = (use_batch_stats, stride, pad_h, pad_w, backend)
+        ctx.config = (use_batch_stats, eps, stride, pad_h, pad_w, backend)
         return y
 
     @staticmethod
-    @once_differentiable  # the backward kernels have no derivative: a second backward raises, never runs silently
     def backward(ctx, dy):
         x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd = ctx.saved_tensors
-        use_batch_stats, stride, pad_h, pad_w, backend = ctx.config
+        use_batch_stats, eps, stride, pad_h, pad_w, backend = ctx.config
+        if torch.is_grad_enabled():  # create_graph=True: the gradients must themselves be differentiable
+            grads = _differentiable_backward(dy, x, gates, weight, bias, bn_weight, bn_bias, mean, invstd,
+                                             use_batch_stats, eps, stride, pad_h, pad_w)
+            return (*grads, None, None, None, None, None, None, None, None, None, None)
         if z.numel() == 0:
             raise RuntimeError("fastblock: backward through a forward that ran without saving for backward")
-        dy = dy.contiguous(memory_format=_memory_format(z))
+        dy = dy.contiguous(memory_format=memory_format(z))
         args = (dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w)
-        grads = _fused_backward(*args, backend) if _through_custom_ops(dy) else backend_module(backend).backward(*args)
+        if _through_custom_ops(dy):
+            grads = _fused_backward(*args, backend)
+        else:
+            grads = get_backend(backend).module().backward(*args)
         return (*grads, None, None, None, None, None, None, None, None, None, None)
+
+
+def _differentiable_backward(dy, x, gates, weight, bias, bn_weight, bn_bias, mean, invstd,
+                             use_batch_stats, eps, stride, pad_h, pad_w):
+    """The six input gradients as a differentiable function of the inputs (and of dy): the Block recomputed in
+    plain PyTorch -- the reference's formulation, with the statistics the forward normalised with in eval mode --
+    and differentiated with ``create_graph=True``. Only runs for double backward."""
+    # Fresh aliases: gradients w.r.t. them are the partial derivatives by each argument. (Differentiating w.r.t. x
+    # itself would also follow paths from x into the other arguments -- the Block's gates are computed from x --
+    # which autograd then counts a second time outside this op.)
+    inputs = tuple(t.view_as(t) for t in (x, gates, weight, bias, bn_weight, bn_bias))
+    x, gates, weight, bias, bn_weight, bn_bias = inputs
+    z = gated_conv_reference(x, gates, weight, bias, stride, (pad_h, pad_w))
+    if use_batch_stats:
+        normed = F.batch_norm(z, None, None, bn_weight, bn_bias, training=True, momentum=0.0, eps=eps)
+    else:
+        scale = (invstd * bn_weight).view(1, -1, 1, 1)
+        normed = ((z - mean.view(1, -1, 1, 1)) * scale + bn_bias.view(1, -1, 1, 1)).to(z.dtype)
+    y = F.relu(normed)
+    wanted = [t for t in inputs if t.requires_grad]
+    found = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True) if wanted else ())
+    grads = []
+    for t in inputs:
+        g = next(found) if t.requires_grad else None
+        grads.append(torch.zeros_like(t) if g is None and t.requires_grad else g)
+    return grads
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -230,7 +195,7 @@ def mixed_conv_bn_relu(
     """ReLU(BatchNorm(sum_k gates[:, k] * conv2d(x, weight[k], bias[k]))), fused.
 
     Args:
-        x: [N, Cin, H, W] input (NCHW or channels_last).
+        x: [N, Cin, H, W] input (any strides; NCHW or channels_last).
         gates: [N, K] per-sample mixing weights, already activated (softmax/sigmoid/...).
         weight: [K, Cout, Cin, kh, kw] the K convolution kernels.
         bias: [K, Cout] or None.
@@ -238,28 +203,32 @@ def mixed_conv_bn_relu(
         running_mean, running_var: [Cout] or None; updated in place (unbiased variance) when training.
         training: batch statistics (True) or running statistics (False). Without running statistics
             batch statistics are always used, like ``nn.BatchNorm2d(track_running_stats=False)``.
-        momentum, eps: as in ``nn.BatchNorm2d``.
+        momentum, eps: as in ``nn.BatchNorm2d`` (for ``momentum=None``, a cumulative average, use ``Block``,
+            which counts the batches, or pass ``1 / num_batches``).
         stride: convolution stride (int >= 1).
         padding: None ("same" for odd kernels: kh // 2, kw // 2), an int, or (pad_h, pad_w).
-        backend: "auto" | "triton" | "cuda" | "reference" (see ``fastblock.available_backends()``).
+        backend: "auto", a backend name or alias (see ``fastblock.available_backends()``).
 
+    BatchNorm tensors have x's dtype, or float32 when x is float16/bfloat16 (the rule of ``nn.BatchNorm2d``).
     Under autocast, x/gates/weight/bias are cast to the autocast dtype (as for a convolution); BatchNorm
     statistics stay float32 and the output has the autocast dtype.
     """
-    device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
-    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(device_type):
+    if isinstance(x, torch.Tensor) and autocast_enabled(x.device.type):
         # Like a convolution under autocast: data and kernels in the low dtype, BatchNorm stays float32.
-        low = torch.get_autocast_dtype(device_type)
+        low = torch.get_autocast_dtype(x.device.type)
         x, gates, weight, bias = (_cast_floating(t, low) for t in (x, gates, weight, bias))
-        pad_h, pad_w = check_inputs(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                    training, momentum, eps, stride, padding)
-        with torch.autocast(device_type, enabled=False):
-            return _dispatch(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                             training, momentum, eps, stride, pad_h, pad_w, backend)
-    pad_h, pad_w = check_inputs(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                training, momentum, eps, stride, padding)
-    return _dispatch(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                     training, momentum, eps, stride, pad_h, pad_w, backend)
+        with torch.autocast(x.device.type, enabled=False):
+            return _validate_and_dispatch(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                          training, momentum, eps, stride, padding, backend)
+    return _validate_and_dispatch(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                  training, momentum, eps, stride, padding, backend)
+
+
+def autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta, ...): no autocast there
+        return False
 
 
 def _cast_floating(t, dtype):
@@ -268,9 +237,11 @@ def _cast_floating(t, dtype):
     return t
 
 
-def _dispatch(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-              training, momentum, eps, stride, pad_h, pad_w, backend):
-    name = resolve_backend(backend, x.device)
+def _validate_and_dispatch(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                           training, momentum, eps, stride, padding, backend):
+    pad_h, pad_w = check_inputs(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                training, momentum, eps, stride, padding)
+    name = resolve_backend(backend, x.device, weight.shape[0])
     if name == "reference":
         return mixed_conv_bn_relu_reference(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                                             training, momentum, eps, stride, (pad_h, pad_w))

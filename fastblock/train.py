@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import __version__
-from .backends import available_backends, resolve_backend
+from .backends import accepted_names, available_backends, resolve_backend
 from .data import (Cifar, DataError, atomic_torch_save, cutout, load_cifar10, progress_interval, random_affine,
                    random_crop, random_flip, split_validation)
 from .models import MODELS, build_model, count_flops
@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     add = p.add_argument
     add("--preset", default="fast", help="recipe to start from (default: fast); see --list-presets")
     add("--list-presets", action="store_true", help="list the presets and exit")
-    add("--backend", default="auto", choices=["auto", "triton", "cuda", "reference"],
-        help="fastblock backend for every Block (default: auto)")
+    add("--backend", default="auto", choices=accepted_names(),
+        help="fastblock backend for every Block (default: auto; 'cuda' is an alias of 'extension')")
     add("--data-dir", default="data", help="cifar-10-batches-py folder, ImageFolder tree DIR/{train,test}/<class>, "
         "or a .tar.gz of one (default: ./data; downloaded there when missing and online)")
     add("--cache-dir", default=None, help="where decoded image folders are cached (default: ~/.cache/fastblock)")

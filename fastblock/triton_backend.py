@@ -22,10 +22,7 @@ import os
 
 import torch
 
-from .backends import BackendStatus
-from .ops import empty_buffer, empty_like_layout, output_shape, stats_dtype
-
-_FORCE_SCHEDULE = None  # tests set "mix" or "concat" to exercise both schedules on tiny shapes
+from .backend_utils import BackendStatus, empty_buffer, empty_like_layout, forced_schedule, output_shape, stats_dtype
 
 
 def status(device_type: str) -> BackendStatus:
@@ -53,9 +50,9 @@ def status(device_type: str) -> BackendStatus:
 
 @functools.lru_cache(maxsize=None)
 def _kernels():
-    from .triton_kernels import batchnorm, conv
+    from .triton_kernels import batchnorm, configs, conv
 
-    return conv, batchnorm
+    return conv, batchnorm, configs
 
 
 def _tl_dtype(dtype: torch.dtype):
@@ -85,30 +82,10 @@ def _sm_count(t: torch.Tensor) -> int:
     return torch.cuda.get_device_properties(t.device).multi_processor_count
 
 
-def _conv_config(rows_per_sample: int, cols: int, dtype: torch.dtype, interp: bool):
-    """Tile shape and schedule for the implicit-GEMM kernels.
+def _conv_config(rows_per_sample: int, cols: int, dtype: torch.dtype, interp: bool) -> dict:
+    from .triton_kernels import configs
 
-    Hand-picked per shape class rather than autotuned: the CIFAR shapes fall into four classes (32x32, 16x16,
-    8x8, 4x4 maps) and autotuning each layer at start-up would cost seconds per shape. Rules:
-    * per-sample mixing (MIX) when a sample fills a 64-row tile (P >= 64); below that (4x4 maps) the K-fold
-      concatenation schedule shares every weight load across samples;
-    * BLOCK_N follows Cout (64 or 128), BLOCK_K = 32 for 16-bit types (64-byte rows), 16 for fp32/fp64
-      (register pressure of the K mixed tiles);
-    * fp64 (tests only) gets small tiles.
-    These were not tuned on a GPU yet: see bench/RESULTS.md.
-    """
-    force = _FORCE_SCHEDULE
-    mix = (rows_per_sample >= 64) if force is None else (force == "mix")
-    if interp:
-        return dict(MIX=mix, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
-    if dtype == torch.float64:
-        return dict(MIX=mix, BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2)
-    sixteen_bit = dtype in (torch.float16, torch.bfloat16)
-    block_m = 128 if (mix and rows_per_sample >= 128) or (not mix) else 64
-    block_n = 128 if cols >= 128 else 64
-    block_k = 32 if sixteen_bit else 16
-    return dict(MIX=mix, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_m * block_n >= 128 * 128 else 4,
-                num_stages=3 if sixteen_bit else 2)
+    return configs.conv_config(rows_per_sample, cols, dtype, interp, forced_schedule())
 
 
 def _row_tiles(n: int, p: int, block_m: int, mix: bool) -> int:
@@ -126,11 +103,24 @@ def _tile_counts(n: int, p: int, block_m: int, mix: bool, dtype, device) -> torc
     return (n * p - idx * block_m).clamp(max=block_m).to(dtype)
 
 
+def _on_tensor_device(fn):
+    """Runs a launcher with the tensors' GPU current (Triton launches on the current device and stream)."""
+    @functools.wraps(fn)
+    def wrapper(first, *args):
+        if first.device.type != "cuda":
+            return fn(first, *args)
+        with torch.cuda.device(first.device):
+            return fn(first, *args)
+
+    return wrapper
+
+
+@_on_tensor_device
 def forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
             use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward):
     import triton
 
-    conv, bn = _kernels()
+    conv, bn, configs = _kernels()
     n, cin, h, w = x.shape
     num_convs, cout, _, kh, kw = weight.shape
     _, _, ho, wo = output_shape(x, weight, stride, pad_h, pad_w)
@@ -140,7 +130,8 @@ def forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_va
     cfg = _conv_config(ho * wo, cout, x.dtype, interp)
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     w_fwd = weight.permute(0, 3, 4, 2, 1).contiguous()  # [K, KH, KW, Cin, Cout]: Cout contiguous for the B tile
-    gates, bias = gates.contiguous(), bias.contiguous()
+    # The kernels index x through its strides; every other tensor is read as a dense vector/matrix.
+    gates, bias, bn_weight, bn_bias = (t.contiguous() for t in (gates, bias, bn_weight, bn_bias))
     z = empty_like_layout(x, (n, cout, ho, wo))
     grid = (_row_tiles(n, ho * wo, cfg["BLOCK_M"], cfg["MIX"]), triton.cdiv(cout, cfg["BLOCK_N"]))
     common = dict(KH=kh, KW=kw, NUM_CONVS=num_convs, MIX=cfg["MIX"], ACC_DTYPE=acc,
@@ -167,15 +158,20 @@ def forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_va
     mean = empty_buffer((cout,), acc_torch, x.device)
     invstd = empty_buffer((cout,), acc_torch, x.device)
     update = running_mean is not None
-    block_c = 32
-    bn.bn_stats_finalize_kernel[(triton.cdiv(cout, block_c),)](
-        part_mean, part_m2, counts, mean, invstd,
-        running_mean if update else mean, running_var if update else mean,
+    # The kernel updates dense running statistics; a strided view is updated through a dense copy.
+    rm = running_mean.contiguous() if update else mean
+    rv = running_var.contiguous() if update else mean
+    bn.bn_stats_finalize_kernel[(triton.cdiv(cout, configs.FINALIZE["BLOCK_C"]),)](
+        part_mean, part_m2, counts, mean, invstd, rm, rv,
         grid[0], cout, float(eps), float(momentum),
-        UPDATE=update, ACC_DTYPE=acc, BLOCK_T=64, BLOCK_C=block_c,
+        UPDATE=update, ACC_DTYPE=acc, **configs.FINALIZE,
     )
+    if update:
+        for view, dense in ((running_mean, rm), (running_var, rv)):
+            if dense is not view:
+                view.copy_(dense)
     y = empty_like_layout(z, z.shape)
-    block = 1024
+    block = configs.ELEMENTWISE_BLOCK
     bn.bn_relu_normalize_kernel[(triton.cdiv(z.numel(), block),)](
         z, y, mean, invstd, bn_weight, bn_bias, z.numel(), cout, ho * wo,
         CHANNELS_LAST=_is_channels_last(z), ACC_DTYPE=acc, BLOCK=block,
@@ -183,10 +179,11 @@ def forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_va
     return y, (z if save_for_backward else x.new_empty((0,))), mean, invstd
 
 
+@_on_tensor_device
 def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w):
     import triton
 
-    conv, bn = _kernels()
+    conv, bn, configs = _kernels()
     n, cin, h, w = x.shape
     num_convs, cout, _, kh, kw = weight.shape
     ho, wo = z.shape[2], z.shape[3]
@@ -198,10 +195,11 @@ def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, us
     channels_last = _is_channels_last(z)
     if dy.stride() != z.stride():
         dy = dy.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    gates, bias = gates.contiguous(), bias.contiguous()
+    gates, bias, bn_weight, bn_bias = (t.contiguous() for t in (gates, bias, bn_weight, bn_bias))
+    mean, invstd = mean.contiguous(), invstd.contiguous()
 
     # --- BatchNorm + ReLU backward ------------------------------------------------------------------------
-    block_r, block_c = (16, 16) if interp else (64, 64)
+    block_r, block_c = configs.bn_reduce_tile(interp)
     row_tiles = triton.cdiv(m, block_r)
     part_g = empty_buffer((row_tiles, cout), acc_torch, x.device)
     part_gx = empty_buffer((row_tiles, cout), acc_torch, x.device)
@@ -213,9 +211,10 @@ def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, us
     sum_g = empty_buffer((cout,), acc_torch, x.device)
     sum_gx = empty_buffer((cout,), acc_torch, x.device)
     for part, out in ((part_g, sum_g), (part_gx, sum_gx)):
-        bn.sum_rows_kernel[(triton.cdiv(cout, 32),)](part, out, row_tiles, cout, ACC_DTYPE=acc, BLOCK_T=64, BLOCK_C=32)
+        bn.sum_rows_kernel[(triton.cdiv(cout, configs.FINALIZE["BLOCK_C"]),)](part, out, row_tiles, cout,
+                                                                               ACC_DTYPE=acc, **configs.FINALIZE)
     dz = empty_like_layout(z, z.shape)
-    block = 1024
+    block = configs.ELEMENTWISE_BLOCK
     bn.bn_relu_bwd_dz_kernel[(triton.cdiv(z.numel(), block),)](
         dy, z, dz, mean, invstd, bn_weight, bn_bias, sum_g, sum_gx, z.numel(), cout, p, 1.0 / m,
         BATCH_STATS=use_batch_stats, CHANNELS_LAST=channels_last, ACC_DTYPE=acc, BLOCK=block,
@@ -238,13 +237,8 @@ def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, us
     # --- dW, db, da: per-sample weight gradients folded in registers ---------------------------------------
     red = kh * kw * cin
     k_pad = triton.next_power_of_2(num_convs)
-    if interp:
-        bm, bn_, bp, warps = 16, 16, 16, 4
-    else:
-        # K_PAD*BM*BN fp32 accumulators plus the K weight tiles live in registers: shrink tiles as K grows.
-        bm, bn_ = (64, 64) if k_pad <= 2 else (32, 64) if k_pad <= 4 else (32, 32)
-        bp = 32 if x.dtype in (torch.float16, torch.bfloat16) else 16
-        warps = 4
+    dw_cfg = configs.dweight_config(k_pad, x.dtype, interp)
+    bm, bn_, bp, warps = dw_cfg["BLOCK_M"], dw_cfg["BLOCK_N"], dw_cfg["BLOCK_P"], dw_cfg["num_warps"]
     co_tiles, r_tiles = triton.cdiv(cout, bm), triton.cdiv(red, bn_)
     # Split the batch so the grid fills the GPU (about 4 programs per SM); each split sums its own samples.
     splits = max(1, min(n, (4 * _sm_count(x)) // max(1, co_tiles * r_tiles)))

@@ -86,16 +86,26 @@ def check_inputs(
                 f"{name} has dtype {t.dtype} but x has {x.dtype}; x, gates, weight and bias must share one dtype "
                 "(use torch.autocast for mixed precision)"
             )
+    # nn.BatchNorm2d's rule: parameters and statistics in x's dtype, or float32 for float16/bfloat16 x.
+    bn_dtypes = (x.dtype, torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else (x.dtype,)
     for name in ("bn_weight", "bn_bias", "running_mean", "running_var"):
         t = named[name]
-        if t is not None and t.dtype not in (x.dtype, torch.float32):
-            raise TypeError(f"{name} has dtype {t.dtype}; BatchNorm parameters must be float32 or x's dtype {x.dtype}")
+        if t is not None and t.dtype not in bn_dtypes:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; BatchNorm parameters and statistics "
+                            f"must have x's dtype{' or float32' if len(bn_dtypes) > 1 else ''} (as in nn.BatchNorm2d)")
+    for name in ("running_mean", "running_var"):
+        t = named[name]
+        if t is not None and t.requires_grad:
+            raise ValueError(f"{name} requires grad; running statistics are buffers updated in place, not parameters")
     for name, t in named.items():
         if t is not None and t.device != x.device:
             raise RuntimeError(f"{name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
 
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
         raise ValueError(f"stride must be an int >= 1, got {stride!r}")
+    if momentum is None:
+        raise ValueError("momentum=None (a cumulative average) needs the number of batches seen: use fastblock.Block, "
+                         "which counts them as nn.BatchNorm2d does, or pass momentum=1/num_batches")
     if not (0.0 <= float(momentum) <= 1.0):
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
     if not float(eps) > 0.0:

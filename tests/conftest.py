@@ -1,9 +1,6 @@
 import os
 import sys
 
-# Every buffer a backend allocates starts as NaN in tests: an element a kernel forgot to write cannot pass.
-os.environ.setdefault("FASTBLOCK_POISON", "1")
-
 # The Triton kernels run on CPU through the interpreter; it must be switched on before triton compiles
 # (decorates) any kernel, i.e. before fastblock is imported. On a CUDA machine the real compiler is used.
 try:
@@ -18,6 +15,12 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Every uninitialised tensor (torch.empty, and at::empty inside the extension) starts as NaN in tests, so an
+# element a kernel forgot to write cannot pass. warn_only: CUDA ops without a deterministic implementation
+# still run.
+torch.use_deterministic_algorithms(True, warn_only=True)
+torch.utils.deterministic.fill_uninitialized_memory = True
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ from helpers import Case, make_inputs
 
 def test_available_backends_reports_every_backend_with_a_reason():
     report = fastblock.available_backends("cpu")
-    assert set(report) == {"triton", "cuda", "reference"}
+    assert set(report) == {"triton", "extension", "reference"}
     for name, status in report.items():
         assert isinstance(status.available, bool) and status.reason, name
     assert report["reference"].available
@@ -26,8 +26,8 @@ def test_no_gpu_reasons():
 
 
 def test_auto_on_cpu_prefers_extension_else_reference():
-    ext = fastblock.available_backends("cpu")["cuda"].available
-    assert resolve_backend("auto", "cpu") == ("cuda" if ext else "reference")
+    ext = fastblock.available_backends("cpu")["extension"].available
+    assert resolve_backend("auto", "cpu") == ("extension" if ext else "reference")
 
 
 def test_env_var_overrides_auto(monkeypatch):
@@ -41,9 +41,9 @@ def test_env_var_overrides_auto(monkeypatch):
 def test_explicit_unavailable_backend_raises_not_falls_back(monkeypatch):
     from fastblock import backends
 
-    monkeypatch.setattr(backends, "backend_status",
-                        lambda name, device=None: backends.BackendStatus(name == "reference", "broken on purpose"))
-    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run on cpu tensors: broken on purpose"):
+    monkeypatch.setattr(backends.Backend, "status",
+                        lambda self, device_type: backends.BackendStatus(self.name == "reference", "broken on purpose"))
+    with pytest.raises(RuntimeError, match="backend 'extension' cannot run on cpu tensors: broken on purpose"):
         resolve_backend("cuda", "cpu")
     assert resolve_backend("auto", "cpu") == "reference"
     args, kwargs = make_inputs(Case(2, 3, 4, 5, 5, k=2), requires_grad=False)
@@ -54,3 +54,61 @@ def test_explicit_unavailable_backend_raises_not_falls_back(monkeypatch):
 def test_unknown_backend_name():
     with pytest.raises(ValueError, match="unknown backend"):
         resolve_backend("cudnn", "cpu")
+
+
+def test_a_fourth_backend_is_one_module_and_one_registry_entry():
+    """A toy backend -- a module with status/forward/backward wrapping the reference -- registered once becomes a
+    valid ``backend=`` everywhere (op, Block, status report) and runs through the custom-op seam, eager and
+    under torch.compile, with the reference's answers."""
+    import types
+
+    import torch.nn.functional as F
+
+    from fastblock.reference import gated_conv_reference
+    from helpers import compare_with_reference
+
+    def forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward):
+        z = gated_conv_reference(x, gates, weight, bias, stride, (pad_h, pad_w))
+        if use_batch_stats:
+            mean, var = z.mean((0, 2, 3)), z.var((0, 2, 3), unbiased=False)
+            if running_mean is not None:
+                count = z.numel() // z.shape[1]
+                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+                running_var.lerp_((var * count / (count - 1)).to(running_var.dtype), momentum)
+        else:
+            mean, var = running_mean.clone(), running_var
+        invstd = torch.rsqrt(var + eps)
+        y = F.relu((z - mean[:, None, None]) * (invstd * bn_weight)[:, None, None] + bn_bias[:, None, None])
+        return y, (z if save_for_backward else x.new_empty((0,))), mean, invstd
+
+    def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride,
+                 pad_h, pad_w):
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(True) for t in (x, gates, weight, bias, bn_weight, bn_bias)]
+            zz = gated_conv_reference(*leaves[:4], stride, (pad_h, pad_w))
+            if use_batch_stats:
+                normed = F.batch_norm(zz, None, None, leaves[4], leaves[5], training=True, eps=1e-5)
+            else:
+                normed = (zz - mean[:, None, None]) * (invstd * leaves[4])[:, None, None] + leaves[5][:, None, None]
+            return torch.autograd.grad(F.relu(normed), leaves, dy)
+
+    toy = types.SimpleNamespace(status=lambda device_type: fastblock.BackendStatus(True, "toy: the reference"),
+                                forward=forward, backward=backward)
+    fastblock.register_backend(fastblock.Backend(name="toy", devices=("cpu",), auto_devices=(), auto_rank=50,
+                                                 load=lambda: toy))
+    try:
+        assert "toy" in fastblock.available_backends("cpu") and "toy" in fastblock.backend_names()
+        assert resolve_backend("auto", "cpu") != "toy"  # never picked by auto (auto_devices=())
+        compare_with_reference("toy", Case(2, 3, 4, 5, 5, k=2), torch.float64, training=True)
+        compare_with_reference("toy", Case(2, 3, 4, 5, 5, k=2, stride=2), torch.float64, training=False)
+        block = fastblock.Block(3, 4, num_convs=2, backend="toy").double()
+        reference = fastblock.Block(3, 4, num_convs=2, backend="reference").double()
+        reference.load_state_dict(block.state_dict())
+        x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+        y = torch.compile(block, fullgraph=True, backend="aot_eager")(x)
+        torch.testing.assert_close(y, reference(x))
+    finally:
+        fastblock.unregister_backend("toy")
+    with pytest.raises(ValueError, match="unknown backend 'toy'"):
+        resolve_backend("toy", "cpu")

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_bench_suite_smoke_and_report(tmp_path):
     out = tmp_path / "smoke.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTBLOCK_POISON")}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "pytest", "bench/", "--smoke", "-q", "-p", "no:cacheprovider",
                            f"--benchmark-json={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -23,7 +23,7 @@ def test_bench_suite_smoke_and_report(tmp_path):
 
 
 def test_interleaved_ab_tool():
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTBLOCK_POISON")}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "bench.interleaved", "--n", "2", "--c", "4", "--hw", "6", "--k", "2",
                            "--rounds", "3", "--device", "cpu", "--providers", "reference,dynconv"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -1,4 +1,4 @@
-"""The C++/CUDA extension backend ("cuda") vs the reference: C++ kernels on CPU tensors."""
+"""The C++/CUDA extension backend ("extension") vs the reference: C++ kernels on CPU tensors."""
 import subprocess
 import sys
 from pathlib import Path
@@ -10,60 +10,59 @@ import fastblock
 from fastblock import extension
 from helpers import SHAPES, Case, check_fake_tensor_mode, compare_with_reference, gradcheck_backend, make_inputs
 
-_STATUS = fastblock.available_backends("cpu")["cuda"]
+_STATUS = fastblock.available_backends("cpu")["extension"]
 pytestmark = pytest.mark.skipif(not _STATUS.available, reason=f"extension unavailable: {_STATUS.reason}")
 
 
 @pytest.fixture(params=["mix", "concat"])
-def schedule(request, monkeypatch):
+def schedule(request):
     """Both exact schedules of the extension: per-sample kernel mixing and the K-fold concatenation."""
-    monkeypatch.setenv("FASTBLOCK_EXT_SCHEDULE", request.param)
-    return request.param
+    with fastblock.force_schedule(request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("case", SHAPES, ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_extension_matches_reference(case, training, dtype, schedule):
-    compare_with_reference("cuda", case, dtype, training=training, seed=hash((str(case), training)) % 991)
+    compare_with_reference("extension", case, dtype, training=training, seed=hash((str(case), training)) % 991)
 
 
 @pytest.mark.parametrize("case", SHAPES[:5], ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_extension_gradcheck_fp64(case, training, schedule):
-    gradcheck_backend("cuda", case, training=training)
+    gradcheck_backend("extension", case, training=training)
 
 
 def test_extension_bf16_cpu():
-    compare_with_reference("cuda", Case(4, 8, 8, 6, 6, k=3), torch.bfloat16, training=True)
+    compare_with_reference("extension", Case(4, 8, 8, 6, 6, k=3), torch.bfloat16, training=True)
 
 
 def test_extension_chunked_samples(monkeypatch):
     """A 2-sample chunk budget forces the multi-chunk path (mixed kernels and weight gradients per chunk)."""
     per_sample_bytes = 8 * 6 * 5 * 5 * 4  # Cout * Cin * k * k * sizeof(float)
     monkeypatch.setenv("FASTBLOCK_EXT_CHUNK_BYTES", str(2 * per_sample_bytes))
-    compare_with_reference("cuda", Case(7, 6, 8, 5, 6, k=3, ksize=5), torch.float32, training=True)
-    compare_with_reference("cuda", Case(5, 6, 8, 5, 6, k=2, ksize=5, stride=2), torch.float64, training=False)
+    compare_with_reference("extension", Case(7, 6, 8, 5, 6, k=3, ksize=5), torch.float32, training=True)
+    compare_with_reference("extension", Case(5, 6, 8, 5, 6, k=2, ksize=5, stride=2), torch.float64, training=False)
 
 
 @pytest.mark.parametrize("k,hw,expect_concat", [(4, 6, True), (4, 8, False), (2, 8, True), (2, 12, False),
                                                  (1, 16, True), (6, 6, False)])
-def test_extension_default_schedule(monkeypatch, k, hw, expect_concat):
-    """Without FASTBLOCK_EXT_SCHEDULE the op concatenates where (K-1) * output pixels < 144, and for K=1 (the
+def test_extension_default_schedule(k, hw, expect_concat):
+    """Unless a schedule is forced the op concatenates where (K-1) * output pixels < 144, and for K=1 (the
     concatenation's expand_gated scope shows in the profile), and matches the reference either way."""
-    monkeypatch.delenv("FASTBLOCK_EXT_SCHEDULE", raising=False)
     case = Case(3, 4, 5, hw, hw, k=k)
-    compare_with_reference("cuda", case, torch.float32, training=True)
+    compare_with_reference("extension", case, torch.float32, training=True)
     args, kwargs = make_inputs(case, torch.float32, requires_grad=False)
     with torch.profiler.profile() as prof:
-        fastblock.mixed_conv_bn_relu(*args, training=True, backend="cuda", **kwargs)
+        fastblock.mixed_conv_bn_relu(*args, training=True, backend="extension", **kwargs)
     assert any(e.key == "fastblock_ext::expand_gated" for e in prof.key_averages()) == expect_concat
 
 
 def test_extension_eval_inference_folds_batchnorm(schedule):
     args, kwargs = make_inputs(SHAPES[0], torch.float32, requires_grad=False)
     with torch.no_grad():
-        y = fastblock.mixed_conv_bn_relu(*args, training=False, backend="cuda", **kwargs)
+        y = fastblock.mixed_conv_bn_relu(*args, training=False, backend="extension", **kwargs)
     y_ref = fastblock.mixed_conv_bn_relu(*args, training=False, backend="reference", **kwargs)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
 
@@ -92,7 +91,7 @@ def test_extension_ops_pass_opcheck(layout):
                           (x, gates, weight, bias, gw, gb, rm, rv, True, 0.1, 1e-5, 1, 1, 1, True),
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.fastblock.mixed_conv_bn_relu_fwd.default,
-                          (x, gates, weight, bias, gw, gb, rm, rv, True, 0.1, 1e-5, 1, 1, 1, True, "cuda"),
+                          (x, gates, weight, bias, gw, gb, rm, rv, True, 0.1, 1e-5, 1, 1, 1, True, "extension"),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -106,7 +105,7 @@ def test_extension_channels_last_layouts():
     assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
     assert z.is_contiguous()
     x.requires_grad_(True)
-    out = fastblock.mixed_conv_bn_relu(x, gates, weight, bias, gw, gb, rm, rv, backend="cuda", **kwargs)
+    out = fastblock.mixed_conv_bn_relu(x, gates, weight, bias, gw, gb, rm, rv, backend="extension", **kwargs)
     out.sum().backward()
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert x.grad.is_contiguous(memory_format=torch.channels_last)
@@ -116,8 +115,8 @@ def test_extension_deterministic():
     args, kwargs = make_inputs(Case(6, 8, 8, 7, 7, k=3), torch.float32)
     from helpers import run_op
 
-    first = run_op("cuda", args, kwargs, training=True)
-    second = run_op("cuda", args, kwargs, training=True)
+    first = run_op("extension", args, kwargs, training=True)
+    second = run_op("extension", args, kwargs, training=True)
     assert torch.equal(first[0], second[0])
     for name in first[1]:
         assert torch.equal(first[1][name], second[1][name]), name
@@ -154,16 +153,34 @@ def test_extension_buffers_reused_across_shapes_and_dtypes():
     for case, dtype in [(Case(3, 4, 5, 7, 6, k=2), torch.float32), (Case(6, 5, 9, 9, 8, k=3), torch.float32),
                         (Case(2, 3, 4, 5, 5, k=2), torch.float64), (Case(3, 4, 5, 7, 6, k=2), torch.float32),
                         (Case(8, 32, 24, 16, 16, k=2), torch.float32), (Case(8, 32, 24, 16, 16, k=2), torch.float64)]:
-        compare_with_reference("cuda", case, dtype, training=True)
+        compare_with_reference("extension", case, dtype, training=True)
 
 
-# --- the CPU allocation pool (csrc/cpu_pool.cpp) ---------------------------------------------------------------
+# --- the opt-in CPU allocation pool (csrc/cpu_pool.cpp) --------------------------------------------------------
+def test_cpu_pool_is_off_unless_asked_for():
+    """Importing fastblock and running the op leaves the process's CPU allocator alone; FASTBLOCK_EXT_POOL_BYTES
+    switches the pool on at the first op call."""
+    import os
+
+    probe = ("import torch, fastblock; from fastblock import extension; from helpers import Case, make_inputs;"
+             "args, kw = make_inputs(Case(8, 32, 24, 16, 16, k=2));"
+             "fastblock.mixed_conv_bn_relu(*args, backend='extension', **kw).sum().backward();"
+             "print(extension.cpu_pool_stats())")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+    env.pop("FASTBLOCK_EXT_POOL_BYTES", None)
+    off = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert "'misses': 0" in off.stdout and "'limit_bytes': 0" in off.stdout, off.stdout + off.stderr
+    env["FASTBLOCK_EXT_POOL_BYTES"] = str(64 << 20)
+    on = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert f"'limit_bytes': {64 << 20}" in on.stdout and "'misses': 0" not in on.stdout, on.stdout + on.stderr
+
+
 POOLED_CASE = Case(8, 32, 24, 16, 16, k=2)  # x, z, dz, ... are 200-260 KiB: above the pool's 64 KiB floor
 
 
 @pytest.fixture
 def pool():
-    """The pool at its default limit with an empty cache; the limit is restored afterwards."""
+    """The pool switched on (256 MiB) with an empty cache; the limit is restored afterwards (0: pools nothing)."""
     limit = extension.cpu_pool_stats()["limit_bytes"]
     extension.set_cpu_pool_limit(256 << 20)
     extension.cpu_pool_empty_cache()
@@ -182,17 +199,17 @@ def test_cpu_pool_recycles_the_op_memory_across_calls(pool):
         return run[0].clone(), {name: g.clone() for name, g in run[1].items()}
 
     args, kwargs = make_inputs(POOLED_CASE, torch.float32)
-    first = detached_copy(run_op("cuda", args, kwargs, training=True))
+    first = detached_copy(run_op("extension", args, kwargs, training=True))
     s0 = pool.cpu_pool_stats()
     assert s0["misses"] > 0 and s0["cached_bytes"] > 0, s0
-    second = detached_copy(run_op("cuda", args, kwargs, training=True))  # same sizes: all from the cache
+    second = detached_copy(run_op("extension", args, kwargs, training=True))  # same sizes: all from the cache
     s1 = pool.cpu_pool_stats()
     delta = _pool_delta(s0, s1)
     assert delta == {"hits": delta["hits"], "misses": 0, "live_blocks": 0} and delta["hits"] > 0, delta
     assert s1["cached_bytes"] <= s1["limit_bytes"]
     # recycled memory changes nothing: bit-identical to a run without the pool
     pool.set_cpu_pool_limit(0)
-    unpooled = run_op("cuda", args, kwargs, training=True)
+    unpooled = run_op("extension", args, kwargs, training=True)
     for a, b in [(second, first), (unpooled, first)]:
         assert torch.equal(a[0], b[0])
         for name in first[1]:
@@ -206,7 +223,7 @@ def test_cpu_pool_serves_only_the_op(pool):
     outside = torch.empty(1 << 20)
     assert pool.cpu_pool_stats() == before
     args, kwargs = make_inputs(POOLED_CASE, torch.float32, requires_grad=False)
-    y = fastblock.mixed_conv_bn_relu(*args, training=True, backend="cuda", **kwargs)
+    y = fastblock.mixed_conv_bn_relu(*args, training=True, backend="extension", **kwargs)
     during = pool.cpu_pool_stats()
     assert during["live_blocks"] > before["live_blocks"]  # y
     del y
@@ -220,17 +237,17 @@ def test_cpu_pool_limit_and_empty_cache(pool):
     from helpers import run_op
 
     args, kwargs = make_inputs(POOLED_CASE, torch.float32)
-    run_op("cuda", args, kwargs, training=True)
+    run_op("extension", args, kwargs, training=True)
     assert pool.cpu_pool_stats()["cached_bytes"] > 300 << 10
     pool.set_cpu_pool_limit(300 << 10)  # shrinking the limit evicts at once
     assert 0 < pool.cpu_pool_stats()["cached_bytes"] <= 300 << 10
-    run_op("cuda", args, kwargs, training=True)
+    run_op("extension", args, kwargs, training=True)
     assert pool.cpu_pool_stats()["cached_bytes"] <= 300 << 10
     pool.cpu_pool_empty_cache()
     assert pool.cpu_pool_stats()["cached_bytes"] == 0
     pool.set_cpu_pool_limit(0)  # off: nothing pooled, nothing counted
     before = pool.cpu_pool_stats()
-    run_op("cuda", args, kwargs, training=True)
+    run_op("extension", args, kwargs, training=True)
     assert _pool_delta(before, pool.cpu_pool_stats()) == {"hits": 0, "misses": 0, "live_blocks": 0}
     with pytest.raises(RuntimeError, match="limit must be >= 0"):
         pool.set_cpu_pool_limit(-1)
@@ -244,10 +261,10 @@ def test_cpu_pool_concurrent_calls(pool):
     from helpers import run_op
 
     inputs = [make_inputs(POOLED_CASE, torch.float32, seed=s) for s in range(4)]
-    expected = [run_op("cuda", a, kw, training=True) for a, kw in inputs]
+    expected = [run_op("extension", a, kw, training=True) for a, kw in inputs]
     before = pool.cpu_pool_stats()
     with ThreadPoolExecutor(4) as ex:
-        results = list(ex.map(lambda i: [run_op("cuda", *inputs[i % 4], training=True) for _ in range(3)],
+        results = list(ex.map(lambda i: [run_op("extension", *inputs[i % 4], training=True) for _ in range(3)],
                               range(8)))
     for i, runs in enumerate(results):
         for got in runs:
@@ -264,7 +281,7 @@ def test_cpu_pool_usable_after_fork(pool):
     import os
 
     args, kwargs = make_inputs(POOLED_CASE, torch.float32, requires_grad=False)
-    y = fastblock.mixed_conv_bn_relu(*args, training=True, backend="cuda", **kwargs)
+    y = fastblock.mixed_conv_bn_relu(*args, training=True, backend="extension", **kwargs)
     live = pool.cpu_pool_stats()["live_blocks"]
     pid = os.fork()
     if pid == 0:  # child: no compute (OpenMP is not fork-safe), just the pool's bookkeeping
@@ -279,12 +296,12 @@ def test_extension_default_cpu_chunks(monkeypatch):
     (576 KiB each) into two chunks of 20 -- the mixing kernel then runs twice per chunk in forward (kernels and
     biases) -- and the chunked op still matches the reference."""
     monkeypatch.delenv("FASTBLOCK_EXT_CHUNK_BYTES", raising=False)
-    monkeypatch.setenv("FASTBLOCK_EXT_SCHEDULE", "mix")
     case = Case(40, 128, 128, 9, 9, k=2)
-    compare_with_reference("cuda", case, torch.float32, training=True)
     args, kwargs = make_inputs(case, torch.float32, requires_grad=False)
-    with torch.profiler.profile() as prof:
-        fastblock.mixed_conv_bn_relu(*args, training=True, backend="cuda", **kwargs)
+    with fastblock.force_schedule("mix"):
+        compare_with_reference("extension", case, torch.float32, training=True)
+        with torch.profiler.profile() as prof:
+            fastblock.mixed_conv_bn_relu(*args, training=True, backend="extension", **kwargs)
     mix_calls = sum(e.count for e in prof.key_averages() if e.key == "fastblock_ext::mix")
     assert mix_calls == 4
 
@@ -300,7 +317,7 @@ def test_extension_eager_direct_call_matches_custom_ops(monkeypatch):
     results = {}
     for through_custom_ops in (False, True):
         monkeypatch.setattr(ops, "EAGER_THROUGH_CUSTOM_OPS", through_custom_ops)
-        results[through_custom_ops] = run_op("cuda", args, kwargs, training=True)  # on fresh copies of args
+        results[through_custom_ops] = run_op("extension", args, kwargs, training=True)  # on fresh copies of args
         running_mean, running_var = results[through_custom_ops][2:]
         assert running_mean._version > 0 and running_var._version > 0
     (y0, g0, rm0, rv0), (y1, g1, rm1, rv1) = results[False], results[True]
@@ -311,4 +328,12 @@ def test_extension_eager_direct_call_matches_custom_ops(monkeypatch):
 
 
 def test_extension_under_fake_tensor_mode():
-    check_fake_tensor_mode("cuda")
+    check_fake_tensor_mode("extension")
+
+
+def test_uninitialised_memory_is_nan_under_the_test_settings():
+    """conftest's fill_uninitialized_memory reaches C++ allocations: the extension's at::empty dispatches to the same
+    ATen kernel as aten::empty below, which fills floating tensors with NaN while the setting is on."""
+    assert torch.utils.deterministic.fill_uninitialized_memory and torch.are_deterministic_algorithms_enabled()
+    assert torch.isnan(torch.ops.aten.empty.memory_format([64])).all()
+    assert torch.isnan(torch.empty_like(torch.zeros(3, 4))).all()

@@ -1,4 +1,4 @@
-"""bench/gpu_session.sh, the playbook for a session that is lent a GPU, smoke-run on CPU (GPU_SESSION_QUICK=1)."""
+"""bench/gpu_session.sh, the GPU checks for a machine with a GPU, smoke-run on CPU (GPU_SESSION_QUICK=1)."""
 import json
 import os
 import shutil
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash
 
 
 def _run(tmp_path, *args, **env):
-    full_env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTBLOCK_POISON")}
+    full_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     full_env.update(OUT=str(tmp_path / "out"), GPU_SESSION_QUICK="1", GPU_SESSION_RUNS=str(tmp_path / "runs"),
                     GPU_SESSION_CACHE=str(tmp_path / "cache"), PYTHON=sys.executable, **env)
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=full_env, capture_output=True, text=True,

@@ -256,8 +256,8 @@ def test_torchrun_two_process_gloo(tmp_path, folder_data):
 def test_unavailable_backend_is_a_clear_error(tmp_path, folder_data, capsys, monkeypatch):
     from fastblock import backends
 
-    monkeypatch.setattr(backends, "backend_status",
-                        lambda name, device=None: backends.BackendStatus(name == "reference", "no CUDA device"))
+    monkeypatch.setattr(backends.Backend, "status",
+                        lambda self, device_type: backends.BackendStatus(self.name == "reference", "no CUDA device"))
     rc = train.main(["--data-dir", str(folder_data), "--backend", "triton", "--no-progress", "--preset", "tiny",
                      "--out", str(tmp_path / "run")])
     assert rc == 2

@@ -11,12 +11,10 @@ pytestmark = pytest.mark.skipif(not fastblock.available_backends("cpu")["triton"
 
 
 @pytest.fixture(params=["mix", "concat"])
-def schedule(request, monkeypatch):
+def schedule(request):
     """Run every test with both exact schedules (per-sample kernel mixing and K-fold concatenation)."""
-    from fastblock import triton_backend
-
-    monkeypatch.setattr(triton_backend, "_FORCE_SCHEDULE", request.param)
-    return request.param
+    with fastblock.force_schedule(request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("case", SHAPES, ids=str)

@@ -2,10 +2,11 @@
 import pytest
 import torch
 
+import fastblock
 from fastblock import mixed_conv_bn_relu
 from helpers import Case, make_inputs
 
-BACKENDS = ["reference", "cuda", "triton"]
+BACKENDS = fastblock.backend_names()
 
 
 def _args():

@@ -41,15 +41,14 @@ def _specialisations(quick: bool = False):
     ``quick``: every kernel and dtype, but one per-sample-mixing and one concatenation tile config."""
     import triton.language as tl
 
-    from .. import triton_backend as tb
-    from . import batchnorm, conv
+    from . import batchnorm, configs, conv
 
     dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
     for dtype in dtypes:
         acc = tl.float64 if dtype == torch.float64 else tl.float32
         stages = ((256, 128), (16, 512)) if quick else ((1024, 64), (256, 128), (64, 256), (16, 512))
         for p, c in stages:  # the CIFAR stages (P = output pixels, C = channels)
-            cfg = tb._conv_config(p, c, dtype, interp=False)
+            cfg = configs.conv_config(p, c, dtype, interp=False)
             common = dict(KH=3, KW=3, NUM_CONVS=4, MIX=cfg["MIX"], ACC_DTYPE=acc, DOT_PRECISION="ieee",
                           BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
             opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -57,23 +56,24 @@ def _specialisations(quick: bool = False):
                 yield conv.mixed_conv_fwd_kernel, dtype, dict(common, EVAL=eval_mode, STORE_Z=store_z), opts
             yield conv.mixed_conv_dx_kernel, dtype, common, opts
         for k_pad in ((4,) if quick else (1, 4, 8)):
-            bm, bn = (64, 64) if k_pad <= 2 else (32, 64) if k_pad <= 4 else (32, 32)
-            bp = 32 if dtype in (torch.float16, torch.bfloat16) else 16
+            dw = configs.dweight_config(k_pad, dtype, interp=False)
             yield (conv.mixed_conv_dweight_kernel, dtype,
-                   dict(KH=3, KW=3, NUM_CONVS=k_pad, K_PAD=k_pad, ACC_DTYPE=acc, DOT_PRECISION="ieee", BLOCK_M=bm,
-                        BLOCK_N=bn, BLOCK_P=bp), dict(num_warps=4))
+                   dict(KH=3, KW=3, NUM_CONVS=k_pad, K_PAD=k_pad, ACC_DTYPE=acc, DOT_PRECISION="ieee",
+                        BLOCK_M=dw["BLOCK_M"], BLOCK_N=dw["BLOCK_N"], BLOCK_P=dw["BLOCK_P"]),
+                   dict(num_warps=dw["num_warps"]))
         for update in (True, False):
-            yield batchnorm.bn_stats_finalize_kernel, dtype, dict(UPDATE=update, ACC_DTYPE=acc, BLOCK_T=64,
-                                                                  BLOCK_C=32), {}
+            yield batchnorm.bn_stats_finalize_kernel, dtype, dict(UPDATE=update, ACC_DTYPE=acc, **configs.FINALIZE), {}
         for cl in (False, True):
-            yield batchnorm.bn_relu_normalize_kernel, dtype, dict(CHANNELS_LAST=cl, ACC_DTYPE=acc, BLOCK=1024), {}
+            yield batchnorm.bn_relu_normalize_kernel, dtype, dict(CHANNELS_LAST=cl, ACC_DTYPE=acc,
+                                                                  BLOCK=configs.ELEMENTWISE_BLOCK), {}
             for batch_stats in (True, False):
                 yield batchnorm.bn_relu_bwd_dz_kernel, dtype, dict(BATCH_STATS=batch_stats, CHANNELS_LAST=cl,
-                                                                   ACC_DTYPE=acc, BLOCK=1024), {}
-        yield batchnorm.bn_relu_bwd_reduce_kernel, dtype, dict(ACC_DTYPE=acc, BLOCK_R=64, BLOCK_C=64), {}
-        yield batchnorm.sum_rows_kernel, dtype, dict(ACC_DTYPE=acc, BLOCK_T=64, BLOCK_C=32), {}
+                                                                   ACC_DTYPE=acc, BLOCK=configs.ELEMENTWISE_BLOCK), {}
+        block_r, block_c = configs.bn_reduce_tile(interp=False)
+        yield batchnorm.bn_relu_bwd_reduce_kernel, dtype, dict(ACC_DTYPE=acc, BLOCK_R=block_r, BLOCK_C=block_c), {}
+        yield batchnorm.sum_rows_kernel, dtype, dict(ACC_DTYPE=acc, **configs.FINALIZE), {}
     # TF32 is opt-in for fp32 (FASTBLOCK_ALLOW_TF32=1)
-    cfg = tb._conv_config(256, 128, torch.float32, interp=False)
+    cfg = configs.conv_config(256, 128, torch.float32, interp=False)
     yield conv.mixed_conv_fwd_kernel, torch.float32, dict(
         KH=3, KW=3, NUM_CONVS=4, MIX=True, ACC_DTYPE=tl.float32, DOT_PRECISION="tf32", BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], EVAL=False, STORE_Z=False), {}

@@ -78,7 +78,8 @@ def bn_relu_normalize_kernel(
     z = tl.load(z_ptr + offs, mask=ok, other=0.0).to(ACC_DTYPE)
     scale = tl.load(invstd_ptr + c, mask=ok, other=0.0).to(ACC_DTYPE) * tl.load(gamma_ptr + c, mask=ok, other=0.0)
     shift = tl.load(beta_ptr + c, mask=ok, other=0.0) - tl.load(mean_ptr + c, mask=ok, other=0.0) * scale
-    y = tl.maximum(z * scale + shift, 0.0)
+    v = z * scale + shift
+    y = tl.where(v < 0.0, 0.0, v)  # ReLU that keeps NaN, as torch.relu does (tl.maximum drops it)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
@@ -105,7 +106,8 @@ def bn_relu_bwd_reduce_kernel(
     z = tl.load(z_ptr + off, mask=mask, other=0.0).to(ACC_DTYPE)
     dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(ACC_DTYPE)
     xhat = (z - mean[None, :]) * invstd[None, :]
-    g = tl.where(mask & (xhat * gamma[None, :] + beta[None, :] > 0), dy, 0.0)
+    # torch's ReLU mask is "not <= 0": a NaN passes the gradient
+    g = tl.where(mask & ~(xhat * gamma[None, :] + beta[None, :] <= 0), dy, 0.0)
     part = pid_r.to(tl.int64) * C + c
     tl.store(part_g_ptr + part, tl.sum(g, axis=0), mask=c_ok)
     tl.store(part_gx_ptr + part, tl.sum(g * xhat, axis=0), mask=c_ok)
@@ -143,7 +145,7 @@ def bn_relu_bwd_dz_kernel(
     z = tl.load(z_ptr + offs, mask=ok, other=0.0).to(ACC_DTYPE)
     dy = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(ACC_DTYPE)
     xhat = (z - mean) * invstd
-    g = tl.where(xhat * gamma + beta > 0, dy, 0.0)
+    g = tl.where(xhat * gamma + beta <= 0, 0.0, dy)
     if BATCH_STATS:
         sum_g = tl.load(sum_g_ptr + c, mask=ok, other=0.0).to(ACC_DTYPE)
         sum_gx = tl.load(sum_gx_ptr + c, mask=ok, other=0.0).to(ACC_DTYPE)

@@ -124,7 +124,8 @@ def mixed_conv_fwd_kernel(
     if EVAL:
         scale = tl.load(scale_ptr + co, mask=co_valid, other=0.0).to(ACC_DTYPE)
         shift = tl.load(shift_ptr + co, mask=co_valid, other=0.0).to(ACC_DTYPE)
-        y = tl.maximum(acc * scale[None, :] + shift[None, :], 0.0)
+        v = acc * scale[None, :] + shift[None, :]
+        y = tl.where(v < 0.0, 0.0, v)  # ReLU that keeps NaN, as torch.relu does (tl.maximum drops it)
         tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=valid)
         if STORE_Z:
             tl.store(z_ptr + out_off, acc.to(z_ptr.dtype.element_ty), mask=valid)

@@ -1,0 +1,94 @@
+"""Helpers every backend shares, below the seam: the status type, output shapes and layouts, buffer allocation,
+the fake (meta) outputs of the op contract, and the test switch that forces a schedule.
+
+Imports point one way: ``ops`` -> ``backends`` -> the backend modules -> this module. Nothing here imports a
+backend or the dispatcher.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple, Optional
+
+import torch
+
+
+class BackendStatus(NamedTuple):
+    available: bool
+    reason: str
+
+    def __repr__(self) -> str:
+        return f"{'available' if self.available else 'unavailable'}: {self.reason}"
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """BatchNorm statistics are float32, or float64 when the data is float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def output_shape(x: torch.Tensor, weight: torch.Tensor, stride: int, pad_h: int, pad_w: int) -> tuple[int, ...]:
+    n, _, h, w = x.shape
+    _, cout, _, kh, kw = weight.shape
+    return n, cout, (h + 2 * pad_h - kh) // stride + 1, (w + 2 * pad_w - kw) // stride + 1
+
+
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-D tensor stored channels-last (and not also plain contiguous), else contiguous."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def empty_like_layout(x: torch.Tensor, shape, dtype=None) -> torch.Tensor:
+    """An empty NCHW tensor of ``shape`` laid out like ``x`` (channels_last stays channels_last)."""
+    return torch.empty(shape, dtype=dtype or x.dtype, device=x.device, memory_format=memory_format(x))
+
+
+def empty_buffer(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """A scratch/output buffer a kernel must fill completely. (Tests run with
+    ``torch.utils.deterministic.fill_uninitialized_memory``: it starts as NaN there, so an unwritten element shows.)"""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def fake_forward_outputs(x, weight, stride, pad_h, pad_w, save_for_backward, z_nchw=False):
+    """(y, z, mean, invstd) with the shapes, dtypes and layouts the backends' forwards return: y laid out like x;
+    z (saved for backward only) like x too, unless the backend keeps it NCHW (``z_nchw``)."""
+    shape = output_shape(x, weight, stride, pad_h, pad_w)
+    y = empty_like_layout(x, shape)
+    if not save_for_backward:
+        z = x.new_empty((0,))
+    else:
+        z = x.new_empty(shape) if z_nchw else empty_like_layout(x, shape)
+    sdt = stats_dtype(x.dtype)
+    return y, z, x.new_empty((shape[1],), dtype=sdt), x.new_empty((shape[1],), dtype=sdt)
+
+
+def fake_backward_outputs(x, gates, weight, bias, bn_weight, bn_bias):
+    """(dx, dgates, dweight, dbias, dbn_weight, dbn_bias) as every backend's backward returns them."""
+    return (empty_like_layout(x, x.shape), torch.empty_like(gates), torch.empty_like(weight),
+            torch.empty_like(bias), torch.empty_like(bn_weight), torch.empty_like(bn_bias))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forcing a schedule (tests): both compiled backends have two exact schedules, per-sample kernel mixing ("mix")
+# and the K-fold concatenation ("concat"), chosen per shape. Tests force each on tiny shapes.
+# ----------------------------------------------------------------------------------------------------------------
+SCHEDULES = ("mix", "concat")
+_forced_schedule: Optional[str] = None
+
+
+def forced_schedule() -> Optional[str]:
+    """The schedule every backend must use, or None for each backend's own rule."""
+    return _forced_schedule
+
+
+@contextlib.contextmanager
+def force_schedule(schedule: Optional[str]):
+    """``with force_schedule("concat"): ...`` runs every compiled backend with that schedule (None: their rule)."""
+    global _forced_schedule
+    if schedule is not None and schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES} or None, got {schedule!r}")
+    previous, _forced_schedule = _forced_schedule, schedule
+    try:
+        yield
+    finally:
+        _forced_schedule = previous

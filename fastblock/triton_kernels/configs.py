@@ -1,0 +1,55 @@
+"""Tile and launch settings of every Triton kernel: the one home the launcher (fastblock/triton_backend.py) and the
+ahead-of-time compile check (aot_check.py) both read. Imports torch only, never triton.
+
+Hand-picked per shape class rather than autotuned: the CIFAR shapes fall into four classes (32x32, 16x16, 8x8,
+4x4 maps) and autotuning each layer at start-up would cost seconds per shape. Not tuned on a GPU yet.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+# the CPU interpreter (tests): tiny tiles, so tiny test shapes still span several tiles
+INTERPRETER_TILE = 16
+
+# BatchNorm kernels: statistics finalize / row sums (tiles x channels), elementwise, backward reduction
+FINALIZE = dict(BLOCK_T=64, BLOCK_C=32)
+ELEMENTWISE_BLOCK = 1024
+
+
+def bn_reduce_tile(interp: bool) -> tuple[int, int]:
+    """(BLOCK_R rows, BLOCK_C channels) of bn_relu_bwd_reduce_kernel."""
+    return (INTERPRETER_TILE, INTERPRETER_TILE) if interp else (64, 64)
+
+
+def conv_config(rows_per_sample: int, cols: int, dtype: torch.dtype, interp: bool,
+                schedule: Optional[str] = None) -> dict:
+    """Schedule and tiles of the implicit-GEMM forward / dx kernels (``rows_per_sample``: output pixels per
+    sample; ``cols``: output channels). ``schedule`` forces "mix" or "concat" (tests); else:
+    * per-sample mixing (MIX) when a sample fills a 64-row tile (P >= 64); below that (4x4 maps) the K-fold
+      concatenation schedule shares every weight load across samples;
+    * BLOCK_N follows Cout (64 or 128), BLOCK_K = 32 for 16-bit types (64-byte rows), 16 for fp32/fp64
+      (register pressure of the K mixed tiles); fp64 (tests only) gets small tiles.
+    """
+    mix = (rows_per_sample >= 64) if schedule is None else (schedule == "mix")
+    if interp:
+        t = INTERPRETER_TILE
+        return dict(MIX=mix, BLOCK_M=t, BLOCK_N=t, BLOCK_K=t, num_warps=4, num_stages=1)
+    if dtype == torch.float64:
+        return dict(MIX=mix, BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2)
+    sixteen_bit = dtype in (torch.float16, torch.bfloat16)
+    block_m = 128 if (mix and rows_per_sample >= 128) or (not mix) else 64
+    block_n = 128 if cols >= 128 else 64
+    return dict(MIX=mix, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32 if sixteen_bit else 16,
+                num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=3 if sixteen_bit else 2)
+
+
+def dweight_config(k_pad: int, dtype: torch.dtype, interp: bool) -> dict:
+    """Tiles of mixed_conv_dweight_kernel: K_PAD*BM*BN accumulators plus the K weight tiles live in registers,
+    so the tiles shrink as K grows."""
+    if interp:
+        t = INTERPRETER_TILE
+        return dict(BLOCK_M=t, BLOCK_N=t, BLOCK_P=t, num_warps=4)
+    bm, bn = (64, 64) if k_pad <= 2 else (32, 64) if k_pad <= 4 else (32, 32)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=32 if dtype in (torch.float16, torch.bfloat16) else 16, num_warps=4)
