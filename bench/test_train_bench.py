@@ -1,4 +1,5 @@
-"""Whole-training throughput: images/s of one training step of the trainer's default preset, per backend.
+"""Whole-training throughput: images/s of one training step of the trainer's default preset for the device
+(``cpu`` or ``fast``), per backend.
 
 Synthetic uint8 images on the device go through the trainer's own augmentation, optimizer and autocast
 settings, so the figure is what `python -m fastblock.train` would see per step (data loading excluded: it is
@@ -17,12 +18,15 @@ def test_train_step_throughput(benchmark, backend, device, bench_mode):
     status = available_backends(device)[backend]
     if not status.available or (backend == "triton" and device == "cpu"):
         pytest.skip(f"{backend}: {status.reason if not status.available else 'GPU only'}")
-    cfg = train.resolve_preset("fast")
+    preset, _ = train.default_preset(torch.device(device))
+    cfg = train.resolve_preset(preset)
     model_name = "tiny" if bench_mode == "smoke" else cfg["model"]
     batch = {"smoke": 8, "quick": 16 if device == "cpu" else 512, "full": 32 if device == "cpu" else 512}[bench_mode]
     dev = torch.device(device)
     torch.manual_seed(0)
     model = build_model(model_name, backend=backend).to(dev)
+    if hasattr(model, "fit_to_data"):
+        model.fit_to_data(torch.randn(256, 3, 32, 32, device=dev))
     channels_last = train.channels_last_for(cfg, dev)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -44,7 +48,7 @@ def test_train_step_throughput(benchmark, backend, device, bench_mode):
         if device == "cuda":
             torch.cuda.synchronize()
 
-    benchmark.group = f"train-step {model_name} batch {batch}"
+    benchmark.group = f"train-step {preset} ({model_name}) batch {batch}"
     rounds = {"smoke": 1, "quick": 5, "full": 20}[bench_mode]
     benchmark.pedantic(step, rounds=rounds, warmup_rounds=1 if bench_mode == "smoke" else 2, iterations=1)
     benchmark.extra_info.update({"provider": backend, "mode": "train-step", "images_per_step": batch,

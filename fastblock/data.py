@@ -222,26 +222,45 @@ def load_cifar10(data_dir: str | os.PathLike, cache_dir: str | os.PathLike | Non
     """
     root = Path(data_dir).expanduser()
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    if root.is_file() and root.name.endswith((".tar.gz", ".tgz", ".tar")):
+    if root.name.endswith((".tar.gz", ".tgz", ".tar")) and not root.is_dir():
+        if not root.is_file():
+            raise DataError(f"no archive at {root}")
         root = _extract_archive(root, cache)
     batches = _find_batches_dir(root)
     if batches is not None:
         return _load_batches(batches)
     if (root / "train").exists() or (root / "test").exists():
         return _load_folder(root, cache, progress)
+    expected = ("expected cifar-10-batches-py/, or train/ and test/ image folders, or a .tar.gz of either")
+    if root.is_dir() and any(root.iterdir()):
+        raise DataError(f"no CIFAR-10 found in {root}: {expected}")
     if not download:
-        raise DataError(f"no CIFAR-10 found at {root}: expected cifar-10-batches-py/, or train/ and test/ image "
-                        "folders, or a .tar.gz of either")
+        where = "is an empty folder" if root.is_dir() else "does not exist"
+        raise DataError(f"no CIFAR-10 found at {root}: it {where} ({expected})")
+    return _download(root)
+
+
+def _download(root: Path) -> Cifar:
+    """torchvision's download into a temporary folder beside ``root``, moved into place only when it worked:
+    a failed download leaves nothing behind."""
+    import tempfile
+
+    parent = root.parent if root.parent.exists() else Path.cwd()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-download-", dir=parent))
     try:
         from torchvision.datasets import CIFAR10
 
-        CIFAR10(str(root), train=True, download=True)
+        CIFAR10(str(tmp), train=True, download=True)
+        root.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp / "cifar-10-batches-py", root / "cifar-10-batches-py")
     except Exception as exc:
         raise DataError(
             f"CIFAR-10 is not at {root} and could not be downloaded ({type(exc).__name__}: {exc}). "
             "Offline? Pass --data-dir pointing to a cifar-10-batches-py folder, an ImageFolder tree "
             "DIR/{train,test}/<class>/*.png, or a .tar.gz of one (e.g. cifar10-jpeg.tar.gz)."
         ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return _load_batches(_find_batches_dir(root))
 
 
@@ -254,6 +273,26 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def balanced_subset(data: Cifar, n: int, seed: int) -> Cifar:
+    """A seeded, class-balanced subset: about n // classes training images of every class, and n // 5 test
+    images likewise (the first N of an image-folder tree would all be one class)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(labels: torch.Tensor, count: int) -> torch.Tensor:
+        classes = labels.unique()
+        per_class = max(1, count // len(classes))
+        chosen = []
+        for c in classes.tolist():
+            idx = (labels == c).nonzero().flatten()
+            chosen.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
+        keep = torch.cat(chosen)
+        return keep[torch.randperm(len(keep), generator=g)]
+
+    train, test = pick(data.train_y, n), pick(data.test_y, max(1, n // 5))
+    return Cifar(data.train_x[train], data.train_y[train], data.test_x[test], data.test_y[test], data.classes,
+                 data.source + f" (class-balanced subset: {len(train)} train, {len(test)} test)")
 
 
 def split_validation(data: Cifar, fraction: float, seed: int) -> Cifar:

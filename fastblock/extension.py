@@ -37,8 +37,24 @@ def _find_csrc(package_dir: Path) -> Path:
 CSRC = _find_csrc(Path(__file__).resolve().parent)
 
 
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported without its "No CUDA runtime is found" warning where no CUDA build is
+    wanted (a CPU-only machine with a CUDA toolkit installed would print it on every run)."""
+    import logging
+
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    if not _want_cuda():
+        logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
 def _nvcc() -> str | None:
-    from torch.utils.cpp_extension import CUDA_HOME
+    CUDA_HOME = _cpp_extension().CUDA_HOME
 
     found = shutil.which("nvcc")
     if found:
@@ -58,6 +74,24 @@ def _want_cuda() -> bool:
 def _first_lines(text: str, n: int = 6) -> str:
     lines = [ln for ln in text.strip().splitlines() if "error" in ln.lower()] or text.strip().splitlines()
     return " | ".join(ln.strip() for ln in lines[:n])[:800]
+
+
+def _build_name(with_cuda: bool) -> str:
+    return ("fastblock_ext_cuda" if with_cuda else "fastblock_ext_cpu") + f"_{isa_level().lower()}"
+
+
+def build_needed() -> bool:
+    """Whether the first use will compile the extension (no prebuilt fastblock._C, no cached JIT build): the
+    trainer says so before the minute of silence that takes."""
+    if load.cache_info().currsize or os.environ.get("FASTBLOCK_NO_EXT") == "1":
+        return False
+    import importlib.util
+
+    if importlib.util.find_spec("fastblock._C") is not None:
+        return False
+    name = _build_name(_want_cuda())
+    build_dir = Path(_cpp_extension()._get_build_directory(name, verbose=False))
+    return not (build_dir / f"{name}.so").exists()
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,13 +115,12 @@ def load() -> tuple[bool, str]:
     except ImportError:
         if shutil.which("ninja") is None:
             return False, "ninja is not installed (pip install ninja)"
-    from torch.utils import cpp_extension
-
+    cpp_extension = _cpp_extension()
     with_cuda = _want_cuda()
     sources = [str(CSRC / s) for s in CPU_SOURCES + (CUDA_SOURCES if with_cuda else [])]
     isa = isa_level()
     flags = cxx_flags(with_cuda)
-    name = ("fastblock_ext_cuda" if with_cuda else "fastblock_ext_cpu") + f"_{isa.lower()}"
+    name = _build_name(with_cuda)
     try:
         import io
         from contextlib import redirect_stderr, redirect_stdout
@@ -184,8 +217,7 @@ def set_cpu_pool_limit(nbytes: int) -> None:
 
 def check_cuda_compile() -> int:
     """Compile every .cu source with nvcc against torch's headers (object files only; no GPU needed)."""
-    from torch.utils.cpp_extension import include_paths
-
+    include_paths = _cpp_extension().include_paths
     nvcc = _nvcc()
     if nvcc is None:
         print("nvcc not found: skipping the CUDA compile check")

@@ -100,6 +100,69 @@ class ResNet32(nn.Module):
         return self.head(self.body(x))
 
 
+class PatchWhitening(nn.Module):
+    """A fixed first layer: 2x2 patches (stride 1, no padding) projected on the eigenvectors of the training
+    images' patch covariance, scaled to unit variance, with both signs (3 -> 24 channels), plus a learnable bias.
+    It decorrelates the input for the first Block; ``fit(images)`` sets it from data (before training)."""
+
+    def __init__(self, in_channels: int = 3, patch: int = 2, eps: float = 5e-4):
+        super().__init__()
+        dim = in_channels * patch * patch
+        self.patch, self.eps = patch, eps
+        self.register_buffer("weight", torch.zeros(2 * dim, in_channels, patch, patch))
+        self.bias = nn.Parameter(torch.zeros(2 * dim))
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @torch.no_grad()
+    def fit(self, images: torch.Tensor) -> None:
+        """images: [N, C, H, W] float, normalised as the network sees them."""
+        p = self.patch
+        patches = images.unfold(2, p, 1).unfold(3, p, 1).transpose(1, 3).reshape(-1, self.weight.shape[1] * p * p)
+        patches = patches.double()
+        cov = torch.cov(patches.T)
+        eigenvalues, eigenvectors = torch.linalg.eigh(cov)
+        kernels = (eigenvectors.T / torch.sqrt(eigenvalues + self.eps)[:, None]).view(-1, *self.weight.shape[1:])
+        self.weight.copy_(torch.cat([kernels, -kernels]).to(self.weight.dtype))
+
+    def forward(self, x):
+        return nn.functional.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+
+
+class AirBlockNet(nn.Module):
+    """A speed-run CIFAR-10 network built from gated Blocks: patch whitening, then three stages of
+    Block -> 2x2 max-pool -> Block (widths ``widths``, K = ``num_convs`` per Block), global max-pool and a bias-free
+    linear head with scaled logits. The layer plan of the public plain-convolution speed-runs (airbench), with
+    every conv+BN+activation a fused, gated Block."""
+
+    def __init__(self, widths: Sequence[int] = (64, 256, 256), num_convs: Union[int, Sequence[int]] = 2,
+                 num_classes: int = 10, logit_scale: float = 1 / 9, downsample: str = "pool",
+                 backend: str = "auto"):
+        super().__init__()
+        ks = [num_convs] * 6 if isinstance(num_convs, int) else list(num_convs)
+        self.whiten = PatchWhitening()
+        layers, width = [], self.whiten.out_channels
+        for stage, out in enumerate(widths):
+            if downsample == "pool":  # Block, then 2x2 max-pool
+                layers += [Block(width, out, num_convs=ks[2 * stage], backend=backend), nn.MaxPool2d(2)]
+            else:  # a stride-2 Block: a quarter of the FLOPs and BatchNorm work
+                layers += [Block(width, out, num_convs=ks[2 * stage], stride=2, backend=backend)]
+            layers += [Block(out, out, num_convs=ks[2 * stage + 1], backend=backend)]
+            width = out
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(width, num_classes, bias=False)
+        self.logit_scale = logit_scale
+
+    def fit_to_data(self, images: torch.Tensor) -> None:
+        self.whiten.fit(images)
+
+    def forward(self, x):
+        x = self.body(self.whiten(x))
+        return self.head(torch.amax(x, dim=(2, 3))) * self.logit_scale
+
+
 @dataclass
 class ModelRecipe:
     description: str
@@ -150,9 +213,23 @@ def _tiny(backend):
                     backend=backend)
 
 
+def _air(widths, num_convs, downsample="pool"):
+    return lambda backend: AirBlockNet(widths, num_convs, downsample=downsample, backend=backend)
+
+
 MODELS = {
+    "air-cpu": ModelRecipe("patch whitening + 3 stages of (K=2 Block, max-pool, K=2 Block), 64-256-256, global "
+                           "max-pool, linear head: a speed-run layout of gated Blocks", _air((64, 256, 256), 2)),
+    "air-cpu-k1": ModelRecipe("air-cpu with K=1 Blocks (plain conv + BN + ReLU): the ablation baseline",
+                              _air((64, 256, 256), 1)),
+    "air-cpu-k4": ModelRecipe("air-cpu with K=4 Blocks", _air((64, 256, 256), 4)),
+    "air-s2": ModelRecipe("tmp", _air((64, 256, 256), 2, "stride")),
+    "air-s2-k1": ModelRecipe("tmp", _air((64, 256, 256), 1, "stride")),
+    "air-small": ModelRecipe("tmp", _air((48, 160, 160), 2)),
+    "air-gpu": ModelRecipe("air-cpu widened for GPUs: 128-384-384, K=4", _air((128, 384, 384), 4)),
     "tiny": ModelRecipe("2 small K=2 Blocks (16, 32 channels): smoke tests and CPU demos", _tiny),
-    "fast": ModelRecipe("compact gated-Block ResNet-9-like net (64-128-256-512, K=4, max-pools, residuals)", _fast),
+    "resnet9-gated": ModelRecipe("compact gated-Block ResNet-9-like net (64-128-256-512, K=4, max-pools, "
+                                 "residuals)", _fast),
     "coursework-a": ModelRecipe("6 K=4 Blocks with residual connections, max-pools, avg-pool + linear head",
                                 _coursework_a),
     "coursework-b": ModelRecipe("7 K=4 Blocks, max-pool every other block, avg-pool + linear head. The "

@@ -1,0 +1,155 @@
+"""The command line: ``python -m fastblock.train`` (see ``--help``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from ..backends import accepted_names
+from ..data import DataError
+from ..models import MODELS
+from .loop import BackendUnavailable, RunError, run
+from .presets import PRESETS, SETTINGS, default_preset, resolve_preset
+
+USAGE = """Train CIFAR-10 networks of fastblock Blocks.
+
+    python -m fastblock.train                                  # the default recipe for this machine
+    python -m fastblock.train --data-dir PATH --backend triton
+    python -m fastblock.train --list-presets
+    python -m fastblock.train --resume runs/cpu-20261130-120000
+    python -m fastblock.train --eval-only runs/cpu-20261130-120000 --tta
+    torchrun --nproc_per_node 2 -m fastblock.train ...          (DistributedDataParallel)
+
+Without --preset the trainer takes "fast" on a GPU and "cpu" elsewhere, and says so on its first line; any flag
+overrides the preset. A run directory holds config.json, metrics.csv (per epoch, test accuracy of the averaged and
+of the raw weights), steps.csv (loss and learning rate per step), last.pt / best.pt (atomic, weights_only-loadable),
+curves.png and summary.json. Ctrl-C saves a resumable checkpoint.
+"""
+
+
+def _flip(value: str):
+    return {"on": True, "off": False, "alternate": "alternate"}[value]
+
+
+def _tta(value: str):
+    return {"on": True, "off": False, "flip-translate": "flip-translate"}[value]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fastblock.train", description=USAGE,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    add("--preset", default=None, choices=sorted(PRESETS),
+        help="recipe to start from (default: fast on a GPU, cpu otherwise); see --list-presets")
+    add("--list-presets", action="store_true", help="list the presets and exit")
+    add("--backend", default="auto", choices=accepted_names(),
+        help="fastblock backend for every Block (default: auto; 'cuda' is an alias of 'extension')")
+    add("--data-dir", default="data", help="cifar-10-batches-py folder, ImageFolder tree DIR/{train,test}/<class>, "
+        "or a .tar.gz of one (default: ./data; CIFAR-10 is downloaded there when missing and online)")
+    add("--cache-dir", default=None, help="where decoded image folders are cached (default: ~/.cache/fastblock)")
+    add("--no-download", action="store_true", help="never try to download CIFAR-10")
+    add("--val-split", type=float, default=0.0, help="hold out this fraction of train for validation (default: 0)")
+    add("--subset", type=int, default=0,
+        help="train on a class-balanced, seeded subset of N images (and N//5 test images): smoke runs")
+    hp = p.add_argument_group("training (default: the preset's value)")
+    hp.add_argument("--model", choices=sorted(MODELS), help="network")
+    hp.add_argument("--epochs", type=float, help="epochs (may be fractional); with --resume: extend the run")
+    hp.add_argument("--time-budget", type=float, metavar="MIN",
+                    help="train for as many steps as fit in MIN minutes, timed over the first steps "
+                         "(replaces --epochs; the schedule spans the planned steps)")
+    hp.add_argument("--batch-size", type=int, help="global batch size (split across ranks)")
+    hp.add_argument("--accum-steps", type=int, help="gradient accumulation steps per optimizer step")
+    hp.add_argument("--lr", type=float, help="peak learning rate")
+    hp.add_argument("--optimizer", choices=["sgd", "adam", "adamw", "rmsprop"])
+    hp.add_argument("--momentum", type=float)
+    hp.add_argument("--nesterov", action=argparse.BooleanOptionalAction)
+    hp.add_argument("--weight-decay", type=float, help="not applied to BatchNorm parameters and biases")
+    hp.add_argument("--label-smoothing", type=float)
+    hp.add_argument("--schedule", choices=["linear", "cosine", "constant", "plateau"])
+    hp.add_argument("--warmup-epochs", type=float)
+    hp.add_argument("--t-max", type=float, help="cosine period in epochs (default: the run length)")
+    hp.add_argument("--min-lr-ratio", type=float, help="final lr / peak lr for linear and cosine schedules")
+    hp.add_argument("--crop-pad", type=int, help="random translation by up to this many pixels (0: off)")
+    hp.add_argument("--flip", type=_flip, nargs="?", const=True, metavar="{on,off,alternate}",
+                    help="horizontal flips: random (a bare --flip), none, or alternating (each image flipped every "
+                         "other epoch)")
+    hp.add_argument("--no-flip", dest="flip", action="store_const", const=False, help="same as --flip off")
+    hp.add_argument("--cutout", type=int, help="cutout square size (0: off)")
+    hp.add_argument("--resized-crop", action=argparse.BooleanOptionalAction, help="random resized crop")
+    hp.add_argument("--rotate", type=float, help="random rotation range in degrees")
+    hp.add_argument("--freeze-bn-weight", action=argparse.BooleanOptionalAction,
+                    help="keep BatchNorm scales at 1 (only their biases train)")
+    hp.add_argument("--ema", type=float, help="EMA decay of the weights used for evaluation (0: off)")
+    hp.add_argument("--ema-every", type=int, help="update the EMA every this many steps")
+    hp.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction,
+                    help="ramp the EMA decay up over the first updates (default: on)")
+    hp.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], help="autocast (auto: bf16 on GPUs, off on CPU)")
+    hp.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                    help="channels-last activations and weights (default: on GPUs only; on CPU the extension "
+                         "computes in NCHW and would pay a layout copy per Block)")
+    hp.add_argument("--tta", type=_tta, nargs="?", const=True, metavar="{on,off,flip-translate}",
+                    help="test-time augmentation: flips (a bare --tta), none, or flips and 1-pixel translations")
+    hp.add_argument("--no-tta", dest="tta", action="store_const", const=False, help="same as --tta off")
+    hp.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
+    run_group = p.add_argument_group("runs")
+    run_group.add_argument("--out", default=None,
+                           help="run directory, which must not hold a run yet (default: runs/<preset>-<timestamp>)")
+    run_group.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    run_group.add_argument("--eval-only", metavar="CHECKPOINT",
+                           help="evaluate a checkpoint (or a run directory's best.pt) and print per-class results")
+    run_group.add_argument("--stop-after", type=int, metavar="EPOCHS",
+                           help="stop after this many epochs (the schedule still spans --epochs); continue with "
+                                "--resume")
+    run_group.add_argument("--checkpoint-minutes", type=float, default=10.0,
+                           help="also save last.pt this often within an epoch (default: 10; 0: only per epoch)")
+    run_group.add_argument("--seed", type=int, default=0)
+    run_group.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    run_group.add_argument("--sync-bn", action="store_true",
+                           help="under torchrun, convert plain BatchNorm2d layers (shortcuts) to SyncBatchNorm; the "
+                                "fused Blocks keep per-rank batch statistics")
+    run_group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def resolve_config(args, device: torch.device, say) -> dict:
+    """The run's settings: the preset (given, or the default for this device) overridden by every flag given."""
+    if args.preset is None:
+        preset, why = default_preset(device)
+        say(f"preset: {preset} (the default here: {why}; --preset chooses another)")
+    else:
+        preset = args.preset
+        say(f"preset: {preset}")
+    cfg = resolve_preset(preset)
+    for key in SETTINGS:
+        val = getattr(args, key, None)
+        if val is not None:
+            cfg[key] = val
+    cfg.update(preset=preset, backend=args.backend, seed=args.seed, val_split=args.val_split,
+               subset=args.subset, data_dir=str(args.data_dir))
+    if cfg["batch_size"] < 1 or cfg["epochs"] <= 0 or cfg["accum_steps"] < 1:
+        raise RunError("--batch-size and --accum-steps must be >= 1, --epochs > 0")
+    return cfg
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list_presets:
+        for name, recipe in PRESETS.items():
+            print(f"{name:14s} {recipe.description}")
+        return 0
+
+    def say(*a, **kw):
+        print(*a, **kw)
+
+    try:
+        return run(args, say)
+    except (DataError, RunError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except BackendUnavailable as exc:
+        print(f"error: {exc}\n(--backend auto picks the best backend this machine has)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # before training started: nothing to save
+        print("\ninterrupted before training started; nothing was saved", file=sys.stderr)
+        return 130

@@ -1,0 +1,643 @@
+"""The training run, in small pieces: build the parts, resume them, train steps, evaluate, save.
+
+A run's randomness is a pure function of (seed, epoch): shuffling and augmentation of epoch e come from one
+generator seeded with both, so a resumed run -- from an epoch boundary or from the middle of an epoch, where the
+generator's state is saved -- draws exactly what the uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from .. import __version__
+from ..backends import available_backends, resolve_backend
+from ..data import (Cifar, DataError, atomic_torch_save, balanced_subset, cutout, load_cifar10, progress_interval,
+                    random_affine, random_crop, random_flip, split_validation)
+from ..models import build_model, count_flops
+from .records import confusion_report, plot_curves, write_metrics, write_steps
+
+CHECKPOINT_KEYS = {"model", "config"}
+PROBE_STEPS = 5  # timed steps (after one warm-up step) behind the projected training time
+
+
+class RunError(RuntimeError):
+    """A problem with the command line or a run directory the user can fix; the message says how."""
+
+
+class BackendUnavailable(RuntimeError):
+    """The --backend asked for cannot run on this machine (the message says why and how to fix it)."""
+
+
+class Dist:
+    """torchrun environment (world size 1 without it)."""
+
+    def __init__(self, device_type: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if device_type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, values: list[float], device) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# parts
+# --------------------------------------------------------------------------------------------------------------
+def param_groups(model: nn.Module, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # BatchNorm affine parameters and biases are 1-D (Block biases are [K, Cout]; named "bias")
+        (no_decay if p.dim() <= 1 or name.endswith("bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(cfg, model):
+    groups = param_groups(model, cfg["weight_decay"])
+    if cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"],
+                               nesterov=bool(cfg["nesterov"]) and cfg["momentum"] > 0)
+    if cfg["optimizer"] == "adam":
+        return torch.optim.Adam(groups, lr=cfg["lr"])
+    if cfg["optimizer"] == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg["lr"])
+    return torch.optim.RMSprop(groups, lr=cfg["lr"], momentum=cfg["momentum"])
+
+
+@dataclasses.dataclass
+class Plan:
+    """Step counts of the run; total_steps may be re-planned (--time-budget, --resume --epochs)."""
+
+    steps_per_epoch: int
+    total_steps: int
+
+
+def lr_factor(cfg, plan: Plan, step: int) -> float:
+    """Warm-up, then linear / cosine / constant (plateau: constant here, reduced per epoch on the eval loss)."""
+    warm = cfg["warmup_epochs"] * plan.steps_per_epoch
+    if warm > 0 and step < warm:
+        return (step + 1) / warm
+    floor = cfg["min_lr_ratio"]
+    if cfg["schedule"] == "linear":
+        frac = (step - warm) / max(1.0, plan.total_steps - warm)
+        return floor + (1 - floor) * max(0.0, 1 - frac)
+    if cfg["schedule"] == "cosine":
+        period = (cfg["t_max"] * plan.steps_per_epoch if cfg["t_max"] else plan.total_steps) - warm
+        frac = min(1.0, (step - warm) / max(1.0, period))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac))
+    return 1.0
+
+
+def make_ema(model: nn.Module, decay: float, warmup: bool) -> AveragedModel:
+    """Exponential moving average of parameters and buffers (BatchNorm statistics included), with the decay warmed
+    up as min(decay, (1 + n) / (10 + n)) over the first n updates: early averages follow the trained weights
+    instead of holding on to the random initialisation."""
+    def multi_avg_fn(averaged, current, num_averaged):
+        n = int(num_averaged)
+        get_ema_multi_avg_fn(min(decay, (1 + n) / (10 + n)) if warmup else decay)(averaged, current, num_averaged)
+
+    return AveragedModel(model, multi_avg_fn=multi_avg_fn, use_buffers=True)
+
+
+def channels_last_for(cfg, device) -> bool:
+    value = cfg["channels_last"]
+    return device.type == "cuda" if value == "auto" else bool(value)
+
+
+def amp_dtype_for(cfg, device) -> Optional[torch.dtype]:
+    amp = cfg["amp"]
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "off"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def epoch_generator(seed: int, epoch: int, rank: int, device) -> torch.Generator:
+    """Shuffling and augmentation randomness of one epoch: a pure function of (seed, epoch)."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed * 1_000_003 + epoch * 101 + rank)
+    return g
+
+
+def flip_parity(n: int, seed: int, device) -> torch.Tensor:
+    """Per image, whether it is flipped in even epochs ("alternate" flips: odd epochs show the other side)."""
+    g = torch.Generator(device="cpu").manual_seed(seed * 7919 + 17)
+    return (torch.rand(n, generator=g) < 0.5).to(device)
+
+
+def augment(cfg, x: torch.Tensor, gen: torch.Generator, flips: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``flips``: this batch's images' flip decisions for "alternate" flipping (else random flips)."""
+    if cfg["resized_crop"] or cfg["rotate"]:
+        x = random_affine(x, gen, degrees=cfg["rotate"], resized_crop=cfg["resized_crop"])
+    if cfg["crop_pad"]:
+        x = random_crop(x, cfg["crop_pad"], gen)
+    if cfg["flip"] == "alternate" and flips is not None:
+        x = torch.where(flips[:, None, None, None], x.flip(3), x)
+    elif cfg["flip"]:
+        x = random_flip(x, gen)
+    if cfg["cutout"]:
+        x = cutout(x, cfg["cutout"], gen)
+    return x
+
+
+def tta_views(x: torch.Tensor, tta) -> list[torch.Tensor]:
+    if not tta:
+        return [x]
+    views = [x, x.flip(3)]
+    if tta == "flip-translate":  # and both shifted by one pixel (zero padding)
+        shifted = F.pad(x, (1, 0, 1, 0))[:, :, :-1, :-1]
+        views += [shifted, shifted.flip(3)]
+    return views
+
+
+@torch.no_grad()
+def evaluate(model, images, labels, mean, std, batch_size, amp_dtype, channels_last, tta, dist, device):
+    """Loss, accuracy and predictions on (this rank's shard of) a uint8 image set, with optional TTA."""
+    model.eval()
+    idx = torch.arange(dist.rank, len(labels), dist.world, device=device)
+    loss_sum, correct, preds = 0.0, 0, []
+    for start in range(0, len(idx), batch_size):
+        sel = idx[start:start + batch_size]
+        x = (images[sel].float().div_(255) - mean) / std
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            views = tta_views(x, tta)
+            logits = sum(model(v).float() for v in views) / len(views)
+        y = labels[sel]
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        pred = logits.argmax(1)
+        correct += (pred == y).sum().item()
+        preds.append(pred)
+    total, loss_sum, correct = dist.all_sum([float(len(idx)), loss_sum, float(correct)], device)
+    return loss_sum / total, correct / total, (torch.cat(preds) if preds else labels[:0])
+
+
+def rng_state(device_type: str) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2]}
+    if device_type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict, device_type: str) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    if device_type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# data, run directory, checkpoints
+# --------------------------------------------------------------------------------------------------------------
+def load_data(cfg, args, dist) -> Cifar:
+    data = load_cifar10(cfg["data_dir"], args.cache_dir, download=not args.no_download,
+                        progress=dist.main and not args.no_progress)
+    if cfg["subset"]:
+        data = balanced_subset(data, cfg["subset"], cfg["seed"])
+    if cfg["val_split"]:
+        data = split_validation(data, cfg["val_split"], cfg["seed"])
+    return data
+
+
+def new_run_dir(args, preset: str) -> Path:
+    """A fresh run directory: --out when given (it must not hold a run yet), else runs/<preset>-<time>."""
+    if args.out:
+        out = Path(args.out)
+        if out.exists() and any(out.iterdir()):
+            hint = (f"continue it with --resume {out}" if (out / "last.pt").exists() else "choose another --out")
+            raise RunError(f"--out {out} already holds files; a run never writes over another: {hint}")
+        return out
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path("runs") / f"{preset}-{stamp}"
+    suffix = 1
+    while out.exists():
+        out, suffix = Path("runs") / f"{preset}-{stamp}-{suffix}", suffix + 1
+    return out
+
+
+def load_checkpoint(path: Path, what: str) -> dict:
+    """A fastblock checkpoint, or a one-line RunError saying why ``path`` is not one."""
+    if path.is_dir():
+        raise RunError(f"{what}: {path} is a directory")
+    if not path.exists():
+        raise RunError(f"{what}: no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RunError(f"{what}: {path} is not a fastblock checkpoint ({type(exc).__name__})") from None
+    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= set(ckpt):
+        raise RunError(f"{what}: {path} is not a fastblock checkpoint (no model and config inside)")
+    return ckpt
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint."""
+
+    epoch: int = 0                 # the epoch in progress (0-based)
+    step_in_epoch: int = 0         # steps of it already done
+    rows: list = dataclasses.field(default_factory=list)    # metrics.csv
+    steps: list = dataclasses.field(default_factory=list)   # steps.csv
+    best_acc: float = 0.0
+    train_seconds: float = 0.0
+    milestones: dict = dataclasses.field(default_factory=dict)
+    epoch_sums: tuple = (0.0, 0.0, 0.0, 0.0)  # loss sum, correct, seen, seconds of the epoch in progress
+    gen_state: Optional[torch.Tensor] = None  # the epoch generator's state after step_in_epoch steps
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------------------------
+def run(args, say) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dist = Dist(device.type)
+    if device.type == "cuda" and dist.world > 1:
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.main:
+        say = lambda *a, **k: None  # noqa: E731
+    if args.eval_only:
+        return eval_only(args, device, dist, say)
+
+    from .cli import resolve_config
+
+    state, progress = None, Progress()
+    if args.resume:
+        run_dir = Path(args.resume)
+        state = load_checkpoint(run_dir / "last.pt", "--resume")
+        cfg = dict(state["config"])
+        progress = Progress(**state["progress"])
+        if args.epochs is not None and args.epochs != cfg["epochs"]:
+            if args.epochs < progress.epoch + progress.step_in_epoch / max(1, state["plan"]["steps_per_epoch"]):
+                raise RunError(f"--epochs {args.epochs:g}: the run in {run_dir} is already past that point")
+            say(f"extending the run from {cfg['epochs']:g} to {args.epochs:g} epochs: the learning-rate schedule is "
+                "re-planned over the new length from the next step on")
+            cfg["epochs"] = args.epochs
+    else:
+        cfg = resolve_config(args, device, say)
+        run_dir = new_run_dir(args, cfg["preset"])
+
+    random.seed(cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+    backend_name = pick_backend(cfg["backend"], device, say)
+    say(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+                               f" ({torch.get_num_threads()} threads)") +
+        (f", {dist.world} ranks" if dist.world > 1 else ""))
+
+    data = load_data(cfg, args, dist)
+    say(f"data: {data.source}: {len(data.train_y)} train, {len(data.test_y)} "
+        f"{'validation' if cfg['val_split'] else 'test'} images")
+    mean, std = (t.to(device).view(1, 3, 1, 1) for t in data.mean_std)
+    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
+    test_x, test_y = data.test_x.to(device), data.test_y.to(device)
+
+    model = build_model(cfg["model"], backend=cfg["backend"]).to(device)
+    if state is None and hasattr(model, "fit_to_data"):  # e.g. patch whitening, fitted on training images
+        sample = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(cfg["seed"]))[:5000]
+                         .to(device)]
+        model.fit_to_data((sample.float().div_(255) - mean) / std)
+    if cfg["freeze_bn_weight"]:
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d) and m.weight is not None:
+                m.weight.requires_grad_(False)
+    channels_last = channels_last_for(cfg, device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    n_params = sum(p.numel() for p in model.parameters())
+    flops = count_flops(model)
+    say(f"model: {cfg['model']}: {n_params / 1e6:.2f} M parameters, {flops / 1e6:.1f} MFLOPs per image")
+    if dist.world > 1 and args.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ema = make_ema(model, cfg["ema"], cfg["ema_warmup"]) if cfg["ema"] else None
+    opt = make_optimizer(cfg, model)
+    train_model = model
+    if dist.world > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg["compile"]:
+        train_model = torch.compile(train_model)
+    amp_dtype = amp_dtype_for(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    global_batch = cfg["batch_size"]
+    local_batch = max(1, global_batch // dist.world)
+    steps_per_epoch = max(1, len(train_y) // global_batch)
+    plan = Plan(steps_per_epoch, max(1, round(cfg["epochs"] * steps_per_epoch)))
+    if state is not None and not (args.epochs is not None):
+        plan.total_steps = state["plan"]["total_steps"]
+    if cfg["schedule"] == "plateau":  # the learning rate follows the evaluation loss, not the step
+        scheduler = None
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=5)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(cfg, plan, step))
+        plateau = None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        if plateau is not None and state.get("plateau"):
+            plateau.load_state_dict(state["plateau"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"], device.type)
+        say(f"resumed {run_dir} at epoch {progress.epoch + 1}, step {progress.step_in_epoch} of {steps_per_epoch}")
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if state is None:
+            meta = {"config": cfg, "fastblock": __version__, "torch": torch.__version__,
+                    "python": platform.python_version(),
+                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+                    platform.processor() or "cpu",
+                    "backend": backend_name, "world_size": dist.world, "parameters": n_params,
+                    "flops_per_image": flops, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            (run_dir / "config.json").write_text(json.dumps(meta, indent=2))
+        say(f"run directory: {run_dir}")
+
+    ctx = dict(cfg=cfg, args=args, dist=dist, device=device, say=say, model=model, train_model=train_model,
+               ema=ema, opt=opt, scheduler=scheduler, plateau=plateau, scaler=scaler, amp_dtype=amp_dtype,
+               channels_last=channels_last, plan=plan, progress=progress, run_dir=run_dir, mean=mean, std=std,
+               train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, local_batch=local_batch,
+               classes=data.classes, backend=backend_name, flips=flip_parity(len(train_y), cfg["seed"], device))
+    interrupted = _train(ctx)
+    if interrupted:
+        return 130
+    rows = progress.rows
+    say(f"done: final accuracy {100 * rows[-1]['test_acc']:.2f}%, best {100 * progress.best_acc:.2f}%, "
+        f"{progress.train_seconds:.1f}s of training; results in {run_dir}")
+    if dist.world > 1:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def pick_backend(requested: str, device, say) -> str:
+    try:
+        from .. import extension
+
+        if device.type in ("cpu", "cuda") and requested in ("auto", "extension", "cuda") and extension.build_needed():
+            say("building the C++ extension (first use only; about a minute)...", flush=True)
+        backend_name = resolve_backend(requested, device)
+    except RuntimeError as exc:
+        raise BackendUnavailable(str(exc)) from None
+    report = available_backends(device)
+    say(f"backend: {backend_name} (requested {requested}; {report[backend_name].reason})")
+    for name, st in report.items():
+        if name != backend_name:
+            say(f"  {name}: {st}")
+    return backend_name
+
+
+def _train(ctx) -> bool:
+    """Train from where ctx's progress stands to the end of the plan (or --stop-after). Returns True when
+    interrupted (Ctrl-C / SIGTERM), after saving a resumable checkpoint."""
+    from tqdm.auto import tqdm
+
+    cfg, args, dist, device, say = ctx["cfg"], ctx["args"], ctx["dist"], ctx["device"], ctx["say"]
+    plan, progress = ctx["plan"], ctx["progress"]
+    global_batch, local_batch = cfg["batch_size"], ctx["local_batch"]
+    micro = max(1, local_batch // cfg["accum_steps"])
+    train_x, train_y = ctx["train_x"], ctx["train_y"]
+    checkpoint_every = 60.0 * args.checkpoint_minutes if args.checkpoint_minutes else float("inf")
+    last_save = time.perf_counter()
+    probe: list[float] = []
+    stop_epoch = math.ceil(plan.total_steps / plan.steps_per_epoch)
+    if args.stop_after:
+        stop_epoch = min(stop_epoch, args.stop_after)
+
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt) if _on_main_thread() else None
+    try:
+        while progress.epoch < stop_epoch:
+            epoch = progress.epoch
+            gen = epoch_generator(cfg["seed"], epoch, 0, device)
+            perm = torch.randperm(len(train_y), device=device, generator=gen)
+            if progress.gen_state is not None:  # resuming mid-epoch
+                gen.set_state(progress.gen_state)
+            epoch_flips = ctx["flips"] ^ bool(epoch % 2)
+            loss_sum, correct, seen, epoch_time = progress.epoch_sums
+            last_step = min(plan.steps_per_epoch, plan.total_steps - epoch * plan.steps_per_epoch)
+            ctx["train_model"].train()
+            bar = tqdm(range(progress.step_in_epoch, last_step), desc=f"epoch {epoch + 1}", leave=False,
+                       disable=not dist.main or args.no_progress, unit="step", mininterval=progress_interval())
+            for step in bar:
+                t0 = time.perf_counter()
+                batch = perm[step * global_batch:(step + 1) * global_batch]
+                batch = batch[dist.rank * local_batch:(dist.rank + 1) * local_batch]
+                loss_step, correct_step = _train_step(ctx, batch, epoch_flips[batch], gen, micro)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                loss_sum, correct, seen = loss_sum + loss_step * len(batch), correct + correct_step, seen + len(batch)
+                epoch_time += dt
+                progress.train_seconds += dt
+                global_step = epoch * plan.steps_per_epoch + step
+                progress.steps.append(dict(step=global_step + 1, epoch=round(global_step / plan.steps_per_epoch + 1 /
+                                                                                plan.steps_per_epoch, 4),
+                                           lr=ctx["opt"].param_groups[0]["lr"], loss=round(loss_step, 5),
+                                           train_seconds=round(progress.train_seconds, 3)))
+                if ctx["scheduler"] is not None:
+                    ctx["scheduler"].step()
+                _maybe_update_ema(ctx, global_step)
+                progress.step_in_epoch = step + 1
+                progress.epoch_sums = (loss_sum, correct, seen, epoch_time)
+                progress.gen_state = gen.get_state()
+                _probe(ctx, probe, dt, global_step)
+                if dist.main and not args.no_progress:
+                    bar.set_postfix(loss=f"{loss_sum / max(1, seen):.3f}", acc=f"{100 * correct / max(1, seen):.1f}",
+                                    img_s=f"{seen * dist.world / max(epoch_time, 1e-9):.0f}")
+                if time.perf_counter() - last_save > checkpoint_every and step + 1 < last_step:
+                    _save(ctx, best=False)
+                    last_save = time.perf_counter()
+            stop_epoch = min(stop_epoch, math.ceil(plan.total_steps / plan.steps_per_epoch))
+            _end_epoch(ctx, last_step)
+            last_save = time.perf_counter()
+    except KeyboardInterrupt:
+        bar_close = locals().get("bar")
+        if bar_close is not None:
+            bar_close.close()
+        if dist.main:
+            _save(ctx, best=False)
+        say(f"\ninterrupted in epoch {progress.epoch + 1} after step {progress.step_in_epoch}; saved. Continue with: "
+            f"python -m fastblock.train --resume {ctx['run_dir']}")
+        return True
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+    return False
+
+
+def _on_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _train_step(ctx, batch, flips, gen, micro) -> tuple[float, float]:
+    cfg, model, opt, scaler = ctx["cfg"], ctx["train_model"], ctx["opt"], ctx["scaler"]
+    device, amp_dtype = ctx["device"], ctx["amp_dtype"]
+    x_all = augment(cfg, ctx["train_x"][batch].float().div_(255), gen, flips)
+    x_all = (x_all - ctx["mean"]) / ctx["std"]
+    y_all = ctx["train_y"][batch]
+    opt.zero_grad(set_to_none=True)
+    loss_sum = correct = 0.0
+    for m0 in range(0, len(batch), micro):
+        x, y = x_all[m0:m0 + micro], y_all[m0:m0 + micro]
+        if ctx["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg["label_smoothing"])
+        scaler.scale(loss * len(x) / len(batch)).backward()
+        loss_sum += loss.item() * len(x)
+        correct += (logits.argmax(1) == y).sum().item()
+    scaler.step(opt)
+    scaler.update()
+    return loss_sum / len(batch), correct
+
+
+def _maybe_update_ema(ctx, global_step: int) -> None:
+    if ctx["ema"] is not None and (global_step + 1) % ctx["cfg"]["ema_every"] == 0:
+        ctx["ema"].update_parameters(ctx["model"])
+
+
+def _probe(ctx, probe: list, dt: float, global_step: int) -> None:
+    """After the first steps: the projected training time, and the plan of a --time-budget run."""
+    args, plan, progress, say = ctx["args"], ctx["plan"], ctx["progress"], ctx["say"]
+    if len(probe) > PROBE_STEPS or len(progress.steps) <= 1:  # the first step (warm-up, builds) is not timed
+        return
+    probe.append(dt)
+    if len(probe) < PROBE_STEPS:
+        return
+    per_step = sorted(probe)[len(probe) // 2]
+    probe.append(float("nan"))  # done
+    if args.time_budget and global_step < plan.total_steps and not args.resume:
+        budget_steps = int(args.time_budget * 60 / per_step)
+        plan.total_steps = max(global_step + 1, budget_steps)
+        ctx["cfg"]["epochs"] = round(plan.total_steps / plan.steps_per_epoch, 3)
+        say(f"time budget {args.time_budget:g} min at {per_step:.2f} s/step: {plan.total_steps} steps "
+            f"({ctx['cfg']['epochs']:g} epochs); the schedule spans them")
+    remaining = (plan.total_steps - global_step - 1) * per_step
+    say(f"projected training time: {(progress.train_seconds + remaining) / 60:.1f} min for {plan.total_steps} steps "
+        f"({per_step:.2f} s/step over the first steps; evaluation not included)")
+
+
+def _end_epoch(ctx, last_step: int) -> None:
+    cfg, dist, device, say, plan, progress = (ctx[k] for k in ("cfg", "dist", "device", "say", "plan", "progress"))
+    loss_sum, correct, seen, epoch_time = progress.epoch_sums
+    seen_all, loss_all, correct_all = dist.all_sum([seen, loss_sum, correct], device)
+    ema = ctx["ema"]
+    if ema is not None:
+        ema.update_parameters(ctx["model"])
+    common = (ctx["test_x"], ctx["test_y"], ctx["mean"], ctx["std"], 1024, ctx["amp_dtype"], ctx["channels_last"])
+    test_loss, test_acc, _ = evaluate(ema.module if ema is not None else ctx["model"], *common, cfg["tta"], dist,
+                                      device)
+    raw_acc = test_acc
+    if ema is not None:
+        _, raw_acc, _ = evaluate(ctx["model"], *common, cfg["tta"], dist, device)
+    if ctx["plateau"] is not None:
+        ctx["plateau"].step(test_loss)
+    epoch_value = progress.epoch + last_step / plan.steps_per_epoch
+    row = dict(epoch=round(epoch_value, 4), lr=ctx["opt"].param_groups[0]["lr"], train_loss=loss_all / seen_all,
+               train_acc=correct_all / seen_all, test_loss=test_loss, test_acc=test_acc, raw_test_acc=raw_acc,
+               seconds=round(epoch_time, 3), images_per_s=round(seen_all / max(epoch_time, 1e-9), 1))
+    is_best = test_acc > progress.best_acc
+    # everything about the finished epoch changes here at once: an interrupt before leaves it to be redone
+    progress.rows.append(row)
+    for target in (0.80, 0.85, 0.90, 0.91, 0.93, 0.94):
+        if test_acc >= target and str(target) not in progress.milestones:
+            progress.milestones[str(target)] = round(progress.train_seconds, 2)
+    progress.best_acc = max(progress.best_acc, test_acc)
+    progress.epoch += 1
+    progress.step_in_epoch = 0
+    progress.epoch_sums = (0.0, 0.0, 0.0, 0.0)
+    progress.gen_state = None
+    say(f"epoch {epoch_value:6.2f}/{cfg['epochs']:g}  lr {row['lr']:.4g}  train loss {row['train_loss']:.4f} "
+        f"acc {100 * row['train_acc']:.2f}%  |  {'val' if cfg['val_split'] else 'test'} loss {test_loss:.4f} "
+        f"acc {100 * test_acc:.2f}%" + (f" (raw weights {100 * raw_acc:.2f}%)" if ema is not None else "") +
+        f"  |  {epoch_time:.1f}s  {row['images_per_s']:.0f} img/s")
+    if dist.main:
+        _save(ctx, best=is_best)
+
+
+def _save(ctx, best: bool) -> None:
+    cfg, progress, run_dir = ctx["cfg"], ctx["progress"], ctx["run_dir"]
+    ema, plateau = ctx["ema"], ctx["plateau"]
+    eval_model = ema.module if ema is not None else ctx["model"]
+    ckpt = {"model": ctx["model"].state_dict(), "optimizer": ctx["opt"].state_dict(),
+            "scheduler": ctx["scheduler"].state_dict() if ctx["scheduler"] is not None else None, "ema": ema.state_dict() if ema is not None else None,
+            "plateau": plateau.state_dict() if plateau is not None else None, "scaler": ctx["scaler"].state_dict(),
+            "rng": rng_state(ctx["device"].type), "progress": dataclasses.asdict(progress),
+            "plan": dataclasses.asdict(ctx["plan"]), "config": cfg}
+    atomic_torch_save(ckpt, run_dir / "last.pt")
+    if best:
+        atomic_torch_save({"model": eval_model.state_dict(), "config": cfg, "epoch": progress.epoch,
+                           "test_acc": progress.best_acc, "classes": ctx["classes"]}, run_dir / "best.pt")
+    write_steps(progress.steps, run_dir / "steps.csv")
+    if progress.rows:
+        write_metrics(progress.rows, run_dir / "metrics.csv")
+        plot_curves(progress.rows, progress.steps, run_dir / "curves.png")
+        last = progress.rows[-1]
+        summary = {"final_test_acc": last["test_acc"], "final_raw_test_acc": last["raw_test_acc"],
+                   "best_test_acc": progress.best_acc, "epochs": last["epoch"],
+                   "train_seconds": round(progress.train_seconds, 2), "time_to_accuracy_s": progress.milestones,
+                   "backend": ctx["backend"], "device": str(ctx["device"])}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def eval_only(args, device, dist, say) -> int:
+    path = Path(args.eval_only)
+    if path.is_dir():  # a run directory: its best checkpoint
+        path = path / "best.pt"
+    ckpt = load_checkpoint(path, "--eval-only")
+    cfg = dict(ckpt["config"])
+    if args.data_dir != "data" or "data_dir" not in cfg:
+        cfg["data_dir"] = args.data_dir
+    cfg["val_split"], cfg["subset"] = cfg.get("val_split", 0.0), args.subset or cfg.get("subset", 0)
+    model = build_model(cfg["model"], backend=args.backend).to(device)
+    state = ckpt["model"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise RunError(f"--eval-only: {path} does not fit model {cfg['model']!r}: {str(exc).splitlines()[0]}") from None
+    data = load_data(cfg, args, dist)
+    mean, std = (t.to(device).view(1, 3, 1, 1) for t in data.mean_std)
+    tta = cfg.get("tta", False) if args.tta is None else args.tta
+    loss, acc, preds = evaluate(model, data.test_x.to(device), data.test_y.to(device), mean, std, 1024,
+                                amp_dtype_for(cfg, device), False, tta, dist, device)
+    say(f"{path}: {'validation' if cfg['val_split'] else 'test'} accuracy {100 * acc:.2f}%  loss {loss:.4f}"
+        f"  ({len(data.test_y)} images, TTA {tta or 'off'})")
+    if dist.world == 1:
+        say(confusion_report(preds, data.test_y.to(device), data.classes))
+    return 0
+
+
+__all__ = ["BackendUnavailable", "DataError", "RunError", "amp_dtype_for", "augment", "channels_last_for",
+           "evaluate", "lr_factor", "make_ema", "make_optimizer", "param_groups", "run"]
