@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import fastblock
-from fastblock.reference import mixed_conv_bn_relu_reference
+from fastblock.reference import dynamic_conv_bn_relu, mixed_conv_bn_relu_reference
 
 PROVIDERS = ("reference", "compiled", "dynconv",
              *(name for name in fastblock.backend_names() if fastblock.get_backend(name).fused))
@@ -47,15 +47,7 @@ class Shape:
         return 2 * once if mode == "fwdbwd" else once
 
 
-def dynconv(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
-            stride, padding):
-    n, cin, h, w = x.shape
-    k, cout, _, kh, kw = weight.shape
-    w_mix = torch.einsum("nk,koihw->noihw", gates, weight).reshape(n * cout, cin, kh, kw)
-    b_mix = (gates @ bias).reshape(-1)
-    z = F.conv2d(x.reshape(1, n * cin, h, w), w_mix, b_mix, stride=stride, padding=padding, groups=n)
-    z = z.reshape(n, cout, z.shape[-2], z.shape[-1])
-    return F.relu(F.batch_norm(z, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps))
+dynconv = dynamic_conv_bn_relu
 
 
 @functools.lru_cache(maxsize=None)

@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
@@ -72,9 +73,14 @@ void check_common(const at::Tensor& x, const at::Tensor& gates, const at::Tensor
 }
 
 // Samples per chunk: as many as fit the chunk budget (at least one), evened out over the chunks needed.
-int64_t samples_per_chunk(int64_t n, int64_t per_sample_elems, int64_t elem_size, const at::Device& device) {
+// Also bounded so the chunk's grouped convolution has fewer than 2**31 elements in its input and its output
+// (``activation_elems``: the larger of one sample's Cin*H*W and Cout*Ho*Wo): convolution libraries index in 32 bits.
+int64_t samples_per_chunk(int64_t n, int64_t per_sample_elems, int64_t elem_size, int64_t activation_elems,
+                          const at::Device& device) {
   const int64_t per_sample = std::max<int64_t>(1, per_sample_elems * elem_size);
-  const int64_t fit = std::max<int64_t>(1, std::min<int64_t>(n, chunk_bytes(device) / per_sample));
+  const int64_t index_bound = std::max<int64_t>(1, (int64_t(1) << 31) - 1) / std::max<int64_t>(1, activation_elems);
+  const int64_t fit = std::max<int64_t>(
+      1, std::min<int64_t>({n, chunk_bytes(device) / per_sample, index_bound}));
   const int64_t chunks = (n + fit - 1) / fit;
   return (n + chunks - 1) / chunks;
 }
@@ -120,7 +126,8 @@ at::Tensor gated_conv(const DeviceKernels& kern, const at::Tensor& xc, const at:
     return z.contiguous().add_(b_mix.view({n, cout, 1, 1}));
   }
   const int64_t ho = (h + 2 * pad_h - kh) / stride + 1, wo = (w + 2 * pad_w - kw) / stride + 1;
-  const int64_t chunk = samples_per_chunk(n, f, weight.element_size(), xc.device());
+  const int64_t activation_elems = std::max(cin * h * w, cout * ho * wo);
+  const int64_t chunk = samples_per_chunk(n, f, weight.element_size(), activation_elems, xc.device());
   std::vector<at::Tensor> pieces;
   for (int64_t n0 = 0; n0 < n; n0 += chunk) {
     const int64_t s = std::min(chunk, n - n0);
@@ -158,7 +165,8 @@ void gated_conv_backward(const DeviceKernels& kern, const at::Tensor& dz, const 
     return;
   }
   // Per-sample weight gradients G, never all at once: folded chunk by chunk into dW_k and da.
-  const int64_t chunk = samples_per_chunk(n, f, weight.element_size(), xc.device());
+  const int64_t activation_elems = std::max(cin * h * w, cout * ho * wo);
+  const int64_t chunk = samples_per_chunk(n, f, weight.element_size(), activation_elems, xc.device());
   if (chunk < n) dx = at::empty_like(xc);
   for (int64_t n0 = 0; n0 < n; n0 += chunk) {
     const int64_t s = std::min(chunk, n - n0);

@@ -18,7 +18,8 @@ library) and says where it runs and where it stands in the ``auto`` order. Addin
 one ``register_backend(Backend(...))``. ``reference`` (pure PyTorch, fastblock/reference.py) is registered too;
 it is called directly, autograd doing its backward.
 
-``auto`` takes the first backend in ``auto_order`` that runs on the tensors' device and supports the problem.
+``auto`` takes the first backend in ``auto_rank`` order that runs on the tensors' device, supports the problem and
+passes its runtime self-check there (fastblock/self_check.py: once per device and dtype, against the reference).
 ``FASTBLOCK_BACKEND`` overrides ``auto`` (never an explicit choice). An explicitly requested backend that cannot
 run raises ``RuntimeError`` with the reason and the fix; it never silently falls back.
 """
@@ -31,6 +32,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from . import self_check
 from .backend_utils import BackendStatus
 
 
@@ -89,7 +91,8 @@ class Backend:
             module = self.module()
         except Exception as exc:  # an import error is a reason, not a crash
             return BackendStatus(False, f"import failed: {type(exc).__name__}: {exc}")
-        return module.status(device_type)
+        failed = self_check.failures_on(self.name, device_type)
+        return BackendStatus(False, failed) if failed else module.status(device_type)
 
     def unsupported(self, num_convs: int) -> Optional[str]:
         """Why this backend cannot run a problem with ``num_convs`` kernels, or None."""
@@ -175,11 +178,21 @@ def available_backends(device: Union[str, torch.device, None] = None) -> dict[st
     return {name: backend_status(name, device) for name in backend_names()}
 
 
-def resolve_backend(requested: Optional[str], device: Union[str, torch.device], num_convs: int = 1) -> str:
+def resolve_backend(requested: Optional[str], device: Union[str, torch.device], num_convs: int = 1,
+                    dtype: Optional[torch.dtype] = None) -> str:
     """Turn ``requested`` ("auto", a name or an alias) into the name of a backend that can run a problem with
-    ``num_convs`` kernels on ``device``, or raise."""
-    return _resolve(requested, _device_type(device), os.environ.get("FASTBLOCK_BACKEND", "auto") or "auto",
-                    int(num_convs))
+    ``num_convs`` kernels on ``device``, or raise. With ``dtype``, ``auto`` also self-checks its choice there."""
+    device = torch.device(device) if device is not None else torch.device(_device_type(None))
+    env_choice = os.environ.get("FASTBLOCK_BACKEND", "auto") or "auto"
+    while True:
+        name = _resolve(requested, device.type, env_choice, int(num_convs))
+        automatic = (requested in (None, "auto")) and env_choice == "auto"
+        if (not automatic or dtype is None or not _REGISTRY[name].fused or not self_check.enabled()
+                or torch.compiler.is_compiling()):
+            return name
+        if self_check.passes(name, _REGISTRY[name].module(), device, dtype):
+            return name
+        # failed: recorded, so the backend now reports itself unavailable on this device type and auto moves on
 
 
 @torch.compiler.assume_constant_result

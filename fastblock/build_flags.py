@@ -9,6 +9,9 @@ import torch
 CPU_SOURCES = ["fastblock_ops.cpp", "fastblock_cpu.cpp", "cpu_pool.cpp"]  # in csrc/
 CUDA_SOURCES = ["fastblock_cuda.cu"]
 NVCC_FLAGS = ["-O3", "-DFASTBLOCK_WITH_CUDA"]
+# GPU architectures the CUDA compile check builds for (A100, RTX 30xx, RTX 40xx/L4, H100/H200, B200, RTX 50xx);
+# a real build targets the GPU it runs on (or TORCH_CUDA_ARCH_LIST).
+CHECKED_CUDA_ARCHS = ("80", "86", "89", "90", "100", "120")
 
 # Built on the machine that runs it: AVX2 + FMA where torch reports an AVX2/AVX512 CPU (not AVX-512: the
 # kernels' 8-lane reductions vectorise worse with 512-bit registers; measurements in bench/RESULTS.md). The level is

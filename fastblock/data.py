@@ -65,28 +65,36 @@ def _find_batches_dir(root: Path) -> Path | None:
 
 
 def _load_batches(folder: Path) -> Cifar:
-    def read(name):
-        path = folder / name
-        try:
-            with open(path, "rb") as fh:
-                entry = pickle.load(fh, encoding="latin1")
-            data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, CIFAR_SIZE, CIFAR_SIZE)
-            labels = np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64)
-        except FileNotFoundError:
-            raise DataError(f"missing CIFAR-10 batch file {path}") from None
-        except Exception as exc:
-            raise DataError(f"corrupt CIFAR-10 batch file {path}: {type(exc).__name__}: {exc}") from None
-        return torch.from_numpy(data.copy()), torch.from_numpy(labels)
+    """torchvision's CIFAR-10 reader on ``folder``, minus its checksum test (a copy re-pickled elsewhere differs in
+    bytes, not in content) and with the class names optional."""
+    from torchvision.datasets import CIFAR10
 
-    parts = [read(f"data_batch_{i}") for i in range(1, 6)]
-    test_x, test_y = read("test_batch")
-    meta = folder / "batches.meta"
-    classes = [str(i) for i in range(10)]
-    if meta.exists():
-        with open(meta, "rb") as fh:
-            classes = list(pickle.load(fh, encoding="latin1")["label_names"])
-    return Cifar(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), test_x, test_y, classes,
-                 f"torchvision batches at {folder}")
+    class Batches(CIFAR10):
+        base_folder = folder.name
+
+        def _check_integrity(self) -> bool:
+            return True
+
+        def _load_meta(self) -> None:
+            meta = folder / self.meta["filename"]
+            self.classes = [str(i) for i in range(10)]
+            if meta.exists():
+                with open(meta, "rb") as fh:
+                    self.classes = list(pickle.load(fh, encoding="latin1")[self.meta["key"]])
+
+    def read(train: bool):
+        try:
+            ds = Batches(str(folder.parent), train=train)
+        except FileNotFoundError as exc:
+            raise DataError(f"missing CIFAR-10 batch file {exc.filename}") from None
+        except Exception as exc:
+            raise DataError(f"corrupt CIFAR-10 batches in {folder}: {type(exc).__name__}: {exc}") from None
+        images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+        return images, torch.tensor(ds.targets, dtype=torch.int64), ds.classes
+
+    train_x, train_y, classes = read(True)
+    test_x, test_y, _ = read(False)
+    return Cifar(train_x, train_y, test_x, test_y, classes, f"torchvision batches at {folder}")
 
 
 # --------------------------------------------------------------------------------------------------------------

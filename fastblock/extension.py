@@ -8,7 +8,8 @@ are compiled when torch has CUDA, a GPU is visible and nvcc is found (``FASTBLOC
 first lines of the compiler error, and ``auto`` falls back.
 
     python -m fastblock.extension --build               # build (or load) now and report
-    python -m fastblock.extension --check-cuda-compile  # compile csrc/*.cu with nvcc (no GPU needed), then discard
+    python -m fastblock.extension --check-cuda-compile  # compile csrc/*.cu with nvcc for sm_80..sm_120, resource
+                                                        # report, fail on spills (no GPU needed), then discard
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .backend_utils import BackendStatus, fake_backward_outputs, fake_forward_outputs, forced_schedule
-from .build_flags import CPU_SOURCES, CUDA_SOURCES, NVCC_FLAGS, cxx_flags, isa_level
+from .build_flags import CHECKED_CUDA_ARCHS, CPU_SOURCES, CUDA_SOURCES, NVCC_FLAGS, cxx_flags, isa_level
 
 
 def _find_csrc(package_dir: Path) -> Path:
@@ -215,31 +216,69 @@ def set_cpu_pool_limit(nbytes: int) -> None:
     _loaded_ops().cpu_pool_set_limit(int(nbytes))
 
 
-def check_cuda_compile() -> int:
-    """Compile every .cu source with nvcc against torch's headers (object files only; no GPU needed)."""
-    include_paths = _cpp_extension().include_paths
+def check_cuda_compile(archs=CHECKED_CUDA_ARCHS) -> int:
+    """Compile every .cu source with nvcc as the real build does (torch's nvcc flags and defines, -O3) for each
+    architecture in ``archs``, with ``ptxas -v``; print registers, stack and spills per kernel and architecture,
+    and fail on a compile error or any spill (object files only; no GPU needed)."""
+    cpp_extension = _cpp_extension()
     nvcc = _nvcc()
     if nvcc is None:
         print("nvcc not found: skipping the CUDA compile check")
         return 0
-    includes = [f"-I{p}" for p in include_paths(device_type="cuda")] + [f"-I{sysconfig.get_paths()['include']}"]
+    includes = [f"-I{p}" for p in cpp_extension.include_paths(device_type="cuda")]
+    includes.append(f"-I{sysconfig.get_paths()['include']}")
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     aten_h = Path(torch.__file__).parent / "include" / "ATen" / "ATen.h"
     std = "c++20" if aten_h.exists() and "C++20" in aten_h.read_text() else "c++17"
+    gencode = [f for arch in archs for f in ("-gencode", f"arch=compute_{arch},code=sm_{arch}")]
+    failed = False
     with tempfile.TemporaryDirectory() as tmp:
         for src in CUDA_SOURCES:
-            cmd = [nvcc, "-c", str(CSRC / src), "-o", str(Path(tmp) / (src + ".o")), f"-std={std}", "-O1",
-                   "-DFASTBLOCK_WITH_CUDA", "-DTORCH_EXTENSION_NAME=fastblock_ext", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-                   "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC", "-gencode", "arch=compute_90,code=sm_90",
-                   *includes]
-            print("nvcc", src, "...", flush=True)
+            cmd = [nvcc, "-c", str(CSRC / src), "-o", str(Path(tmp) / (src + ".o")), f"-std={std}",
+                   *cpp_extension.COMMON_NVCC_FLAGS, *NVCC_FLAGS, "-DTORCH_API_INCLUDE_EXTENSION_H",
+                   "-DTORCH_EXTENSION_NAME=fastblock_ext", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-Xcompiler", "-fPIC",
+                   "-Xptxas", "-v", *gencode, *includes]
+            print(f"nvcc {src} for sm_{', sm_'.join(archs)} ...", flush=True)
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 print(proc.stdout + proc.stderr, file=sys.stderr)
                 print(f"CUDA compile check FAILED for {src}", file=sys.stderr)
                 return 1
-            print(f"  {src}: compiled OK for sm_90")
-    return 0
+            table = parse_ptxas(proc.stdout + proc.stderr)
+            for arch in archs:
+                rows = table.get(f"sm_{arch}", [])
+                spills = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
+                print(f"  sm_{arch}: {len(rows)} kernels, registers <= {max((r['registers'] for r in rows), default=0)}"
+                      f", stack <= {max((r['stack'] for r in rows), default=0)} B, {len(spills)} spilling")
+                for r in spills:
+                    print(f"    SPILL {r['kernel'][:80]}: {r['spill_stores']} B stores, {r['spill_loads']} B loads",
+                          file=sys.stderr)
+                failed |= bool(spills) or not rows
+    print("CUDA compile check " + ("FAILED" if failed else "OK"))
+    return 1 if failed else 0
+
+
+def parse_ptxas(log: str) -> dict[str, list[dict]]:
+    """ptxas -v output -> {"sm_90": [{kernel, registers, stack, spill_stores, spill_loads}, ...]}."""
+    import re
+
+    table: dict[str, list[dict]] = {}
+    current = None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)' for '(sm_\d+a?)'", line)
+        if m:
+            current = {"kernel": m.group(1), "registers": 0, "stack": 0, "spill_stores": 0, "spill_loads": 0}
+            table.setdefault(m.group(2).rstrip("a"), []).append(current)
+            continue
+        if current is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            current["stack"], current["spill_stores"], current["spill_loads"] = map(int, m.groups())
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            current["registers"] = int(m.group(1))
+    return table
 
 
 def _main(argv=None) -> int:

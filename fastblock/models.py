@@ -218,15 +218,12 @@ def _air(widths, num_convs, downsample="pool"):
 
 
 MODELS = {
-    "air-cpu": ModelRecipe("patch whitening + 3 stages of (K=2 Block, max-pool, K=2 Block), 64-256-256, global "
-                           "max-pool, linear head: a speed-run layout of gated Blocks", _air((64, 256, 256), 2)),
+    "air-cpu": ModelRecipe("patch whitening + 3 stages of (K=2 Block, max-pool, K=2 Block), 32-128-128, global "
+                           "max-pool, linear head: a speed-run layout of gated Blocks", _air((32, 128, 128), 2)),
     "air-cpu-k1": ModelRecipe("air-cpu with K=1 Blocks (plain conv + BN + ReLU): the ablation baseline",
-                              _air((64, 256, 256), 1)),
-    "air-cpu-k4": ModelRecipe("air-cpu with K=4 Blocks", _air((64, 256, 256), 4)),
-    "air-s2": ModelRecipe("tmp", _air((64, 256, 256), 2, "stride")),
-    "air-s2-k1": ModelRecipe("tmp", _air((64, 256, 256), 1, "stride")),
-    "air-small": ModelRecipe("tmp", _air((48, 160, 160), 2)),
-    "air-gpu": ModelRecipe("air-cpu widened for GPUs: 128-384-384, K=4", _air((128, 384, 384), 4)),
+                              _air((32, 128, 128), 1)),
+    "air-cpu-k4": ModelRecipe("air-cpu with K=4 Blocks", _air((32, 128, 128), 4)),
+    "air-gpu": ModelRecipe("the air-cpu layout widened for GPUs: 64-256-256, K=4", _air((64, 256, 256), 4)),
     "tiny": ModelRecipe("2 small K=2 Blocks (16, 32 channels): smoke tests and CPU demos", _tiny),
     "resnet9-gated": ModelRecipe("compact gated-Block ResNet-9-like net (64-128-256-512, K=4, max-pools, "
                                  "residuals)", _fast),

@@ -241,7 +241,7 @@ def _validate_and_dispatch(x, gates, weight, bias, bn_weight, bn_bias, running_m
                            training, momentum, eps, stride, padding, backend):
     pad_h, pad_w = check_inputs(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                                 training, momentum, eps, stride, padding)
-    name = resolve_backend(backend, x.device, weight.shape[0])
+    name = resolve_backend(backend, x.device, weight.shape[0], x.dtype)
     if name == "reference":
         return mixed_conv_bn_relu_reference(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                                             training, momentum, eps, stride, (pad_h, pad_w))

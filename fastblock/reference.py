@@ -49,3 +49,19 @@ def mixed_conv_bn_relu_reference(
         mixed, running_mean, running_var, bn_weight, bn_bias, training=use_batch_stats, momentum=momentum, eps=eps
     )
     return F.relu(normed)
+
+
+def dynamic_conv_bn_relu(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
+                         eps, stride, padding):
+    """The public CondConv/DynamicConv formulation, a rival rather than ground truth: the K kernels mixed per
+    sample with einsum, one grouped convolution (groups = N), then F.batch_norm and ReLU. Benchmarks and
+    ``fastblock.doctor`` time it beside the fused backends."""
+    n, cin, h, w = x.shape
+    k, cout, _, kh, kw = weight.shape
+    w_mix = torch.einsum("nk,koihw->noihw", gates, weight).reshape(n * cout, cin, kh, kw)
+    b_mix = None if bias is None else (gates @ bias).reshape(-1)
+    z = F.conv2d(x.reshape(1, n * cin, h, w), w_mix, b_mix, stride=stride, padding=padding, groups=n)
+    z = z.reshape(n, cout, z.shape[-2], z.shape[-1])
+    use_batch_stats = training or running_mean is None
+    return F.relu(F.batch_norm(z, running_mean, running_var, bn_weight, bn_bias, use_batch_stats, momentum, eps))
+

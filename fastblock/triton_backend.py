@@ -76,12 +76,6 @@ def _interpreting(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _sm_count(t: torch.Tensor) -> int:
-    if t.device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(t.device).multi_processor_count
-
-
 def _conv_config(rows_per_sample: int, cols: int, dtype: torch.dtype, interp: bool) -> dict:
     from .triton_kernels import configs
 
@@ -240,8 +234,9 @@ def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, us
     dw_cfg = configs.dweight_config(k_pad, x.dtype, interp)
     bm, bn_, bp, warps = dw_cfg["BLOCK_M"], dw_cfg["BLOCK_N"], dw_cfg["BLOCK_P"], dw_cfg["num_warps"]
     co_tiles, r_tiles = triton.cdiv(cout, bm), triton.cdiv(red, bn_)
-    # Split the batch so the grid fills the GPU (about 4 programs per SM); each split sums its own samples.
-    splits = max(1, min(n, (4 * _sm_count(x)) // max(1, co_tiles * r_tiles)))
+    # Split the batch so the grid fills a GPU (about 512 programs); each split sums its own samples. A fixed target
+    # rather than the SM count: the summation order, and so the bits of dW, are then the same on every GPU model.
+    splits = max(1, min(n, configs.DWEIGHT_PROGRAMS // max(1, co_tiles * r_tiles)))
     per_split = triton.cdiv(n, splits)
     splits = triton.cdiv(n, per_split)
     w_r = weight.permute(0, 1, 3, 4, 2).contiguous()  # [K, Cout, KH, KW, Cin]: columns in (dh, dw, ci) order

@@ -112,3 +112,51 @@ def test_a_fourth_backend_is_one_module_and_one_registry_entry():
         fastblock.unregister_backend("toy")
     with pytest.raises(ValueError, match="unknown backend 'toy'"):
         resolve_backend("toy", "cpu")
+
+
+def test_auto_self_check_falls_back_past_a_wrong_backend(monkeypatch):
+    """A backend that would be auto's first choice but computes a wrong answer (here: y off by 1%) fails the
+    runtime self-check: auto warns once and takes the next backend, the report says why, and an explicit request
+    raises with that reason. FASTBLOCK_SELF_CHECK=0 skips the check."""
+    import types
+
+    from fastblock import self_check
+
+    ext = fastblock.get_backend("extension")
+    if not fastblock.available_backends("cpu")["extension"].available:
+        pytest.skip("needs the extension as the backend to wrap")
+    real = ext.module()
+
+    def wrong_forward(*args):
+        y, z, mean, invstd = real.forward(*args)
+        return y * 1.01, z, mean, invstd
+
+    broken = types.SimpleNamespace(status=real.status, forward=wrong_forward, backward=real.backward)
+    fastblock.register_backend(fastblock.Backend(name="broken", devices=("cpu",), auto_devices=("cpu",),
+                                                 auto_rank=-1, load=lambda: broken))
+    monkeypatch.setattr(self_check, "_results", {})
+    try:
+        monkeypatch.setenv("FASTBLOCK_SELF_CHECK", "0")
+        assert resolve_backend("auto", "cpu", dtype=torch.float32) == "broken"
+        monkeypatch.setenv("FASTBLOCK_SELF_CHECK", "1")
+        with pytest.warns(RuntimeWarning, match="'broken' failed its self-check on cpu"):
+            assert resolve_backend("auto", "cpu", dtype=torch.float32) == "extension"
+        report = fastblock.available_backends("cpu")["broken"]
+        assert not report.available and "differs from the reference" in report.reason
+        with pytest.raises(RuntimeError, match="failed its self-check"):
+            resolve_backend("broken", "cpu")
+        args, kwargs = make_inputs(Case(2, 3, 4, 5, 5, k=2), requires_grad=False)
+        y = fastblock.mixed_conv_bn_relu(*args, backend="auto", **kwargs)  # the extension's answer, no warning
+        torch.testing.assert_close(y, fastblock.mixed_conv_bn_relu(*args, backend="reference", **kwargs))
+    finally:
+        fastblock.unregister_backend("broken")
+
+
+def test_self_check_passes_for_the_real_backends():
+    from fastblock import self_check
+
+    for name in fastblock.backend_names():
+        backend = fastblock.get_backend(name)
+        if backend.fused and fastblock.available_backends("cpu")[name].available:
+            for dtype in (torch.float32, torch.float64):
+                assert self_check._run(backend.module(), torch.device("cpu"), dtype) is None, (name, dtype)

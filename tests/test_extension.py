@@ -337,3 +337,17 @@ def test_uninitialised_memory_is_nan_under_the_test_settings():
     assert torch.utils.deterministic.fill_uninitialized_memory and torch.are_deterministic_algorithms_enabled()
     assert torch.isnan(torch.ops.aten.empty.memory_format([64])).all()
     assert torch.isnan(torch.empty_like(torch.zeros(3, 4))).all()
+
+
+def test_ptxas_report_parsing():
+    """The CUDA compile check reads registers, stack and spills per kernel and architecture from ptxas -v."""
+    log = ("ptxas info    : Compiling entry function '_Z1aPf' for 'sm_90'\n"
+           "ptxas info    : Function properties for _Z1aPf\n"
+           "    16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n"
+           "ptxas info    : Used 40 registers, used 0 barriers, 360 bytes cmem[0]\n"
+           "ptxas info    : Compiling entry function '_Z1bPf' for 'sm_100a'\n"
+           "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+           "ptxas info    : Used 20 registers\n")
+    table = extension.parse_ptxas(log)
+    assert table["sm_90"] == [dict(kernel="_Z1aPf", registers=40, stack=16, spill_stores=8, spill_loads=4)]
+    assert table["sm_100"][0]["registers"] == 20 and table["sm_100"][0]["spill_stores"] == 0

@@ -7,6 +7,7 @@ import fastblock
 from helpers import Case, compare_with_reference
 
 pytestmark = pytest.mark.gpu
+FUSED = [name for name in fastblock.backend_names() if fastblock.get_backend(name).fused]
 
 # CIFAR stage shapes (C, HxW) at a reduced batch (the grid logic does not depend on N beyond the tile count),
 # plus one full-batch case per schedule.
@@ -28,7 +29,7 @@ def _require(backend):
         pytest.skip(f"{backend}: {status.reason}")
 
 
-@pytest.mark.parametrize("backend", ["triton", "extension"])
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", GPU_SHAPES, ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -37,7 +38,7 @@ def test_gpu_matches_reference(backend, dtype, case, training):
     compare_with_reference(backend, case, dtype, device="cuda", training=training, seed=11)
 
 
-@pytest.mark.parametrize("backend", ["triton", "extension"])
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("case", [Case(3, 4, 5, 7, 6, k=3), Case(2, 3, 3, 5, 5, k=1, stride=2, channels_last=True)],
                          ids=str)
 def test_gpu_gradcheck_fp64(backend, case):
@@ -47,7 +48,7 @@ def test_gpu_gradcheck_fp64(backend, case):
     gradcheck_backend(backend, case, training=True, device="cuda")
 
 
-@pytest.mark.parametrize("backend", ["triton", "extension"])
+@pytest.mark.parametrize("backend", FUSED)
 def test_gpu_block_autocast_compile(backend):
     _require(backend)
     block = fastblock.Block(64, 64, num_convs=4, backend=backend).cuda().to(memory_format=torch.channels_last)

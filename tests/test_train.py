@@ -449,3 +449,18 @@ def test_no_cuda_runtime_warning_on_cpu_machines():
     proc = subprocess.run([sys.executable, "-c", "import fastblock; print(fastblock.available_backends('cpu'))"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "No CUDA runtime" not in proc.stderr, proc.stderr
+
+
+def test_precision_follows_the_gpu_architecture(monkeypatch):
+    """--amp auto: bf16 where the GPU computes it natively (sm_80+), fp16 + GradScaler before, float32 on CPU;
+    the run's first line says which and why."""
+    from fastblock.train import loop
+
+    cfg = train.resolve_preset("fast")
+    assert loop.amp_dtype_for(cfg, torch.device("cpu")) is None
+    for capability, expected in (((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert loop.amp_dtype_for(cfg, torch.device("cuda")) == expected
+        note = loop.precision_note(cfg, torch.device("cuda"))
+        assert ("GradScaler" in note) == (expected == torch.float16) and f"{capability[0]}.{capability[1]}" in note
+    assert loop.amp_dtype_for(dict(cfg, amp="off"), torch.device("cuda")) is None

@@ -84,3 +84,48 @@ def test_triton_block_under_torch_compile_fullgraph():
 
 def test_triton_under_fake_tensor_mode():
     check_fake_tensor_mode("triton")
+
+
+def test_aot_check_records_the_launchers_real_launches():
+    """The ahead-of-time check compiles what the launcher launches: forward (train, eval with and without saving),
+    backward, with the launcher's own tile settings (the GPU ones, not the interpreter's)."""
+    from fastblock.triton_kernels import aot_check, configs
+
+    launches = aot_check.capture_launches({"bf16": torch.bfloat16}, stages=((64, 8), (128, 4)), batch=8)
+    names = {launch.name for launch in launches}
+    assert names == {"mixed_conv_fwd_kernel", "mixed_conv_dx_kernel", "mixed_conv_dweight_kernel",
+                     "bn_stats_finalize_kernel", "bn_relu_normalize_kernel", "bn_relu_bwd_reduce_kernel",
+                     "sum_rows_kernel", "bn_relu_bwd_dz_kernel"}
+    fwd = [launch for launch in launches if launch.name == "mixed_conv_fwd_kernel"]
+    gpu_cfg = configs.conv_config(64, 64, torch.bfloat16, interp=False)
+    assert any(launch.kwargs["BLOCK_M"] == gpu_cfg["BLOCK_M"] and launch.kwargs["num_warps"] == gpu_cfg["num_warps"]
+               for launch in fwd)
+    assert {launch.kwargs["EVAL"] for launch in fwd} == {True, False}
+    assert all(launch.where for launch in launches)
+
+
+def test_launches_run_on_the_tensors_gpu(monkeypatch):
+    """Triton launches on the current device: the launcher makes the tensors' GPU current (x on cuda:1 while
+    cuda:0 is current must not launch on cuda:0)."""
+    import types
+
+    from fastblock import triton_backend
+
+    entered, seen = [], []
+
+    class FakeDeviceGuard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.pop()
+
+    monkeypatch.setattr(torch.cuda, "device", FakeDeviceGuard)
+    launcher = triton_backend._on_tensor_device(lambda first, *args: seen.append(list(entered)))
+    launcher(types.SimpleNamespace(device=torch.device("cuda", 1)), 1, 2)
+    launcher(torch.zeros(1))  # CPU (interpreter): no guard
+    assert seen == [[torch.device("cuda", 1)], []] and entered == []
+    assert triton_backend.forward.__wrapped__ and triton_backend.backward.__wrapped__

@@ -9,7 +9,7 @@ import torch
 from ..backends import accepted_names
 from ..data import DataError
 from ..models import MODELS
-from .loop import BackendUnavailable, RunError, run
+from .loop import BackendUnavailable, RunError, precision_note, run
 from .presets import PRESETS, SETTINGS, default_preset, resolve_preset
 
 USAGE = """Train CIFAR-10 networks of fastblock Blocks.
@@ -114,17 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_config(args, device: torch.device, say) -> dict:
     """The run's settings: the preset (given, or the default for this device) overridden by every flag given."""
-    if args.preset is None:
-        preset, why = default_preset(device)
-        say(f"preset: {preset} (the default here: {why}; --preset chooses another)")
-    else:
-        preset = args.preset
-        say(f"preset: {preset}")
+    preset, why = default_preset(device) if args.preset is None else (args.preset, "")
     cfg = resolve_preset(preset)
     for key in SETTINGS:
         val = getattr(args, key, None)
         if val is not None:
             cfg[key] = val
+    say(f"preset: {preset}" + (f" (the default here: {why}; --preset chooses another)" if why else "") +
+        f"; precision: {precision_note(cfg, device)}")
     cfg.update(preset=preset, backend=args.backend, seed=args.seed, val_split=args.val_split,
                subset=args.subset, data_dir=str(args.data_dir))
     if cfg["batch_size"] < 1 or cfg["epochs"] <= 0 or cfg["accum_steps"] < 1:

@@ -129,10 +129,27 @@ def channels_last_for(cfg, device) -> bool:
 
 
 def amp_dtype_for(cfg, device) -> Optional[torch.dtype]:
+    """--amp auto: bf16 autocast on GPUs that compute it natively (compute capability 8.0 and up), fp16 with a
+    GradScaler on older GPUs, float32 on CPU."""
     amp = cfg["amp"]
     if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "off"
+        if device.type != "cuda":
+            amp = "off"
+        else:
+            amp = "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def precision_note(cfg, device) -> str:
+    amp = amp_dtype_for(cfg, device)
+    if amp is None:
+        return "float32"
+    what = "bf16 autocast" if amp == torch.bfloat16 else "fp16 autocast + GradScaler"
+    if cfg["amp"] == "auto":
+        major, minor = torch.cuda.get_device_capability(device)
+        why = "native bf16" if amp == torch.bfloat16 else "no native bf16"
+        what += f" (compute capability {major}.{minor}: {why})"
+    return what
 
 
 def epoch_generator(seed: int, epoch: int, rank: int, device) -> torch.Generator:
@@ -303,7 +320,7 @@ def run(args, say) -> int:
 
     random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
-    backend_name = pick_backend(cfg["backend"], device, say)
+    backend_name = pick_backend(cfg["backend"], device, amp_dtype_for(cfg, device) or torch.float32, say)
     say(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
                                f" ({torch.get_num_threads()} threads)") +
         (f", {dist.world} ranks" if dist.world > 1 else ""))
@@ -395,13 +412,13 @@ def run(args, say) -> int:
     return 0
 
 
-def pick_backend(requested: str, device, say) -> str:
+def pick_backend(requested: str, device, dtype, say) -> str:
     try:
         from .. import extension
 
         if device.type in ("cpu", "cuda") and requested in ("auto", "extension", "cuda") and extension.build_needed():
             say("building the C++ extension (first use only; about a minute)...", flush=True)
-        backend_name = resolve_backend(requested, device)
+        backend_name = resolve_backend(requested, device, dtype=dtype)
     except RuntimeError as exc:
         raise BackendUnavailable(str(exc)) from None
     report = available_backends(device)
@@ -559,9 +576,9 @@ def _end_epoch(ctx, last_step: int) -> None:
     common = (ctx["test_x"], ctx["test_y"], ctx["mean"], ctx["std"], 1024, ctx["amp_dtype"], ctx["channels_last"])
     test_loss, test_acc, _ = evaluate(ema.module if ema is not None else ctx["model"], *common, cfg["tta"], dist,
                                       device)
-    raw_acc = test_acc
-    if ema is not None:
-        _, raw_acc, _ = evaluate(ctx["model"], *common, cfg["tta"], dist, device)
+    raw_acc = test_acc if not cfg["tta"] else None
+    if ema is not None or raw_acc is None:  # the raw weights, one view (a quarter of a 4-view TTA's time)
+        _, raw_acc, _ = evaluate(ctx["model"], *common, False, dist, device)
     if ctx["plateau"] is not None:
         ctx["plateau"].step(test_loss)
     epoch_value = progress.epoch + last_step / plan.steps_per_epoch
@@ -581,7 +598,8 @@ def _end_epoch(ctx, last_step: int) -> None:
     progress.gen_state = None
     say(f"epoch {epoch_value:6.2f}/{cfg['epochs']:g}  lr {row['lr']:.4g}  train loss {row['train_loss']:.4f} "
         f"acc {100 * row['train_acc']:.2f}%  |  {'val' if cfg['val_split'] else 'test'} loss {test_loss:.4f} "
-        f"acc {100 * test_acc:.2f}%" + (f" (raw weights {100 * raw_acc:.2f}%)" if ema is not None else "") +
+        f"acc {100 * test_acc:.2f}%" + (f" (raw weights, no TTA: {100 * raw_acc:.2f}%)" if raw_acc != test_acc
+                                        else "") +
         f"  |  {epoch_time:.1f}s  {row['images_per_s']:.0f} img/s")
     if dist.main:
         _save(ctx, best=is_best)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+# test_acc: the evaluated weights (the EMA when on) with the recipe's test-time augmentation -- what best.pt,
+# summary.json and the time-to-accuracy milestones use; raw_test_acc: the trained weights themselves, one view.
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "raw_test_acc", "seconds",
                  "images_per_s"]
 STEP_FIELDS = ["step", "epoch", "lr", "loss", "train_seconds"]
@@ -51,7 +53,7 @@ def plot_curves(rows: list[dict], steps: list[dict], path: Path) -> None:
     c.plot(ep, [100 * r["train_acc"] for r in rows], "o-", label="train")
     c.plot(ep, [100 * r["test_acc"] for r in rows], "o-", label="test (evaluated weights)")
     if any(r["raw_test_acc"] != r["test_acc"] for r in rows):
-        c.plot(ep, [100 * r["raw_test_acc"] for r in rows], "o--", label="test (raw weights)")
+        c.plot(ep, [100 * r["raw_test_acc"] for r in rows], "o--", label="test (raw weights, no TTA)")
     c.set_xlabel("epoch"), c.set_ylabel("accuracy %"), c.legend(), c.set_title("accuracy")
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")

@@ -1,118 +1,259 @@
-"""Compile every Triton kernel ahead of time for a GPU target, without a GPU.
+"""Compile the Triton kernels exactly as the launcher launches them, for the GPUs users have, without a GPU, and
+check what a real GPU would reject.
 
-The CPU interpreter checks the kernels' arithmetic but not what the real compiler accepts (layouts, dot shapes,
-dtype rules, register limits). This compiles each kernel with the specialisations the launcher uses on GPUs --
-every dtype, both schedules, train/eval, channels_last, and the hand-picked tile configs -- to PTX and cubin.
+The CPU interpreter the tests use checks the kernels' arithmetic, not what the real compiler and the hardware
+accept. Here ``fastblock.triton_backend.forward/backward`` run at the CIFAR stage shapes (N=512, (C, HxW) in
+(64, 32x32), (128, 16x16), (256, 8x8), (512, 4x4), K=4, train and eval) with every kernel launch recorded instead of
+run; each distinct launch is then specialised as Triton's JIT specialises it (integer arguments equal to 1,
+16-byte divisibility of pointers and integers, the launcher's own num_warps / num_stages) and compiled with
+Triton's real compiler for each architecture. From the artefacts it reads shared memory, tensor memory,
+registers, stack and spills (``ptxas -v``) and the MMA instructions, and it fails on:
+  * shared memory above the architecture's per-block limit, tensor memory above 512 columns (sm_100);
+  * a 16-bit convolution kernel without tensor-core MMA instructions (mma.sync / wgmma / tcgen05);
+  * a kernel whose body is only a trap; a spill in a 16-bit kernel (float32 spills are reported: the slow path).
 
-    python -m fastblock.triton_kernels.aot_check [--arch 90] [--quick]    (CI runs --quick, about 4 minutes)
+    python -m fastblock.triton_kernels.aot_check                        # sm_80 86 89 90 100 120, bf16 + fp32
+    python -m fastblock.triton_kernels.aot_check --arch 90 --dtypes bf16 fp16 fp32 --markdown
 
-Must run without TRITON_INTERPRET=1 (the interpreter replaces the kernels).
+Must run without TRITON_INTERPRET=1 (the interpreter replaces the kernels). Uses Triton's JIT internals
+(``create_function_from_signature``, ``JITFunction._pack_args``): written against Triton 3.8.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
+import re
 import sys
+import types
+from dataclasses import dataclass, field
 
 import torch
 
-DATA_ARGS = {"x_ptr", "gates_ptr", "w_ptr", "b_ptr", "out_ptr", "z_ptr", "dz_ptr", "wt_ptr", "dx_ptr", "y_ptr", "dy_ptr"}
-FLOAT_ARGS = {"eps", "momentum", "inv_count"}
-TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+ARCHS = (80, 86, 89, 90, 100, 120)
+STAGES = ((64, 32), (128, 16), (256, 8), (512, 4))  # (channels, map size) of the CIFAR networks' stages
+BATCH = 512
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# largest shared memory one block may use (opt-in), bytes
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+TMEM_COLUMNS = 512
+MMA_PATTERN = re.compile(r"\b(mma\.sync|wgmma\.mma_async|tcgen05\.mma)")
+CONV_KERNELS = ("mixed_conv_fwd_kernel", "mixed_conv_dx_kernel", "mixed_conv_dweight_kernel")
 
 
-def _signature(kernel, data_dtype: torch.dtype, constexprs: dict) -> dict:
-    acc = "fp64" if data_dtype == torch.float64 else "fp32"
-    sig = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = "*" + (TRITON_TYPE[data_dtype] if name in DATA_ARGS else acc)
-        elif name in FLOAT_ARGS:
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
+@dataclass
+class Launch:
+    kernel: object
+    args: tuple
+    kwargs: dict
+    where: set = field(default_factory=set)  # "bf16 C128 16x16 fwd" ... (the launches this one stands for)
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__
 
 
-def _specialisations(quick: bool = False):
-    """(kernel, data dtype, constexprs, compile options) for everything the launcher can run on a GPU.
-    ``quick``: every kernel and dtype, but one per-sample-mixing and one concatenation tile config."""
-    import triton.language as tl
-
+def capture_launches(dtypes, stages=STAGES, batch=BATCH) -> list[Launch]:
+    """Every distinct kernel launch of the launcher at these shapes (train forward, eval forward with and without
+    saving for backward, backward), recorded instead of run."""
+    from .. import triton_backend as tb
     from . import batchnorm, configs, conv
 
-    dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-    for dtype in dtypes:
-        acc = tl.float64 if dtype == torch.float64 else tl.float32
-        stages = ((256, 128), (16, 512)) if quick else ((1024, 64), (256, 128), (64, 256), (16, 512))
-        for p, c in stages:  # the CIFAR stages (P = output pixels, C = channels)
-            cfg = configs.conv_config(p, c, dtype, interp=False)
-            common = dict(KH=3, KW=3, NUM_CONVS=4, MIX=cfg["MIX"], ACC_DTYPE=acc, DOT_PRECISION="ieee",
-                          BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
-            opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-            for eval_mode, store_z in ((False, False), (True, True), (True, False)):
-                yield conv.mixed_conv_fwd_kernel, dtype, dict(common, EVAL=eval_mode, STORE_Z=store_z), opts
-            yield conv.mixed_conv_dx_kernel, dtype, common, opts
-        for k_pad in ((4,) if quick else (1, 4, 8)):
-            dw = configs.dweight_config(k_pad, dtype, interp=False)
-            yield (conv.mixed_conv_dweight_kernel, dtype,
-                   dict(KH=3, KW=3, NUM_CONVS=k_pad, K_PAD=k_pad, ACC_DTYPE=acc, DOT_PRECISION="ieee",
-                        BLOCK_M=dw["BLOCK_M"], BLOCK_N=dw["BLOCK_N"], BLOCK_P=dw["BLOCK_P"]),
-                   dict(num_warps=dw["num_warps"]))
-        for update in (True, False):
-            yield batchnorm.bn_stats_finalize_kernel, dtype, dict(UPDATE=update, ACC_DTYPE=acc, **configs.FINALIZE), {}
-        for cl in (False, True):
-            yield batchnorm.bn_relu_normalize_kernel, dtype, dict(CHANNELS_LAST=cl, ACC_DTYPE=acc,
-                                                                  BLOCK=configs.ELEMENTWISE_BLOCK), {}
-            for batch_stats in (True, False):
-                yield batchnorm.bn_relu_bwd_dz_kernel, dtype, dict(BATCH_STATS=batch_stats, CHANNELS_LAST=cl,
-                                                                   ACC_DTYPE=acc, BLOCK=configs.ELEMENTWISE_BLOCK), {}
-        block_r, block_c = configs.bn_reduce_tile(interp=False)
-        yield batchnorm.bn_relu_bwd_reduce_kernel, dtype, dict(ACC_DTYPE=acc, BLOCK_R=block_r, BLOCK_C=block_c), {}
-        yield batchnorm.sum_rows_kernel, dtype, dict(ACC_DTYPE=acc, **configs.FINALIZE), {}
-    # TF32 is opt-in for fp32 (FASTBLOCK_ALLOW_TF32=1)
-    cfg = configs.conv_config(256, 128, torch.float32, interp=False)
-    yield conv.mixed_conv_fwd_kernel, torch.float32, dict(
-        KH=3, KW=3, NUM_CONVS=4, MIX=True, ACC_DTYPE=tl.float32, DOT_PRECISION="tf32", BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], EVAL=False, STORE_Z=False), {}
+    recorded: list[tuple[object, tuple, dict, str]] = []
+    label = {"now": ""}
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                recorded.append((self.kernel, args, kwargs, label["now"]))
+            return launch
+
+    def recording(module):
+        return types.SimpleNamespace(**{name: Recorder(getattr(module, name)) for name in dir(module)
+                                        if name.endswith("_kernel")})
+
+    fake = (recording(conv), recording(batchnorm), configs)
+    saved_kernels, saved_interp = tb._kernels, tb._interpreting
+    tb._kernels, tb._interpreting = (lambda: fake), (lambda t: False)
+    try:
+        for dname, dtype in dtypes.items():
+            for c, hw in stages:
+                g = torch.Generator().manual_seed(0)
+                x = torch.randn(batch, c, hw, hw, generator=g).to(dtype)
+                gates = torch.softmax(torch.randn(batch, 4, generator=g), 1).to(dtype)
+                weight = torch.randn(4, c, c, 3, 3, generator=g).to(dtype)
+                bias = torch.zeros(4, c, dtype=dtype)
+                bn_w, bn_b = torch.ones(c), torch.zeros(c)
+                rm, rv = torch.zeros(c), torch.ones(c)
+                for training, save in ((True, True), (False, True), (False, False)):
+                    label["now"] = f"{dname} C{c} {hw}x{hw} {'train' if training else 'eval'} fwd"
+                    y, z, mean, invstd = tb.forward(x, gates, weight, bias, bn_w, bn_b, rm, rv, training, 0.1, 1e-5,
+                                                    1, 1, 1, save)
+                    if save and training:
+                        label["now"] = f"{dname} C{c} {hw}x{hw} bwd"
+                        tb.backward(torch.empty_like(y), x, gates, weight, bias, bn_w, bn_b, z, mean, invstd,
+                                    training, 1, 1, 1)
+    finally:
+        tb._kernels, tb._interpreting = saved_kernels, saved_interp
+    # one entry per distinct specialisation (a key from the same inputs Triton's cache key uses)
+    unique: dict[tuple, Launch] = {}
+    for kernel, args, kwargs, where in recorded:
+        key = (kernel.fn.__name__, _spec_key(args), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+        unique.setdefault(key, Launch(kernel, args, kwargs)).where.add(where)
+    return list(unique.values())
 
 
-def compile_all(arch: int = 90, verbose: bool = True, quick: bool = False) -> list[str]:
-    """Compile every specialisation; return the failures (empty when all compile)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("unset TRITON_INTERPRET to compile the kernels for a GPU target")
+def _spec_key(args) -> tuple:
+    key = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append((str(a.dtype), a.data_ptr() % 16 == 0))
+        elif isinstance(a, bool) or not isinstance(a, int):
+            key.append(type(a).__name__)
+        else:
+            key.append(("int", a == 1, a % 16 == 0, abs(a) >= 2 ** 31))
+    return tuple(key)
+
+
+def compile_like_jit(launch: Launch, arch: int):
+    """Compile one recorded launch for ``arch`` the way Triton's JIT would on such a GPU; returns (compiled, ptxas
+    log)."""
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
 
     target = GPUTarget("cuda", arch, 32)
-    failures, count = [], 0
-    for kernel, dtype, constexprs, opts in _specialisations(quick):
-        label = f"{kernel.fn.__name__}[{str(dtype).replace('torch.', '')}, " + ", ".join(
-            f"{k}={getattr(v, 'name', v)}" for k, v in constexprs.items()) + "]"
-        try:
-            src = ASTSource(fn=kernel, signature=_signature(kernel, dtype, constexprs), constexprs=constexprs)
-            compiled = triton.compile(src, target=target, options=opts)
-            assert "cubin" in compiled.asm, "no cubin produced"
-            count += 1
-        except Exception as exc:  # report every failure, not just the first
-            failures.append(f"{label}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-            if verbose:
-                print("FAILED", failures[-1], flush=True)
+    backend = make_backend(target)
+    kernel = launch.kernel
+    kwargs = dict(launch.kwargs)
+    kwargs.setdefault("debug", False)
+    if hasattr(knobs.compilation, "instrumentation_mode"):
+        kwargs.setdefault("instrumentation_mode", knobs.compilation.instrumentation_mode)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    src = ASTSource(kernel, signature, constexprs, attrs)
+    log = io.StringIO()
+    previous = knobs.nvidia.dump_ptxas_log
+    knobs.nvidia.dump_ptxas_log = True
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=target, options=options.__dict__)
+    finally:
+        knobs.nvidia.dump_ptxas_log = previous
+    return compiled, log.getvalue()
+
+
+def check(launch: Launch, arch: int) -> dict:
+    """Compile and check one launch for one architecture: a row of the resource table, with its problems."""
+    from ..extension import parse_ptxas
+
+    row = dict(kernel=launch.name, arch=arch, dtype=_data_dtype(launch), problems=[])
+    try:
+        compiled, log = compile_like_jit(launch, arch)
+    except Exception as exc:
+        row["problems"].append(f"compile error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        return row
+    meta = compiled.metadata
+    ptx = compiled.asm.get("ptx", "")
+    kernels = [k for rows in parse_ptxas(log).values() for k in rows]
+    regs = max((k["registers"] for k in kernels), default=0)
+    stack = max((k["stack"] for k in kernels), default=0)
+    spills = max((k["spill_stores"] for k in kernels), default=0)
+    tmem = getattr(meta, "tmem_size", None) or 0
+    row.update(shared=meta.shared, tmem=tmem, registers=regs, stack=stack, spill_stores=spills,
+               warps=meta.num_warps, mma=bool(MMA_PATTERN.search(ptx)))
+    if meta.shared > SHARED_LIMIT[arch]:
+        row["problems"].append(f"shared memory {meta.shared} B > {SHARED_LIMIT[arch]} B")
+    if tmem > TMEM_COLUMNS:
+        row["problems"].append(f"tensor memory {tmem} columns > {TMEM_COLUMNS}")
+    if not kernels:
+        row["problems"].append("no ptxas report (nothing compiled?)")
+    if "trap;" in ptx and not re.search(r"\b(ld|st)\.global", ptx):
+        row["problems"].append("the body is only a trap")
+    sixteen_bit = row["dtype"] in ("bf16", "fp16")
+    if sixteen_bit and launch.name in CONV_KERNELS and launch.name != "mixed_conv_dweight_kernel" and not row["mma"]:
+        row["problems"].append("16-bit convolution without tensor-core MMA instructions")
+    if sixteen_bit and spills:
+        row["problems"].append(f"spills {spills} B in a 16-bit kernel")
+    return row
+
+
+def _data_dtype(launch: Launch) -> str:
+    for a in launch.args:
+        if isinstance(a, torch.Tensor) and a.dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+            return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}[a.dtype]
+    return "?"
+
+
+def run(archs, dtypes, verbose=True) -> list[dict]:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("unset TRITON_INTERPRET to compile the kernels for a GPU target")
+    launches = capture_launches(dtypes)
     if verbose:
-        print(f"compiled {count} kernel specialisations for sm_{arch}; {len(failures)} failed")
-    return failures
+        print(f"{len(launches)} distinct launches at the CIFAR stage shapes ({', '.join(dtypes)}); compiling for "
+              f"sm_{', sm_'.join(map(str, archs))}", flush=True)
+    rows = []
+    for arch in archs:
+        for launch in launches:
+            row = check(launch, arch)
+            rows.append(row)
+            if verbose and row["problems"]:
+                print(f"  FAIL sm_{arch} {row['kernel']} [{row['dtype']}] ({'; '.join(sorted(launch.where))[:120]}): "
+                      + "; ".join(row["problems"]), flush=True)
+        if verbose:
+            print("  " + summary_line([r for r in rows if r["arch"] == arch], arch), flush=True)
+    return rows
+
+
+def summary_line(rows: list[dict], arch: int) -> str:
+    ok = [r for r in rows if "shared" in r]
+    fp32_spills = sum(1 for r in ok if r["dtype"] == "fp32" and r["spill_stores"])
+    return (f"sm_{arch}: {len(rows)} kernels, {sum(bool(r['problems']) for r in rows)} failing; shared <= "
+            f"{max((r['shared'] for r in ok), default=0) // 1024} KiB of {SHARED_LIMIT[arch] // 1024}, "
+            f"tensor memory <= {max((r['tmem'] for r in ok), default=0)} columns, registers <= "
+            f"{max((r['registers'] for r in ok), default=0)}, 16-bit spills "
+            f"{sum(1 for r in ok if r['dtype'] != 'fp32' and r['spill_stores'])}, fp32 kernels spilling {fp32_spills}")
+
+
+def markdown(rows: list[dict], archs) -> str:
+    lines = ["| arch | kernels | failing | max shared KiB (limit) | max tensor-memory columns | max registers | "
+             "16-bit kernels spilling | fp32 kernels spilling (max stack B) | 16-bit conv kernels with MMA |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for arch in archs:
+        rs = [r for r in rows if r["arch"] == arch and "shared" in r]
+        conv16 = [r for r in rs if r["dtype"] in ("bf16", "fp16") and r["kernel"] in CONV_KERNELS[:2]]
+        fp32 = [r for r in rs if r["dtype"] == "fp32"]
+        lines.append(
+            f"| sm_{arch} | {sum(r['arch'] == arch for r in rows)} | "
+            f"{sum(bool(r['problems']) for r in rows if r['arch'] == arch)} | "
+            f"{max((r['shared'] for r in rs), default=0) / 1024:.0f} ({SHARED_LIMIT[arch] // 1024}) | "
+            f"{max((r['tmem'] for r in rs), default=0)} | {max((r['registers'] for r in rs), default=0)} | "
+            f"{sum(1 for r in rs if r['dtype'] != 'fp32' and r['spill_stores'])} | "
+            f"{sum(1 for r in fp32 if r['spill_stores'])} ({max((r['stack'] for r in fp32), default=0)}) | "
+            f"{sum(r['mma'] for r in conv16)}/{len(conv16)} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastblock.triton_kernels.aot_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 for Hopper")
-    parser.add_argument("--quick", action="store_true", help="one mixing and one concatenation config per dtype")
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="compute capabilities")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
+    parser.add_argument("--markdown", action="store_true", help="print the per-architecture table (RESULTS.md)")
     args = parser.parse_args(argv)
-    return 1 if compile_all(args.arch, quick=args.quick) else 0
+    rows = run(args.arch, {d: DTYPES[d] for d in args.dtypes})
+    if args.markdown:
+        print(markdown(rows, args.arch))
+    failing = [r for r in rows if r["problems"]]
+    print(f"{len(rows)} compiled kernel checks; {len(failing)} failing")
+    return 1 if failing else 0
 
 
 if __name__ == "__main__":

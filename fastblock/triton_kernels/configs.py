@@ -13,6 +13,9 @@ import torch
 # the CPU interpreter (tests): tiny tiles, so tiny test shapes still span several tiles
 INTERPRETER_TILE = 16
 
+# the weight-gradient kernel splits the batch until its grid has about this many programs (4 per SM of a 128-SM GPU)
+DWEIGHT_PROGRAMS = 512
+
 # BatchNorm kernels: statistics finalize / row sums (tiles x channels), elementwise, backward reduction
 FINALIZE = dict(BLOCK_T=64, BLOCK_C=32)
 ELEMENTWISE_BLOCK = 1024

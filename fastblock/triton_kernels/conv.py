@@ -45,6 +45,7 @@ def _gated_dot(acc, a, w_ptr, w_off, w_mask, gates_ptr, n_scalar, n_row, row_val
     """acc += sum_k a[n,k] * (A @ W_k[tile]) by either schedule:
     MIX mixes the K weight tiles with the tile's sample gates (one MMA); otherwise the A rows are scaled by their
     own sample's gate before each of the K MMAs (the K-fold concatenation)."""
+    k_stride = tl.cast(k_stride, tl.int64)  # K * KH*KW*Cin*Cout can pass 2**31 elements
     if MIX:
         b_mix = tl.zeros([BLOCK_K, BLOCK_N], ACC_DTYPE)
         for k in tl.static_range(NUM_CONVS):

@@ -1,0 +1,109 @@
+"""The runtime self-check behind ``backend="auto"``: the first time a fused backend would be picked for a device and
+dtype, it runs a tiny problem (forward and backward, train and eval; a few milliseconds) against the reference.
+If it raises or disagrees, ``auto`` marks it unavailable there with the reason, warns once and takes the next
+backend: a kernel that is wrong on a user's GPU (an unsupported architecture, a compiler bug) is caught before it
+trains a network. An explicitly requested backend is never replaced. ``FASTBLOCK_SELF_CHECK=0`` turns it off.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional
+
+import torch
+
+from .backend_utils import stats_dtype
+from .reference import mixed_conv_bn_relu_reference
+
+# (atol, rtol) against the float64 reference, relative to each tensor's largest magnitude
+_TOLERANCE = {torch.float64: (1e-9, 1e-9), torch.float32: (2e-3, 2e-3), torch.bfloat16: (8e-2, 8e-2),
+              torch.float16: (2e-2, 2e-2)}
+_results: dict[tuple[str, str, torch.dtype], Optional[str]] = {}
+
+
+def enabled() -> bool:
+    return os.environ.get("FASTBLOCK_SELF_CHECK", "1") != "0"
+
+
+def failure(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """None if the backend passed (or was never checked) on this device and dtype, else why it failed."""
+    return _results.get((name, str(device), dtype))
+
+
+def failures_on(name: str, device_type: str) -> Optional[str]:
+    """The first recorded failure of ``name`` on any device of this type, for availability reports."""
+    for (n, dev, dtype), reason in _results.items():
+        if n == name and reason and torch.device(dev).type == device_type:
+            return f"failed its self-check on {dev} ({str(dtype).replace('torch.', '')}): {reason}"
+    return None
+
+
+def passes(name: str, module, device: torch.device, dtype: torch.dtype) -> bool:
+    """Run the check once per (backend, device, dtype); warn the first time it fails."""
+    key = (name, str(device), dtype)
+    if key not in _results:
+        _results[key] = _run(module, device, dtype)
+        if _results[key]:
+            warnings.warn(f"fastblock: backend {name!r} failed its self-check on {device} "
+                          f"({str(dtype).replace('torch.', '')}): {_results[key]}; backend='auto' uses the next "
+                          "backend there (FASTBLOCK_SELF_CHECK=0 skips the check)", RuntimeWarning, stacklevel=4)
+    return _results[key] is None
+
+
+def _run(module, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    try:
+        for training in (True, False):
+            why = _compare(module, device, dtype, training)
+            if why:
+                return why
+    except Exception as exc:  # a backend that raises fails the check; the reason is the message
+        return f"raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+    return None
+
+
+def _compare(module, device, dtype, training: bool) -> Optional[str]:
+    return check_case(module, device, dtype, training, n=3, cin=5, cout=6, h=6, w=5, k=2)
+
+
+def check_case(module, device, dtype, training: bool, n: int, cin: int, cout: int, h: int, w: int,
+               k: int) -> Optional[str]:
+    """One problem (3x3 kernels, stride 1) through a backend module's forward and backward against the float64
+    reference on the CPU: None when it matches (output, running statistics, six gradients), else why not."""
+    g = torch.Generator().manual_seed(1234)
+    sdt = stats_dtype(dtype)
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+    exact = dict(x=rand(n, cin, h, w), gates=torch.softmax(rand(n, k), 1),
+                 weight=rand(k, cout, cin, 3, 3, scale=(9 * cin) ** -0.5),
+                 bias=rand(k, cout, scale=0.3), bn_weight=1 + 0.2 * rand(cout), bn_bias=0.1 * rand(cout))
+    stats = (0.1 * rand(cout), 1 + 0.3 * rand(cout).abs())
+    dy = rand(n, cout, h, w)
+    # the backend, in dtype (BatchNorm tensors in the statistics dtype)
+    ins = {name: t.to(device, sdt if name.startswith("bn_") else dtype, copy=True) for name, t in exact.items()}
+    rm, rv = (s.to(device, sdt, copy=True) for s in stats)  # updated in place: never the reference's copy
+    y, z, mean, invstd = module.forward(ins["x"], ins["gates"], ins["weight"], ins["bias"], ins["bn_weight"],
+                                        ins["bn_bias"], rm, rv, training, 0.1, 1e-5, 1, 1, 1, True)
+    grads = module.backward(dy.to(device, y.dtype), ins["x"], ins["gates"], ins["weight"], ins["bias"],
+                            ins["bn_weight"], ins["bn_bias"], z, mean, invstd, training, 1, 1, 1)
+    # the reference, in float64 on the CPU
+    leaves = {name: t.clone().requires_grad_(True) for name, t in exact.items()}
+    rm_ref, rv_ref = stats[0].clone(), stats[1].clone()
+    y_ref = mixed_conv_bn_relu_reference(*leaves.values(), rm_ref, rv_ref, training, 0.1, 1e-5, 1, (1, 1))
+    y_ref.backward(dy)
+    atol, rtol = _TOLERANCE[dtype]
+    checks = [("y", y, y_ref.detach()), ("running_mean", rm, rm_ref), ("running_var", rv, rv_ref)]
+    checks += [(f"d{name}", grad, leaf.grad) for (name, leaf), grad in zip(leaves.items(), grads)]
+    mode = "train" if training else "eval"
+    for label, actual, expected in checks:
+        actual = actual.detach().to("cpu", torch.float64)
+        if actual.shape != expected.shape:
+            return f"{label} ({mode}) has shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
+        scale = max(1.0, expected.abs().max().item())
+        err = (actual - expected).abs()
+        bad = ~(err <= atol * scale + rtol * expected.abs())
+        if bad.any():
+            return (f"{label} ({mode}) differs from the reference at {int(bad.sum())} of {bad.numel()} elements "
+                    f"(largest error {err.max().item():.3g})")
+    return None
