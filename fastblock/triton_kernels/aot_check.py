@@ -140,17 +140,18 @@ def compile_like_jit(launch: Launch, arch: int):
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
     src = ASTSource(kernel, signature, constexprs, attrs)
     log = io.StringIO()
-    previous = knobs.nvidia.dump_ptxas_log
+    previous = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
     knobs.nvidia.dump_ptxas_log = True
+    knobs.compilation.always_compile = True  # a cached kernel would skip ptxas and its report
     try:
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(src, target=target, options=options.__dict__)
     finally:
-        knobs.nvidia.dump_ptxas_log = previous
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = previous
     return compiled, log.getvalue()
 
 
-def check(launch: Launch, arch: int) -> dict:
+def check(launch: Launch, arch: int, allow_spills: bool = False) -> dict:
     """Compile and check one launch for one architecture: a row of the resource table, with its problems."""
     from ..extension import parse_ptxas
 
@@ -180,7 +181,7 @@ def check(launch: Launch, arch: int) -> dict:
     sixteen_bit = row["dtype"] in ("bf16", "fp16")
     if sixteen_bit and launch.name in CONV_KERNELS and launch.name != "mixed_conv_dweight_kernel" and not row["mma"]:
         row["problems"].append("16-bit convolution without tensor-core MMA instructions")
-    if sixteen_bit and spills:
+    if sixteen_bit and spills and not allow_spills:
         row["problems"].append(f"spills {spills} B in a 16-bit kernel")
     return row
 
@@ -192,7 +193,7 @@ def _data_dtype(launch: Launch) -> str:
     return "?"
 
 
-def run(archs, dtypes, verbose=True) -> list[dict]:
+def run(archs, dtypes, verbose=True, allow_spills=False) -> list[dict]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET to compile the kernels for a GPU target")
     launches = capture_launches(dtypes)
@@ -202,7 +203,7 @@ def run(archs, dtypes, verbose=True) -> list[dict]:
     rows = []
     for arch in archs:
         for launch in launches:
-            row = check(launch, arch)
+            row = check(launch, arch, allow_spills)
             rows.append(row)
             if verbose and row["problems"]:
                 print(f"  FAIL sm_{arch} {row['kernel']} [{row['dtype']}] ({'; '.join(sorted(launch.where))[:120]}): "
@@ -247,8 +248,11 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="compute capabilities")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
     parser.add_argument("--markdown", action="store_true", help="print the per-architecture table (RESULTS.md)")
+    parser.add_argument("--allow-spills", action="store_true",
+                        help="report spills in 16-bit kernels without failing (they are known at the 8x8 and 4x4 "
+                             "stages: bench/RESULTS.md)")
     args = parser.parse_args(argv)
-    rows = run(args.arch, {d: DTYPES[d] for d in args.dtypes})
+    rows = run(args.arch, {d: DTYPES[d] for d in args.dtypes}, allow_spills=args.allow_spills)
     if args.markdown:
         print(markdown(rows, args.arch))
     failing = [r for r in rows if r["problems"]]

@@ -50,13 +50,13 @@ def _gated_dot(acc, a, w_ptr, w_off, w_mask, gates_ptr, n_scalar, n_row, row_val
         b_mix = tl.zeros([BLOCK_K, BLOCK_N], ACC_DTYPE)
         for k in tl.static_range(NUM_CONVS):
             g = tl.load(gates_ptr + n_scalar * NUM_CONVS + k).to(ACC_DTYPE)
-            wk = tl.load(w_ptr + k * k_stride + w_off, mask=w_mask, other=0.0)
+            wk = tl.load((w_ptr + k * k_stride) + w_off, mask=w_mask, other=0.0)  # scalar int64 offset first
             b_mix += g * wk.to(ACC_DTYPE)
         acc = tl.dot(a, b_mix.to(a.dtype), acc, input_precision=DOT_PRECISION)
     else:
         for k in tl.static_range(NUM_CONVS):
             g_rows = tl.load(gates_ptr + n_row * NUM_CONVS + k, mask=row_valid, other=0.0)
-            wk = tl.load(w_ptr + k * k_stride + w_off, mask=w_mask, other=0.0)
+            wk = tl.load((w_ptr + k * k_stride) + w_off, mask=w_mask, other=0.0)
             a_k = (a.to(ACC_DTYPE) * g_rows.to(ACC_DTYPE)[:, None]).to(a.dtype)
             acc = tl.dot(a_k, wk, acc, input_precision=DOT_PRECISION)
     return acc
