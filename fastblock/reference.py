@@ -45,9 +45,17 @@ def mixed_conv_bn_relu_reference(
     """
     mixed = gated_conv_reference(x, gates, weight, bias, stride, padding)
     use_batch_stats = training or running_mean is None
+    # F.batch_norm's CPU kernels mishandle strided [Cout] tensors (torch 2.14: wrong input gradients for a strided
+    # weight or running_var; tests/test_regressions.py): they get contiguous copies, and strided running
+    # statistics are updated through theirs.
+    bn_weight, bn_bias, stats_mean, stats_var = (None if t is None else t.contiguous()
+                                                 for t in (bn_weight, bn_bias, running_mean, running_var))
     normed = F.batch_norm(
-        mixed, running_mean, running_var, bn_weight, bn_bias, training=use_batch_stats, momentum=momentum, eps=eps
+        mixed, stats_mean, stats_var, bn_weight, bn_bias, training=use_batch_stats, momentum=momentum, eps=eps
     )
+    for view, dense in ((running_mean, stats_mean), (running_var, stats_var)):
+        if view is not None and dense is not view:
+            view.copy_(dense)
     return F.relu(normed)
 
 

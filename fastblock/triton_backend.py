@@ -76,10 +76,18 @@ def _interpreting(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _conv_config(rows_per_sample: int, cols: int, dtype: torch.dtype, interp: bool) -> dict:
+def _device_arch(t: torch.Tensor):
+    """The tensors' GPU as a compute capability number (90 for 9.0), or None off CUDA."""
+    if t.device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return 10 * major + minor
+
+
+def _conv_config(rows_per_sample: int, cols: int, dtype: torch.dtype, interp: bool, arch=None) -> dict:
     from .triton_kernels import configs
 
-    return configs.conv_config(rows_per_sample, cols, dtype, interp, forced_schedule())
+    return configs.conv_config(rows_per_sample, cols, dtype, interp, forced_schedule(), arch)
 
 
 def _row_tiles(n: int, p: int, block_m: int, mix: bool) -> int:
@@ -121,7 +129,7 @@ def forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_va
     acc_torch = stats_dtype(x.dtype)
     acc = _tl_dtype(x.dtype)
     interp = _interpreting(x)
-    cfg = _conv_config(ho * wo, cout, x.dtype, interp)
+    cfg = _conv_config(ho * wo, cout, x.dtype, interp, _device_arch(x))
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     w_fwd = weight.permute(0, 3, 4, 2, 1).contiguous()  # [K, KH, KW, Cin, Cout]: Cout contiguous for the B tile
     # The kernels index x through its strides; every other tensor is read as a dense vector/matrix.
@@ -217,7 +225,7 @@ def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, us
     dbeta = sum_g.to(bn_bias.dtype)
 
     # --- dx: transposed implicit GEMM -----------------------------------------------------------------------
-    cfg = _conv_config(h * w, cin, x.dtype, interp)
+    cfg = _conv_config(h * w, cin, x.dtype, interp, _device_arch(x))
     w_t = weight.permute(0, 3, 4, 1, 2).contiguous()  # [K, KH, KW, Cout, Cin]: Cin contiguous for the B tile
     dx = empty_like_layout(x, x.shape)
     grid = (_row_tiles(n, h * w, cfg["BLOCK_M"], cfg["MIX"]), triton.cdiv(cin, cfg["BLOCK_N"]))

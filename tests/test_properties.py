@@ -8,8 +8,9 @@ reference in the output, all six gradients, the running statistics (the whole bu
 writes outside the view show) and the non-finite pattern -- or raise where the reference raises.
 
 Non-finite semantics (README, "NaN and Inf"): a NaN in x, gates, bias or a BatchNorm tensor gives exactly the
-reference's NaN pattern. A NaN weight must make non-finite at least every element the reference makes non-finite
-(the implicit GEMM also multiplies padding zeros by it). An infinity may come out as NaN in one formulation and as
+reference's NaN pattern, except in dW, where taps that only see padding may be NaN (0 * NaN) where the reference
+has 0; a NaN weight must make non-finite at least every element the reference makes non-finite (the implicit GEMM
+multiplies padding zeros by it too). An infinity may come out as NaN in one formulation and as
 +-inf (or a ReLU-clipped 0) in the other -- kernel mixing adds a_k w_k before multiplying by x, the reference adds
 a_k (x w_k) after. Then the output can differ in which elements are non-finite, and so can the ReLU masks the
 gradients flow through: with an Inf, y and the running statistics must agree where both are finite, and the
@@ -213,7 +214,10 @@ def _check(backend: str, p: Problem) -> None:
     for name, grad in expected[1].items():
         assert (actual[1][name] is None) == (grad is None), f"d{name}: presence differs from the reference"
         if grad is not None and rule != "finite":
-            _compare(f"d{name}", actual[1][name], grad, p.dtype, rule, scale_by_max=True)
+            # dW taps that only ever see padding: 0 * NaN where a convolution library multiplies the padding zeros
+            # (implicit GEMMs do), 0 where it skips them (the reference's does at some shapes)
+            grad_rule = "superset" if (name == "weight" and rule == "exact" and p.poison is not None) else rule
+            _compare(f"d{name}", actual[1][name], grad, p.dtype, grad_rule, scale_by_max=True)
     for name, buf in expected[2].items():
         _compare(name, actual[2][name], buf, buf.dtype, rule, scale_by_max=False)
 

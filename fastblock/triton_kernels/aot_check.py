@@ -54,9 +54,9 @@ class Launch:
         return self.kernel.fn.__name__
 
 
-def capture_launches(dtypes, stages=STAGES, batch=BATCH) -> list[Launch]:
+def capture_launches(dtypes, stages=STAGES, batch=BATCH, arch=None) -> list[Launch]:
     """Every distinct kernel launch of the launcher at these shapes (train forward, eval forward with and without
-    saving for backward, backward), recorded instead of run."""
+    saving for backward, backward) on a GPU of compute capability ``arch``, recorded instead of run."""
     from .. import triton_backend as tb
     from . import batchnorm, configs, conv
 
@@ -77,8 +77,8 @@ def capture_launches(dtypes, stages=STAGES, batch=BATCH) -> list[Launch]:
                                         if name.endswith("_kernel")})
 
     fake = (recording(conv), recording(batchnorm), configs)
-    saved_kernels, saved_interp = tb._kernels, tb._interpreting
-    tb._kernels, tb._interpreting = (lambda: fake), (lambda t: False)
+    saved_kernels, saved_interp, saved_arch = tb._kernels, tb._interpreting, tb._device_arch
+    tb._kernels, tb._interpreting, tb._device_arch = (lambda: fake), (lambda t: False), (lambda t: arch)
     try:
         for dname, dtype in dtypes.items():
             for c, hw in stages:
@@ -98,7 +98,7 @@ def capture_launches(dtypes, stages=STAGES, batch=BATCH) -> list[Launch]:
                         tb.backward(torch.empty_like(y), x, gates, weight, bias, bn_w, bn_b, z, mean, invstd,
                                     training, 1, 1, 1)
     finally:
-        tb._kernels, tb._interpreting = saved_kernels, saved_interp
+        tb._kernels, tb._interpreting, tb._device_arch = saved_kernels, saved_interp, saved_arch
     # one entry per distinct specialisation (a key from the same inputs Triton's cache key uses)
     unique: dict[tuple, Launch] = {}
     for kernel, args, kwargs, where in recorded:
@@ -196,12 +196,12 @@ def _data_dtype(launch: Launch) -> str:
 def run(archs, dtypes, verbose=True, allow_spills=False) -> list[dict]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET to compile the kernels for a GPU target")
-    launches = capture_launches(dtypes)
-    if verbose:
-        print(f"{len(launches)} distinct launches at the CIFAR stage shapes ({', '.join(dtypes)}); compiling for "
-              f"sm_{', sm_'.join(map(str, archs))}", flush=True)
     rows = []
     for arch in archs:
+        launches = capture_launches(dtypes, arch=arch)  # the launcher's tiles may depend on the architecture
+        if verbose:
+            print(f"sm_{arch}: {len(launches)} distinct launches at the CIFAR stage shapes ({', '.join(dtypes)})",
+                  flush=True)
         for launch in launches:
             row = check(launch, arch, allow_spills)
             rows.append(row)

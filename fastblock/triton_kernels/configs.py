@@ -27,13 +27,15 @@ def bn_reduce_tile(interp: bool) -> tuple[int, int]:
 
 
 def conv_config(rows_per_sample: int, cols: int, dtype: torch.dtype, interp: bool,
-                schedule: Optional[str] = None) -> dict:
+                schedule: Optional[str] = None, arch: Optional[int] = None) -> dict:
     """Schedule and tiles of the implicit-GEMM forward / dx kernels (``rows_per_sample``: output pixels per
     sample; ``cols``: output channels). ``schedule`` forces "mix" or "concat" (tests); else:
     * per-sample mixing (MIX) when a sample fills a 64-row tile (P >= 64); below that (4x4 maps) the K-fold
       concatenation schedule shares every weight load across samples;
     * BLOCK_N follows Cout (64 or 128), BLOCK_K = 32 for 16-bit types (64-byte rows), 16 for fp32/fp64
-      (register pressure of the K mixed tiles); fp64 (tests only) gets small tiles.
+      (register pressure of the K mixed tiles); fp64 (tests only) gets small tiles;
+    * ``arch`` (compute capability as 90, 100, ...): on Blackwell (sm_100+) the 16-bit concatenation tiles are
+      128x64, since the K accumulators of a 128x128 tile need 576 tensor-memory columns of 512.
     """
     mix = (rows_per_sample >= 64) if schedule is None else (schedule == "mix")
     if interp:
@@ -44,6 +46,8 @@ def conv_config(rows_per_sample: int, cols: int, dtype: torch.dtype, interp: boo
     sixteen_bit = dtype in (torch.float16, torch.bfloat16)
     block_m = 128 if (mix and rows_per_sample >= 128) or (not mix) else 64
     block_n = 128 if cols >= 128 else 64
+    if arch is not None and arch >= 100 and sixteen_bit and not mix:
+        block_n = 64
     return dict(MIX=mix, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32 if sixteen_bit else 16,
                 num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=3 if sixteen_bit else 2)
 
