@@ -8,9 +8,10 @@ reference in the output, all six gradients, the running statistics (the whole bu
 writes outside the view show) and the non-finite pattern -- or raise where the reference raises.
 
 Non-finite semantics (README, "NaN and Inf"): a NaN in x, gates, bias or a BatchNorm tensor gives exactly the
-reference's NaN pattern, except in dW, where taps that only see padding may be NaN (0 * NaN) where the reference
-has 0; a NaN weight must make non-finite at least every element the reference makes non-finite (the implicit GEMM
-multiplies padding zeros by it too). An infinity may come out as NaN in one formulation and as
+reference's NaN pattern, except in dW, whose taps that touch padding are 0 * NaN or 0 depending on whether a
+convolution library multiplies the padding zeros (compared where both are finite). For the same reason a NaN
+weight at a tap that touches padding may or may not reach an output: with a NaN weight, as with an Inf anywhere,
+only elements finite in both are compared. An infinity may come out as NaN in one formulation and as
 +-inf (or a ReLU-clipped 0) in the other -- kernel mixing adds a_k w_k before multiplying by x, the reference adds
 a_k (x w_k) after. Then the output can differ in which elements are non-finite, and so can the ReLU masks the
 gradients flow through: with an Inf, y and the running statistics must agree where both are finite, and the
@@ -160,8 +161,10 @@ def _make_args(p: Problem):
     return leaves, args
 
 
-def _run(backend: str, p: Problem):
-    leaves, args = _make_args(p)
+def _run(backend: str, p: Problem, reference_in_float64: bool = False):
+    """Output, leaf gradients and running-statistics buffers of one backend. ``reference_in_float64``: run on
+    float64 copies of the same values and cast the results back (the exact answer for float32 problems)."""
+    leaves, args = _make_args(dataclasses.replace(p, dtype=torch.float64) if reference_in_float64 else p)
     with fastblock.force_schedule(p.schedule):
         y = fastblock.mixed_conv_bn_relu(
             *(args[n] for n in ARG_NAMES), training=p.training, momentum=0.1, eps=1e-5, stride=p.stride,
@@ -171,13 +174,15 @@ def _run(backend: str, p: Problem):
     grads = {n: leaves[n].grad for n in ARG_NAMES[:6] if leaves[n] is not None}
     stats = {n: leaves[n]._base if leaves[n]._base is not None else leaves[n]
              for n in ("running_mean", "running_var") if leaves[n] is not None}
+    if reference_in_float64 and p.dtype != torch.float64:
+        cast = lambda t: None if t is None else t.to(p.dtype)  # noqa: E731
+        return cast(y.detach()), {n: cast(g) for n, g in grads.items()}, {n: cast(b) for n, b in stats.items()}
     return y.detach(), grads, stats
 
 
 def _compare(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, rule: str,
              scale_by_max: bool) -> None:
-    """rule: "exact" (same NaN and non-finite pattern), "superset" (non-finite at least where the reference is),
-    "finite" (only elements finite in both are compared)."""
+    """rule: "exact" (same NaN and non-finite pattern) or "finite" (only elements finite in both are compared)."""
     assert actual.shape == expected.shape and actual.dtype == expected.dtype, \
         f"{name}: {tuple(actual.shape)} {actual.dtype} vs reference {tuple(expected.shape)} {expected.dtype}"
     a, e = actual.double(), expected.double()
@@ -186,9 +191,6 @@ def _compare(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: tor
         assert torch.equal(torch.isnan(a), torch.isnan(e)), \
             f"{name}: NaN at {int(torch.isnan(a).sum())} elements, the reference at {int(torch.isnan(e).sum())}"
         assert torch.equal(bad_a, bad_e), f"{name}: non-finite pattern differs from the reference's"
-    elif rule == "superset":
-        assert bool((bad_a | ~bad_e).all()), \
-            f"{name}: {int((bad_e & ~bad_a).sum())} elements finite where the reference's are not"
     both = ~bad_a & ~bad_e
     atol, rtol = TOLERANCES[dtype]
     if scale_by_max and both.any():
@@ -198,7 +200,7 @@ def _compare(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: tor
 
 def _check(backend: str, p: Problem) -> None:
     try:
-        expected = _run("reference", p)
+        expected = _run("reference", p, reference_in_float64=True)
     except (ValueError, TypeError, RuntimeError) as ref_exc:
         with pytest.raises(type(ref_exc)):
             _run(backend, p)
@@ -207,16 +209,17 @@ def _check(backend: str, p: Problem) -> None:
     if p.poison is None:
         rule = "exact"
     elif p.poison[2] != p.poison[2]:  # NaN
-        rule = "superset" if p.poison[0] == "weight" else "exact"
+        rule = "finite" if p.poison[0] == "weight" else "exact"
     else:
         rule = "finite"
     _compare("y", actual[0], expected[0], p.dtype, rule, scale_by_max=False)
     for name, grad in expected[1].items():
         assert (actual[1][name] is None) == (grad is None), f"d{name}: presence differs from the reference"
         if grad is not None and rule != "finite":
-            # dW taps that only ever see padding: 0 * NaN where a convolution library multiplies the padding zeros
-            # (implicit GEMMs do), 0 where it skips them (the reference's does at some shapes)
-            grad_rule = "superset" if (name == "weight" and rule == "exact" and p.poison is not None) else rule
+            # dW at taps that touch padding: 0 * NaN where a convolution library multiplies the padding zeros
+            # (implicit GEMMs do), 0 where it skips them -- which the reference's and the backend's libraries each
+            # do at some shapes and not others; with a NaN input dW is compared where both are finite
+            grad_rule = "finite" if (name == "weight" and p.poison is not None) else rule
             _compare(f"d{name}", actual[1][name], grad, p.dtype, grad_rule, scale_by_max=True)
     for name, buf in expected[2].items():
         _compare(name, actual[2][name], buf, buf.dtype, rule, scale_by_max=False)
@@ -226,6 +229,11 @@ def _check(backend: str, p: Problem) -> None:
 @settings(settings.get_profile(PROFILE))
 @given(p=problems())
 def test_backend_behaves_like_the_reference(backend, p):
+    ho = (p.h + 2 * (p.ksize // 2) - p.ksize) // p.stride + 1
+    wo = (p.w + 2 * (p.ksize // 2) - p.ksize) // p.stride + 1
+    # identical samples (x expanded along N) and one output pixel: every channel's batch variance is 0, the
+    # pre-activation is 0 up to rounding, and the ReLU mask -- a kink, not a bug -- flips with the last bit
+    assume(not (p.layouts[0] == "expanded" and ho * wo == 1 and (p.training or not p.stats)))
     if backend == "triton":
         assume(p.n * p.h * p.w <= 150)  # the CPU interpreter runs every program in Python
     _check(backend, p)
