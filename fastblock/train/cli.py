@@ -4,13 +4,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
 
 from ..backends import accepted_names
 from ..data import DataError
 from ..models import MODELS
-from .loop import BackendUnavailable, RunError, precision_note, run
-from .presets import PRESETS, SETTINGS, default_preset, resolve_preset
+from .loop import BackendUnavailable, RunError, run
+from .presets import PRESETS
 
 USAGE = """Train CIFAR-10 networks of fastblock Blocks.
 
@@ -110,23 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
                                 "fused Blocks keep per-rank batch statistics")
     run_group.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
-
-
-def resolve_config(args, device: torch.device, say) -> dict:
-    """The run's settings: the preset (given, or the default for this device) overridden by every flag given."""
-    preset, why = default_preset(device) if args.preset is None else (args.preset, "")
-    cfg = resolve_preset(preset)
-    for key in SETTINGS:
-        val = getattr(args, key, None)
-        if val is not None:
-            cfg[key] = val
-    say(f"preset: {preset}" + (f" (the default here: {why}; --preset chooses another)" if why else "") +
-        f"; precision: {precision_note(cfg, device)}")
-    cfg.update(preset=preset, backend=args.backend, seed=args.seed, val_split=args.val_split,
-               subset=args.subset, data_dir=str(args.data_dir))
-    if cfg["batch_size"] < 1 or cfg["epochs"] <= 0 or cfg["accum_steps"] < 1:
-        raise RunError("--batch-size and --accum-steps must be >= 1, --epochs > 0")
-    return cfg
 
 
 def main(argv=None) -> int:

@@ -27,6 +27,7 @@ from ..backends import available_backends, resolve_backend
 from ..data import (Cifar, DataError, atomic_torch_save, balanced_subset, cutout, load_cifar10, progress_interval,
                     random_affine, random_crop, random_flip, split_validation)
 from ..models import build_model, count_flops
+from .presets import SETTINGS, default_preset, resolve_preset
 from .records import confusion_report, plot_curves, write_metrics, write_steps
 
 CHECKPOINT_KEYS = {"model", "config"}
@@ -227,6 +228,23 @@ def set_rng_state(state: dict, device_type: str) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def resolve_config(args, device: torch.device, say) -> dict:
+    """The run's settings: the preset (given, or the default for this device) overridden by every flag given."""
+    preset, why = default_preset(device) if args.preset is None else (args.preset, "")
+    cfg = resolve_preset(preset)
+    for key in SETTINGS:
+        val = getattr(args, key, None)
+        if val is not None:
+            cfg[key] = val
+    say(f"preset: {preset}" + (f" (the default here: {why}; --preset chooses another)" if why else "") +
+        f"; precision: {precision_note(cfg, device)}")
+    cfg.update(preset=preset, backend=args.backend, seed=args.seed, val_split=args.val_split,
+               subset=args.subset, data_dir=str(args.data_dir))
+    if cfg["batch_size"] < 1 or cfg["epochs"] <= 0 or cfg["accum_steps"] < 1:
+        raise RunError("--batch-size and --accum-steps must be >= 1, --epochs > 0")
+    return cfg
+
+
 # --------------------------------------------------------------------------------------------------------------
 # data, run directory, checkpoints
 # --------------------------------------------------------------------------------------------------------------
@@ -299,8 +317,6 @@ def run(args, say) -> int:
         say = lambda *a, **k: None  # noqa: E731
     if args.eval_only:
         return eval_only(args, device, dist, say)
-
-    from .cli import resolve_config
 
     state, progress = None, Progress()
     if args.resume:
