@@ -157,12 +157,6 @@ def get_backend(name: str) -> Backend:
     return _REGISTRY[canonical_name(name)]
 
 
-def __getattr__(attr: str):
-    if attr == "BACKENDS":  # the registered names, always current
-        return backend_names()
-    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
-
-
 def _device_type(device: Union[str, torch.device, None]) -> str:
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"

@@ -463,6 +463,7 @@ def _train(ctx) -> bool:
         stop_epoch = min(stop_epoch, args.stop_after)
 
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt) if _on_main_thread() else None
+    bar = None
     try:
         while progress.epoch < stop_epoch:
             epoch = progress.epoch
@@ -509,9 +510,8 @@ def _train(ctx) -> bool:
             _end_epoch(ctx, last_step)
             last_save = time.perf_counter()
     except KeyboardInterrupt:
-        bar_close = locals().get("bar")
-        if bar_close is not None:
-            bar_close.close()
+        if bar is not None:
+            bar.close()
         if dist.main:
             _save(ctx, best=False)
         say(f"\ninterrupted in epoch {progress.epoch + 1} after step {progress.step_in_epoch}; saved. Continue with: "
