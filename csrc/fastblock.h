@@ -13,7 +13,7 @@ namespace fastblock {
 
 constexpr int64_t kMaxConvs = 16;  // K is held in registers / stack arrays by the kernels
 
-// Conventions: big tensors are NCHW-contiguous in the data dtype ("scalar"); small per-channel / per-sample
+// Conventions: big tensors are NCHW-contiguous (or, where channels_last says so, channels-last) in the data dtype ("scalar"); small per-channel / per-sample
 // tensors are in the statistics dtype ("acc": float32, or float64 for float64 data).
 struct DeviceKernels {
   // out[n, f] = (sum_k gates[n, k] * w[k, f]) * scale[f / inner] + shift[f / inner]
@@ -45,6 +45,9 @@ struct DeviceKernels {
   // and its backward: dx[n, c, :] = sum_k gates[n, k] * g[n, k, c, :],  dgates[n, k] = <x[n], g[n, k]>
   void (*reduce_gated)(const at::Tensor& x, const at::Tensor& g, const at::Tensor& gates, at::Tensor& dx,
                        at::Tensor& dgates);
+  // The big-tensor kernels above also take channels-last tensors (then x, z, dy, dz, y, the concatenated input
+  // and its gradient all are channels-last): the op keeps channels-last inputs channels-last end to end.
+  bool channels_last;
 };
 
 const DeviceKernels& cpu_kernels();

@@ -7,8 +7,10 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -558,11 +560,401 @@ void reduce_gated_cpu(const at::Tensor& x, const at::Tensor& g, const at::Tensor
   });
 }
 
+
+// ---------------------------------------------------------------------------------------------------------------
+// Channels-last (NHWC) versions. A channels-last [N, C, H, W] tensor is a [N*H*W rows, C] matrix: the kernels
+// run along rows, vectorised over the channels of a row. The op sends a tensor here when it is channels-last and
+// not also NCHW-contiguous (for H = W = 1 or C = 1 the two layouts are the same memory and the NCHW kernels serve).
+// Per-channel reductions add fixed blocks of kRowBlock rows (acc_t within a block, double across blocks, in block
+// order); per-sample ones add a sample's rows in order: deterministic for any thread count.
+// ---------------------------------------------------------------------------------------------------------------
+constexpr int64_t kRowBlock = 128;
+
+bool is_rows(const at::Tensor& t) {
+  if (t.is_contiguous()) return false;
+  TORCH_INTERNAL_ASSERT(t.is_contiguous(at::MemoryFormat::ChannelsLast),
+                        "fastblock: a CPU kernel got a tensor that is neither NCHW- nor channels-last-contiguous");
+  return true;
+}
+
+// Converts len values into buf (float32/float64 data is used in place) and back, vectorised for bf16/fp16.
+template <typename data_t, typename acc_t>
+inline const acc_t* row_as_acc(const data_t* p, int64_t len, std::vector<acc_t>& buf) {
+  if constexpr (std::is_same_v<data_t, acc_t>) {
+    return p;
+  } else {
+    using Vec = at::vec::Vectorized<acc_t>;
+    acc_t* out = buf.data();
+    int64_t j = 0;
+    for (; j + Vec::size() <= len; j += Vec::size()) {
+      Vec v;
+      at::vec::load_to_float(p + j, v);
+      v.store(out + j);
+    }
+    for (; j < len; ++j) out[j] = static_cast<acc_t>(p[j]);
+    return out;
+  }
+}
+
+template <typename data_t, typename acc_t>
+inline acc_t* row_out(data_t* p, std::vector<acc_t>& buf) {
+  if constexpr (std::is_same_v<data_t, acc_t>) {
+    return p;
+  } else {
+    return buf.data();
+  }
+}
+
+template <typename data_t, typename acc_t>
+inline void row_store(const acc_t* src, data_t* dst, int64_t len) {
+  if constexpr (!std::is_same_v<data_t, acc_t>) {
+    using Vec = at::vec::Vectorized<acc_t>;
+    int64_t j = 0;
+    for (; j + 2 * Vec::size() <= len; j += 2 * Vec::size())
+      at::vec::convert_from_float<data_t>(Vec::loadu(src + j), Vec::loadu(src + j + Vec::size())).store(dst + j);
+    for (; j < len; ++j) dst[j] = static_cast<data_t>(src[j]);
+  }
+}
+
+// acc[j] += f(j) over one row, vectorised: f_vec(j) gives a Vec of terms, f_one(j) one term (the tail).
+template <typename acc_t, typename FVec, typename FOne>
+inline void row_accumulate(acc_t* acc, int64_t c, const FVec& f_vec, const FOne& f_one) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  int64_t j = 0;
+  for (; j + Vec::size() <= c; j += Vec::size()) (Vec::loadu(acc + j) + f_vec(j)).store(acc + j);
+  for (; j < c; ++j) acc[j] += f_one(j);
+}
+
+// Per-channel sums of f over all rows: sums[ch] (double), from per-block acc_t partials added in block order.
+template <typename acc_t, typename RowFn>
+std::vector<double> channel_sums(int64_t rows, int64_t c, const RowFn& add_row) {
+  const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
+  std::vector<double> partial(static_cast<size_t>(blocks * c));
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> acc(static_cast<size_t>(c));
+    for (int64_t b = b0; b < b1; ++b) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t r = b * kRowBlock; r < std::min(rows, (b + 1) * kRowBlock); ++r) add_row(r, acc.data());
+      for (int64_t j = 0; j < c; ++j) partial[static_cast<size_t>(b * c + j)] = static_cast<double>(acc[j]);
+    }
+  });
+  std::vector<double> sums(static_cast<size_t>(c), 0.0);
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int64_t j = 0; j < c; ++j) sums[static_cast<size_t>(j)] += partial[static_cast<size_t>(b * c + j)];
+  return sums;
+}
+
+void bn_stats_rows(const at::Tensor& z, at::Tensor& mean, at::Tensor& invstd, at::Tensor* running_mean,
+                   at::Tensor* running_var, double momentum, double eps) {
+  const int64_t c = z.size(1), rows = z.numel() / c;
+  const double count = static_cast<double>(rows);
+  FASTBLOCK_DISPATCH(z.scalar_type(), "fastblock_bn_stats_rows", [&] {
+    using data_t = scalar_t;
+    using acc_t = at::opmath_type<data_t>;
+    using Vec = at::vec::Vectorized<acc_t>;
+    const data_t* zp = z.data_ptr<data_t>();
+    // two passes, mean then squared deviations: no cancellation
+    const std::vector<double> sums = channel_sums<acc_t>(rows, c, [&](int64_t r, acc_t* acc) {
+      thread_local std::vector<acc_t> buf;
+      buf.resize(static_cast<size_t>(c));
+      const acc_t* v = row_as_acc(zp + r * c, c, buf);
+      row_accumulate(acc, c, [&](int64_t j) { return Vec::loadu(v + j); }, [&](int64_t j) { return v[j]; });
+    });
+    std::vector<acc_t> mu(static_cast<size_t>(c));
+    for (int64_t j = 0; j < c; ++j) mu[static_cast<size_t>(j)] = static_cast<acc_t>(sums[static_cast<size_t>(j)] / count);
+    const std::vector<double> m2 = channel_sums<acc_t>(rows, c, [&](int64_t r, acc_t* acc) {
+      thread_local std::vector<acc_t> buf;
+      buf.resize(static_cast<size_t>(c));
+      const acc_t* v = row_as_acc(zp + r * c, c, buf);
+      row_accumulate(
+          acc, c,
+          [&](int64_t j) {
+            const Vec d = Vec::loadu(v + j) - Vec::loadu(mu.data() + j);
+            return d * d;
+          },
+          [&](int64_t j) {
+            const acc_t d = v[j] - mu[static_cast<size_t>(j)];
+            return d * d;
+          });
+    });
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const double mean_c = sums[static_cast<size_t>(ch)] / count, m2_c = m2[static_cast<size_t>(ch)];
+      FASTBLOCK_DISPATCH_ACC(mean.scalar_type(), "fastblock_bn_stats_rows_out", [&] {
+        mean.data_ptr<scalar_t>()[ch] = static_cast<scalar_t>(mean_c);
+        invstd.data_ptr<scalar_t>()[ch] = static_cast<scalar_t>(1.0 / std::sqrt(m2_c / count + eps));
+      });
+      if (running_mean) {
+        const double unbiased = m2_c / (count - 1.0);
+        FASTBLOCK_DISPATCH(running_mean->scalar_type(), "fastblock_running_stats_rows", [&] {
+          scalar_t* rm = running_mean->data_ptr<scalar_t>();
+          scalar_t* rv = running_var->data_ptr<scalar_t>();
+          rm[ch] = static_cast<scalar_t>((1.0 - momentum) * static_cast<double>(rm[ch]) + momentum * mean_c);
+          rv[ch] = static_cast<scalar_t>((1.0 - momentum) * static_cast<double>(rv[ch]) + momentum * unbiased);
+        });
+      }
+    }
+  });
+}
+
+// Per-channel BN constants of the row kernels: scale = invstd * gamma, shift = beta - mean * scale, and the
+// pieces the backward needs.
+template <typename acc_t>
+struct ChannelConsts {
+  std::vector<acc_t> mean, invstd, gamma, beta;
+  ChannelConsts(const at::Tensor& m, const at::Tensor& s, const at::Tensor& g, const at::Tensor& b)
+      : mean(m.data_ptr<acc_t>(), m.data_ptr<acc_t>() + m.numel()),
+        invstd(s.data_ptr<acc_t>(), s.data_ptr<acc_t>() + s.numel()),
+        gamma(g.data_ptr<acc_t>(), g.data_ptr<acc_t>() + g.numel()),
+        beta(b.data_ptr<acc_t>(), b.data_ptr<acc_t>() + b.numel()) {}
+};
+
+void bn_relu_apply_rows(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
+                        const at::Tensor& gamma, const at::Tensor& beta, at::Tensor& y) {
+  const int64_t c = z.size(1), rows = z.numel() / c;
+  FASTBLOCK_DISPATCH(z.scalar_type(), "fastblock_bn_apply_rows", [&] {
+    using data_t = scalar_t;
+    using acc_t = at::opmath_type<data_t>;
+    using Vec = at::vec::Vectorized<acc_t>;
+    const data_t* zp = z.data_ptr<data_t>();
+    data_t* yp = y.data_ptr<data_t>();
+    const acc_t *mu = mean.data_ptr<acc_t>(), *is = invstd.data_ptr<acc_t>();
+    const acc_t *ga = gamma.data_ptr<acc_t>(), *be = beta.data_ptr<acc_t>();
+    std::vector<acc_t> scale(static_cast<size_t>(c)), shift(static_cast<size_t>(c));
+    for (int64_t j = 0; j < c; ++j) {
+      scale[j] = is[j] * ga[j];
+      shift[j] = be[j] - mu[j] * scale[j];
+    }
+    at::parallel_for(0, rows, kRowBlock, [&](int64_t r0, int64_t r1) {
+      std::vector<acc_t> zbuf(static_cast<size_t>(c)), obuf(static_cast<size_t>(c));
+      const Vec zero(acc_t(0));
+      for (int64_t r = r0; r < r1; ++r) {
+        const acc_t* src = row_as_acc(zp + r * c, c, zbuf);
+        acc_t* dst = row_out(yp + r * c, obuf);
+        int64_t j = 0;
+        for (; j + Vec::size() <= c; j += Vec::size())
+          at::vec::maximum(at::vec::fmadd(Vec::loadu(src + j), Vec::loadu(scale.data() + j),
+                                          Vec::loadu(shift.data() + j)), zero).store(dst + j);
+        for (; j < c; ++j) {
+          const acc_t v = src[j] * scale[j] + shift[j];
+          dst[j] = std::isnan(v) ? v : (v > acc_t(0) ? v : acc_t(0));  // NaN propagates, as in torch.relu
+        }
+        row_store(dst, yp + r * c, c);
+      }
+    });
+  });
+}
+
+void bn_relu_bwd_reduce_rows(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean,
+                             const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta,
+                             at::Tensor& sum_g, at::Tensor& sum_gx) {
+  const int64_t c = z.size(1), rows = z.numel() / c;
+  FASTBLOCK_DISPATCH(z.scalar_type(), "fastblock_bn_bwd_reduce_rows", [&] {
+    using data_t = scalar_t;
+    using acc_t = at::opmath_type<data_t>;
+    using Vec = at::vec::Vectorized<acc_t>;
+    const data_t *zp = z.data_ptr<data_t>(), *dp = dy.data_ptr<data_t>();
+    const ChannelConsts<acc_t> k(mean, invstd, gamma, beta);
+    // one pass computing both sums: acc holds [sum g (c values), sum g * xhat (c values)]
+    const std::vector<double> sums = channel_sums<acc_t>(rows, 2 * c, [&](int64_t r, acc_t* acc) {
+      thread_local std::vector<acc_t> zbuf, dbuf;
+      zbuf.resize(static_cast<size_t>(c));
+      dbuf.resize(static_cast<size_t>(c));
+      const acc_t* zr = row_as_acc(zp + r * c, c, zbuf);
+      const acc_t* dr = row_as_acc(dp + r * c, c, dbuf);
+      const Vec zero(acc_t(0));
+      int64_t j = 0;
+      for (; j + Vec::size() <= c; j += Vec::size()) {
+        const Vec xhat = (Vec::loadu(zr + j) - Vec::loadu(k.mean.data() + j)) * Vec::loadu(k.invstd.data() + j);
+        const Vec g = Vec::blendv(Vec::loadu(dr + j), zero,
+                                  (xhat * Vec::loadu(k.gamma.data() + j) + Vec::loadu(k.beta.data() + j)) <= zero);
+        (Vec::loadu(acc + j) + g).store(acc + j);
+        at::vec::fmadd(g, xhat, Vec::loadu(acc + c + j)).store(acc + c + j);
+      }
+      for (; j < c; ++j) {
+        const acc_t xhat = (zr[j] - k.mean[j]) * k.invstd[j];
+        const acc_t g = (xhat * k.gamma[j] + k.beta[j] <= acc_t(0)) ? acc_t(0) : dr[j];
+        acc[j] += g;
+        acc[c + j] += g * xhat;
+      }
+    });
+    acc_t *sg = sum_g.data_ptr<acc_t>(), *sgx = sum_gx.data_ptr<acc_t>();
+    for (int64_t j = 0; j < c; ++j) {
+      sg[j] = static_cast<acc_t>(sums[static_cast<size_t>(j)]);
+      sgx[j] = static_cast<acc_t>(sums[static_cast<size_t>(c + j)]);
+    }
+  });
+}
+
+void bn_relu_bwd_dz_rows(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean,
+                         const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta,
+                         const at::Tensor& sum_g, const at::Tensor& sum_gx, bool batch_stats, at::Tensor& dz,
+                         at::Tensor& dz_sum) {
+  const int64_t n = z.size(0), c = z.size(1), hw = z.size(2) * z.size(3);
+  const double inv_count = 1.0 / (double(n) * double(hw));
+  FASTBLOCK_DISPATCH(z.scalar_type(), "fastblock_bn_bwd_dz_rows", [&] {
+    using data_t = scalar_t;
+    using acc_t = at::opmath_type<data_t>;
+    using Vec = at::vec::Vectorized<acc_t>;
+    const data_t *zp = z.data_ptr<data_t>(), *dp = dy.data_ptr<data_t>();
+    data_t* out = dz.data_ptr<data_t>();
+    const ChannelConsts<acc_t> k(mean, invstd, gamma, beta);
+    const acc_t *sg = sum_g.data_ptr<acc_t>(), *sgx = sum_gx.data_ptr<acc_t>();
+    std::vector<acc_t> kscale(static_cast<size_t>(c)), mean_g(static_cast<size_t>(c)), mean_gx(static_cast<size_t>(c));
+    for (int64_t j = 0; j < c; ++j) {
+      kscale[j] = k.gamma[j] * k.invstd[j];
+      mean_g[j] = batch_stats ? acc_t(sg[j] * inv_count) : acc_t(0);
+      mean_gx[j] = batch_stats ? acc_t(sgx[j] * inv_count) : acc_t(0);
+    }
+    acc_t* sample_sum = dz_sum.data_ptr<acc_t>();
+    at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<acc_t> zbuf(static_cast<size_t>(c)), dbuf(static_cast<size_t>(c)), obuf(static_cast<size_t>(c));
+      const Vec zero(acc_t(0));
+      for (int64_t i = i0; i < i1; ++i) {
+        acc_t* total = sample_sum + i * c;
+        std::fill(total, total + c, acc_t(0));
+        for (int64_t r = i * hw; r < (i + 1) * hw; ++r) {
+          const acc_t* zr = row_as_acc(zp + r * c, c, zbuf);
+          const acc_t* dr = row_as_acc(dp + r * c, c, dbuf);
+          acc_t* o = row_out(out + r * c, obuf);
+          // dz = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat)); eval mode: gamma * invstd * g alone (no
+          // 0 * xhat term: a NaN z must not reach dz through it)
+          int64_t j = 0;
+          for (; j + Vec::size() <= c; j += Vec::size()) {
+            const Vec xhat = (Vec::loadu(zr + j) - Vec::loadu(k.mean.data() + j)) * Vec::loadu(k.invstd.data() + j);
+            const Vec g = Vec::blendv(Vec::loadu(dr + j), zero,
+                                      (xhat * Vec::loadu(k.gamma.data() + j) + Vec::loadu(k.beta.data() + j)) <= zero);
+            const Vec ks = Vec::loadu(kscale.data() + j);
+            (batch_stats ? ks * (g - Vec::loadu(mean_g.data() + j) - xhat * Vec::loadu(mean_gx.data() + j))
+                         : ks * g).store(o + j);
+          }
+          for (; j < c; ++j) {
+            const acc_t xhat = (zr[j] - k.mean[j]) * k.invstd[j];
+            const acc_t g = (xhat * k.gamma[j] + k.beta[j] <= acc_t(0)) ? acc_t(0) : dr[j];
+            o[j] = batch_stats ? kscale[j] * (g - mean_g[j] - xhat * mean_gx[j]) : kscale[j] * g;
+          }
+          row_store(o, out + r * c, c);  // round to data_t; sum what was stored
+          const acc_t* stored = row_as_acc(out + r * c, c, obuf);
+          row_accumulate(total, c, [&](int64_t q) { return Vec::loadu(stored + q); },
+                         [&](int64_t q) { return stored[q]; });
+        }
+      }
+    });
+  });
+}
+
+void expand_gated_rows(const at::Tensor& x, const at::Tensor& gates, at::Tensor& out) {
+  const int64_t c = x.size(1), hw = x.size(2) * x.size(3), rows = x.numel() / c, k = gates.size(1);
+  FASTBLOCK_DISPATCH(x.scalar_type(), "fastblock_expand_gated_rows", [&] {
+    using data_t = scalar_t;
+    using acc_t = at::opmath_type<data_t>;
+    const data_t* xp = x.data_ptr<data_t>();
+    data_t* op = out.data_ptr<data_t>();
+    const acc_t* a = gates.data_ptr<acc_t>();
+    using Vec = at::vec::Vectorized<acc_t>;
+    at::parallel_for(0, rows, kRowBlock, [&](int64_t r0, int64_t r1) {
+      std::vector<acc_t> xbuf(static_cast<size_t>(c)), obuf(static_cast<size_t>(c));
+      for (int64_t r = r0; r < r1; ++r) {
+        const acc_t* src = row_as_acc(xp + r * c, c, xbuf);
+        for (int64_t kk = 0; kk < k; ++kk) {
+          const acc_t g = a[(r / hw) * k + kk];
+          data_t* dst = op + (r * k + kk) * c;
+          acc_t* o = row_out(dst, obuf);
+          int64_t j = 0;
+          for (; j + Vec::size() <= c; j += Vec::size()) (Vec::loadu(src + j) * Vec(g)).store(o + j);
+          for (; j < c; ++j) o[j] = g * src[j];
+          row_store(o, dst, c);
+        }
+      }
+    });
+  });
+}
+
+void reduce_gated_rows(const at::Tensor& x, const at::Tensor& g, const at::Tensor& gates, at::Tensor& dx,
+                       at::Tensor& dgates) {
+  const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3), k = gates.size(1);
+  FASTBLOCK_DISPATCH(x.scalar_type(), "fastblock_reduce_gated_rows", [&] {
+    using data_t = scalar_t;
+    using acc_t = at::opmath_type<data_t>;
+    using Vec = at::vec::Vectorized<acc_t>;
+    const data_t *xp = x.data_ptr<data_t>(), *gp = g.data_ptr<data_t>();
+    data_t* dxp = dx.data_ptr<data_t>();
+    const acc_t* a = gates.data_ptr<acc_t>();
+    acc_t* da = dgates.data_ptr<acc_t>();
+    at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<acc_t> xbuf(static_cast<size_t>(c)), gbuf(static_cast<size_t>(c)), row(static_cast<size_t>(c));
+      std::vector<acc_t> dots(static_cast<size_t>(k * c));  // per (k, channel) partial <x, g_k> of this sample
+      for (int64_t i = i0; i < i1; ++i) {
+        std::fill(dots.begin(), dots.end(), acc_t(0));
+        for (int64_t r = i * hw; r < (i + 1) * hw; ++r) {
+          const acc_t* xr = row_as_acc(xp + r * c, c, xbuf);
+          acc_t* dst = row_out(dxp + r * c, row);
+          std::fill(dst, dst + c, acc_t(0));
+          for (int64_t kk = 0; kk < k; ++kk) {
+            const acc_t* gr = row_as_acc(gp + (r * k + kk) * c, c, gbuf);
+            const Vec ak(a[i * k + kk]);
+            acc_t* dot = dots.data() + kk * c;
+            int64_t j = 0;
+            for (; j + Vec::size() <= c; j += Vec::size()) {
+              const Vec gv = Vec::loadu(gr + j);
+              at::vec::fmadd(ak, gv, Vec::loadu(dst + j)).store(dst + j);
+              at::vec::fmadd(gv, Vec::loadu(xr + j), Vec::loadu(dot + j)).store(dot + j);
+            }
+            for (; j < c; ++j) {
+              dst[j] += a[i * k + kk] * gr[j];
+              dot[j] += gr[j] * xr[j];
+            }
+          }
+          row_store(dst, dxp + r * c, c);
+        }
+        for (int64_t kk = 0; kk < k; ++kk) {
+          acc_t lanes[kLanes] = {};
+          for (int64_t j = 0; j < c; ++j) lanes[j % kLanes] += dots[kk * c + j];
+          da[i * k + kk] = combine_lanes(lanes);
+        }
+      }
+    });
+  });
+}
+
+// The DeviceKernels entries: channels-last tensors take the row kernels, NCHW ones the plane kernels.
+void bn_stats_any(const at::Tensor& z, at::Tensor& mean, at::Tensor& invstd, at::Tensor* running_mean,
+                  at::Tensor* running_var, double momentum, double eps) {
+  (is_rows(z) ? bn_stats_rows : bn_stats_cpu)(z, mean, invstd, running_mean, running_var, momentum, eps);
+}
+
+void bn_relu_apply_any(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
+                       const at::Tensor& gamma, const at::Tensor& beta, at::Tensor& y) {
+  (is_rows(z) ? bn_relu_apply_rows : bn_relu_apply_cpu)(z, mean, invstd, gamma, beta, y);
+}
+
+void bn_relu_bwd_reduce_any(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean,
+                            const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta,
+                            at::Tensor& sum_g, at::Tensor& sum_gx) {
+  (is_rows(z) ? bn_relu_bwd_reduce_rows : bn_relu_bwd_reduce_cpu)(dy, z, mean, invstd, gamma, beta, sum_g, sum_gx);
+}
+
+void bn_relu_bwd_dz_any(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
+                        const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& sum_g,
+                        const at::Tensor& sum_gx, bool batch_stats, at::Tensor& dz, at::Tensor& dz_sum) {
+  (is_rows(z) ? bn_relu_bwd_dz_rows : bn_relu_bwd_dz_cpu)(dy, z, mean, invstd, gamma, beta, sum_g, sum_gx,
+                                                          batch_stats, dz, dz_sum);
+}
+
+void expand_gated_any(const at::Tensor& x, const at::Tensor& gates, at::Tensor& out) {
+  (is_rows(x) ? expand_gated_rows : expand_gated_cpu)(x, gates, out);
+}
+
+void reduce_gated_any(const at::Tensor& x, const at::Tensor& g, const at::Tensor& gates, at::Tensor& dx,
+                      at::Tensor& dgates) {
+  (is_rows(x) ? reduce_gated_rows : reduce_gated_cpu)(x, g, gates, dx, dgates);
+}
+
 }  // namespace
 
 const DeviceKernels& cpu_kernels() {
-  static const DeviceKernels kernels{mix_cpu,          bn_stats_cpu,     bn_relu_apply_cpu, bn_relu_bwd_reduce_cpu,
-                                     bn_relu_bwd_dz_cpu, fold_weight_grad_cpu, expand_gated_cpu, reduce_gated_cpu};
+  static const DeviceKernels kernels{mix_cpu,          bn_stats_any,        bn_relu_apply_any,
+                                     bn_relu_bwd_reduce_any, bn_relu_bwd_dz_any, fold_weight_grad_cpu,
+                                     expand_gated_any, reduce_gated_any,  /*channels_last=*/true};
   return kernels;
 }
 

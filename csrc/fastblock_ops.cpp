@@ -6,8 +6,12 @@
 // Memory (per call): the mixed kernels W_n [S, Cout, Cin, kh, kw] and, in backward, the per-sample weight
 // gradient G_n of the same size, are only ever held for a chunk of S samples, with S chosen so that one such
 // buffer stays under chunk_bytes(); besides that, forward keeps z (saved for backward) and y, backward dz and dx.
-// Channels-last inputs are computed in NCHW (the grouped reshape needs it) and y and dx returned channels-last;
-// the saved z stays NCHW. Running statistics may be any view: a non-contiguous one is updated through a copy.
+// Layout: where the device's kernels take channels-last tensors (CPU), a channels-last input runs channels-last end
+// to end with the concatenation schedule (oneDNN's channels-last convolutions, with AMX for bf16, are several times
+// faster than its NCHW or grouped ones: bench/RESULTS.md), and y and the saved z are channels-last. Otherwise
+// (CUDA, or the mixing schedule forced) it is computed in NCHW (the grouped reshape needs it), y and dx returned
+// channels-last and the saved z kept NCHW on CUDA. Running statistics may be any view: a non-contiguous one is
+// updated through a copy.
 #include <torch/library.h>
 
 #include <ATen/ATen.h>
@@ -99,6 +103,14 @@ bool use_concat(int64_t schedule, int64_t k, int64_t ho, int64_t wo) {
   return (k - 1) * ho * wo < 144;
 }
 
+// The memory format the op computes in: channels-last where the kernels take it and the input is channels-last
+// (always the concatenation schedule), else NCHW.
+at::MemoryFormat compute_layout(const DeviceKernels& kern, const at::Tensor& x, int64_t schedule) {
+  const bool rows = kern.channels_last && x.suggest_memory_format() == at::MemoryFormat::ChannelsLast &&
+                    schedule != kScheduleMix;
+  return rows ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
 // The concatenation schedule's kernels [Cout, K*Cin, kh, kw] (W_k side by side along the input channels), a
 // transposed copy of weight [K, Cout, Cin, kh, kw].
 at::Tensor concat_kernels(const at::Tensor& weight) {
@@ -116,14 +128,15 @@ at::Tensor gated_conv(const DeviceKernels& kern, const at::Tensor& xc, const at:
   const auto w_flat = weight.contiguous().view({k, f});
   const auto b_flat = bias.contiguous();
   if (concat) {
-    auto x_cat = at::empty({n, k * cin, h, w}, xc.options());
+    const auto layout = xc.suggest_memory_format();
+    auto x_cat = at::empty({n, k * cin, h, w}, xc.options().memory_format(layout));
     { FASTBLOCK_PROFILE("expand_gated"); kern.expand_gated(xc, gates_acc, x_cat); }
     auto w_cat = concat_kernels(weight);
     if (scale) w_cat = w_cat * scale->to(weight.scalar_type()).view({cout, 1, 1, 1});
     auto b_mix = at::empty({n, cout}, bias.options());
     { FASTBLOCK_PROFILE("mix"); kern.mix(gates_acc, b_flat, scale, shift, 1, b_mix); }
     auto z = at::convolution(x_cat, w_cat, c10::nullopt, {stride, stride}, {pad_h, pad_w}, {1, 1}, false, {0, 0}, 1);
-    return z.contiguous().add_(b_mix.view({n, cout, 1, 1}));
+    return z.contiguous(layout).add_(b_mix.view({n, cout, 1, 1}));
   }
   const int64_t ho = (h + 2 * pad_h - kh) / stride + 1, wo = (w + 2 * pad_w - kw) / stride + 1;
   const int64_t activation_elems = std::max(cin * h * w, cout * ho * wo);
@@ -153,15 +166,17 @@ void gated_conv_backward(const DeviceKernels& kern, const at::Tensor& dz, const 
   const int64_t per_out = cin * kh * kw, f = cout * per_out;
   const auto w_flat = weight.contiguous().view({k, f});
   if (concat) {
-    auto x_cat = at::empty({n, k * cin, h, w}, xc.options());
+    const auto layout = xc.suggest_memory_format();
+    auto x_cat = at::empty({n, k * cin, h, w}, xc.options().memory_format(layout));
     { FASTBLOCK_PROFILE("expand_gated"); kern.expand_gated(xc, gates_acc, x_cat); }
     auto grads = at::convolution_backward(dz, x_cat, concat_kernels(weight), c10::nullopt, {stride, stride},
                                           {pad_h, pad_w}, {1, 1}, false, {0, 0}, 1, {true, true, false});
     dx = at::empty_like(xc);
-    const auto dx_cat = std::get<0>(grads).contiguous();
+    const auto dx_cat = std::get<0>(grads).contiguous(layout);
     { FASTBLOCK_PROFILE("reduce_gated"); kern.reduce_gated(xc, dx_cat, gates_acc, dx, dgates); }
-    // [Cout, K, per_out] -> [K, Cout, per_out]: one strided copy straight into dW
-    dw_acc.view({k, cout, per_out}).copy_(std::get<1>(grads).view({cout, k, per_out}).transpose(0, 1));
+    // [Cout, K, per_out] -> [K, Cout, per_out]: one strided copy straight into dW (the gradient of a
+    // channels-last convolution may come channels-last: made contiguous first)
+    dw_acc.view({k, cout, per_out}).copy_(std::get<1>(grads).contiguous().view({cout, k, per_out}).transpose(0, 1));
     return;
   }
   // Per-sample weight gradients G, never all at once: folded chunk by chunk into dW_k and da.
@@ -202,10 +217,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   TORCH_CHECK(use_batch_stats || running_mean.has_value(), "fastblock: eval mode needs running statistics");
   const auto sdt = stats_dtype(x);
   const auto fmt = x.suggest_memory_format();
-  const auto xc = x.contiguous();
+  const auto layout = compute_layout(kern, x, schedule);
+  const auto xc = x.contiguous(layout);
   const int64_t n = x.size(0), cin = x.size(1), h = x.size(2), w = x.size(3);
   const int64_t k = weight.size(0), cout = weight.size(1), kh = weight.size(3), kw = weight.size(4);
   const int64_t ho = (h + 2 * pad_h - kh) / stride + 1, wo = (w + 2 * pad_w - kw) / stride + 1;
+  const bool concat = layout == at::MemoryFormat::ChannelsLast || use_concat(schedule, k, ho, wo);
   const auto gates_acc = gates.to(sdt).contiguous();
   const auto gamma = bn_weight.to(sdt).contiguous(), beta = bn_bias.to(sdt).contiguous();
 
@@ -222,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   }
 
   at::Tensor z = gated_conv(kern, xc, gates_acc, weight, bias, fold ? &scale : nullptr, fold ? &shift : nullptr,
-                            stride, pad_h, pad_w, use_concat(schedule, k, ho, wo));
+                            stride, pad_h, pad_w, concat);
 
   if (fold) {
     z.relu_();
@@ -245,8 +262,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   }
   auto y = at::empty_like(z);
   { FASTBLOCK_PROFILE("bn_relu_apply"); kern.bn_relu_apply(z, mean, invstd, gamma, beta, y); }
-  // z stays NCHW: only this op's backward reads it
-  return {y.contiguous(fmt), save_for_backward ? z : at::empty({0}, x.options()), mean, invstd};
+  // The saved z: laid out like x where the kernels take channels-last (a copy only when the mixing schedule was
+  // forced on a channels-last input), else NCHW (only this op's backward reads it)
+  const auto z_saved = kern.channels_last ? z.contiguous(fmt) : z;
+  return {y.contiguous(fmt), save_for_backward ? z_saved : at::empty({0}, x.options()), mean, invstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
@@ -258,7 +277,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK(z.dim() == 4 && dy.sizes() == z.sizes(), "fastblock: dy ", dy.sizes(), " must match z ", z.sizes());
   const auto sdt = stats_dtype(x);
   const auto fmt = x.suggest_memory_format();
-  const auto xc = x.contiguous(), zc = z.contiguous(), dyc = dy.contiguous().to(z.scalar_type());
+  const auto layout = compute_layout(kern, x, schedule);
+  const auto xc = x.contiguous(layout), zc = z.contiguous(layout);
+  const auto dyc = dy.contiguous(layout).to(z.scalar_type());
   const int64_t n = x.size(0), cin = x.size(1), h = x.size(2), w = x.size(3);
   const int64_t k = weight.size(0), cout = weight.size(1), kh = weight.size(3), kw = weight.size(4);
   const int64_t ho = z.size(2), wo = z.size(3), f = cout * cin * kh * kw;
@@ -275,7 +296,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   { FASTBLOCK_PROFILE("bn_relu_bwd_dz"); kern.bn_relu_bwd_dz(dyc, zc, mean_c, invstd_c, gamma, beta, sum_g, sum_gx, use_batch_stats, dz, dz_sum); }
 
   at::Tensor dx;
-  const bool concat = use_concat(schedule, k, ho, wo);
+  const bool concat = layout == at::MemoryFormat::ChannelsLast || use_concat(schedule, k, ho, wo);
   // the mixing schedule accumulates dW chunk by chunk; the concatenation schedule writes it once
   auto dw_acc = concat ? at::empty({k, f}, x.options().dtype(sdt)) : at::zeros({k, f}, x.options().dtype(sdt));
   auto dgates = at::empty({n, k}, x.options().dtype(sdt));

@@ -147,7 +147,8 @@ def _register_fake() -> None:
     @torch.library.register_fake("fastblock_ext::forward")
     def _fwd(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, momentum, eps,
              stride, pad_h, pad_w, save_for_backward, schedule=-1):
-        return fake_forward_outputs(x, weight, stride, pad_h, pad_w, save_for_backward, z_nchw=True)
+        return fake_forward_outputs(x, weight, stride, pad_h, pad_w, save_for_backward,
+                                    z_nchw=x.device.type == "cuda")
 
     @torch.library.register_fake("fastblock_ext::backward")
     def _bwd(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w,

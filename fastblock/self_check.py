@@ -18,6 +18,10 @@ from .reference import mixed_conv_bn_relu_reference
 # (atol, rtol) against the float64 reference, relative to each tensor's largest magnitude
 _TOLERANCE = {torch.float64: (1e-9, 1e-9), torch.float32: (2e-3, 2e-3), torch.bfloat16: (8e-2, 8e-2),
               torch.float16: (2e-2, 2e-2)}
+# In 16-bit data a z within rounding of the ReLU threshold lands on the other side of it as often as not, which
+# moves that element's gradient (and dx around it) by a whole term: a few such elements are allowed there, a
+# wrong kernel is off nearly everywhere.
+_OUTLIERS = {torch.bfloat16: 0.02, torch.float16: 0.02}
 _results: dict[tuple[str, str, torch.dtype], Optional[str]] = {}
 
 
@@ -79,7 +83,9 @@ def check_case(module, device, dtype, training: bool, n: int, cin: int, cout: in
                  weight=rand(k, cout, cin, 3, 3, scale=(9 * cin) ** -0.5),
                  bias=rand(k, cout, scale=0.3), bn_weight=1 + 0.2 * rand(cout), bn_bias=0.1 * rand(cout))
     stats = (0.1 * rand(cout), 1 + 0.3 * rand(cout).abs())
-    dy = rand(n, cout, h, w)
+    dy = rand(n, cout, h, w).to(dtype).double()
+    # the exact answer for the inputs the backend gets: rounded to its dtypes first
+    exact = {name: t.to(sdt if name.startswith("bn_") else dtype).double() for name, t in exact.items()}
     # the backend, in dtype (BatchNorm tensors in the statistics dtype)
     ins = {name: t.to(device, sdt if name.startswith("bn_") else dtype, copy=True) for name, t in exact.items()}
     rm, rv = (s.to(device, sdt, copy=True) for s in stats)  # updated in place: never the reference's copy
@@ -103,7 +109,8 @@ def check_case(module, device, dtype, training: bool, n: int, cin: int, cout: in
         scale = max(1.0, expected.abs().max().item())
         err = (actual - expected).abs()
         bad = ~(err <= atol * scale + rtol * expected.abs())
-        if bad.any():
+        allowed = int(_OUTLIERS.get(dtype, 0.0) * bad.numel())
+        if int(bad.sum()) > allowed or not torch.isfinite(actual).all():
             return (f"{label} ({mode}) differs from the reference at {int(bad.sum())} of {bad.numel()} elements "
                     f"(largest error {err.max().item():.3g})")
     return None

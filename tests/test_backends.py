@@ -158,5 +158,35 @@ def test_self_check_passes_for_the_real_backends():
     for name in fastblock.backend_names():
         backend = fastblock.get_backend(name)
         if backend.fused and fastblock.available_backends("cpu")[name].available:
-            for dtype in (torch.float32, torch.float64):
+            # (the Triton CPU interpreter's bf16 dot products are wrong: bf16 there is for GPUs only)
+            dtypes = (torch.float32, torch.float64) + ((torch.bfloat16,) if name != "triton" else ())
+            for dtype in dtypes:
                 assert self_check._run(backend.module(), torch.device("cpu"), dtype) is None, (name, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_self_check_catches_a_wrong_low_precision_backend(dtype):
+    """The few 16-bit outliers the check allows (ReLU-threshold rounding) do not let a wrong kernel through: a
+    forward 25% off, or a dx wrong in one sample, fails in bf16 as in float32."""
+    import types
+
+    from fastblock import self_check
+
+    if not fastblock.available_backends("cpu")["extension"].available:
+        pytest.skip("needs the extension as the backend to wrap")
+    real = fastblock.get_backend("extension").module()
+
+    def scaled_forward(*args):
+        y, z, mean, invstd = real.forward(*args)
+        return y * 1.25, z, mean, invstd
+
+    def one_sample_backward(*args):
+        dx, *rest = real.backward(*args)
+        dx = dx.clone()
+        dx[0] *= -1
+        return (dx, *rest)
+
+    for wrong in (types.SimpleNamespace(forward=scaled_forward, backward=real.backward),
+                  types.SimpleNamespace(forward=real.forward, backward=one_sample_backward)):
+        why = self_check._run(wrong, torch.device("cpu"), dtype)
+        assert why is not None and "differs from the reference" in why

@@ -8,7 +8,8 @@ import torch
 
 import fastblock
 from fastblock import extension
-from helpers import SHAPES, Case, check_fake_tensor_mode, compare_with_reference, gradcheck_backend, make_inputs
+from helpers import (SHAPES, Case, assert_close, check_fake_tensor_mode, compare_with_reference, gradcheck_backend,
+                     make_inputs, run_op)
 
 _STATUS = fastblock.available_backends("cpu")["extension"]
 pytestmark = pytest.mark.skipif(not _STATUS.available, reason=f"extension unavailable: {_STATUS.reason}")
@@ -95,26 +96,94 @@ def test_extension_ops_pass_opcheck(layout):
                           test_utils=("test_schema", "test_faketensor"))
 
 
-def test_extension_channels_last_layouts():
-    """Channels-last in, channels-last y and dx out; the saved z stays NCHW (no layout copies of it)."""
-    args, kwargs = make_inputs(Case(2, 3, 4, 5, 5, k=2), requires_grad=False)
+# The CPU op runs channels-last inputs channels-last end to end (row kernels, concatenation schedule). Shapes
+# that exercise the row kernels' vector body and tail (C = 5, 19, 40 against 8/16-lane vectors), K=1, stride 2,
+# Cin != Cout, 1x1 and 5x5 kernels, one sample, one output pixel per sample.
+CHANNELS_LAST_SHAPES = [
+    Case(3, 5, 19, 7, 6, k=3, channels_last=True),
+    Case(2, 19, 40, 5, 5, k=1, stride=2, channels_last=True),
+    Case(1, 16, 17, 6, 7, k=2, ksize=5, bias=False, channels_last=True),
+    Case(4, 3, 8, 4, 4, k=4, ksize=1, channels_last=True),
+    Case(5, 6, 7, 3, 3, k=2, ksize=3, stride=2, channels_last=True),
+]
+
+
+@pytest.mark.parametrize("case", CHANNELS_LAST_SHAPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_extension_channels_last_matches_reference(case, training, dtype):
+    compare_with_reference("extension", case, dtype, training=training, seed=hash((str(case), training)) % 997)
+
+
+@pytest.mark.parametrize("case", CHANNELS_LAST_SHAPES[:3], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_extension_channels_last_gradcheck_fp64(case, training):
+    gradcheck_backend("extension", case, training=training)
+
+
+def test_extension_channels_last_bf16():
+    compare_with_reference("extension", Case(4, 8, 8, 6, 6, k=3, channels_last=True), torch.bfloat16, training=True)
+
+
+@pytest.mark.parametrize("case", CHANNELS_LAST_SHAPES[:3], ids=str)
+@pytest.mark.parametrize("seed", [0, 2])
+def test_extension_channels_last_bf16_matches_nchw(case, seed):
+    """bf16 against the float64 reference flips a ReLU mask wherever a z near 0 rounds across it (a whole gradient
+    term in dx: as often in the NCHW path as in the channels-last one, so such shapes fail either way); the
+    channels-last row kernels are held to the NCHW bf16 kernels at bf16 tolerance instead."""
+    args, kwargs = make_inputs(case, torch.bfloat16, seed=seed)
+    nchw = [None if a is None else a.detach().contiguous().requires_grad_(a.requires_grad) for a in args]
+    for training in (True, False):
+        y, grads, rm, rv = run_op("extension", args, kwargs, training=training)
+        y0, grads0, rm0, rv0 = run_op("extension", nchw, kwargs, training=training)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert_close("y", y, y0, torch.bfloat16)
+        for name in grads:
+            if grads[name] is not None:
+                assert_close(name, grads[name], grads0[name], torch.bfloat16, scale_by_max=True)
+        assert_close("running_mean", rm, rm0, torch.float32)
+        assert_close("running_var", rv, rv0, torch.float32)
+
+
+def test_extension_channels_last_eval_inference_folds_batchnorm():
+    args, kwargs = make_inputs(CHANNELS_LAST_SHAPES[0], torch.float32, requires_grad=False)
+    with torch.no_grad():
+        y = fastblock.mixed_conv_bn_relu(*args, training=False, backend="extension", **kwargs)
+    y_ref = fastblock.mixed_conv_bn_relu(*args, training=False, backend="reference", **kwargs)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", [-1, 0, 1], ids=["auto", "mix", "concat"])
+def test_extension_channels_last_layouts(schedule):
+    """Channels-last in, channels-last y, saved z and dx out on CPU, whichever schedule (a forced mixing schedule
+    computes in NCHW and converts); the row kernels agree with the NCHW ones."""
+    args, kwargs = make_inputs(Case(2, 3, 20, 5, 5, k=2), requires_grad=False)
     x, gates, weight, bias, gw, gb, rm, rv = args
-    x = x.contiguous(memory_format=torch.channels_last)
-    y, z, _, _ = torch.ops.fastblock_ext.forward(x, gates, weight, bias, gw, gb, rm, rv, True, 0.1, 1e-5, 1, 1, 1,
-                                                 True)
-    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
-    assert z.is_contiguous()
-    x.requires_grad_(True)
-    out = fastblock.mixed_conv_bn_relu(x, gates, weight, bias, gw, gb, rm, rv, backend="extension", **kwargs)
-    out.sum().backward()
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+    xl = x.contiguous(memory_format=torch.channels_last)
+    y, z, _, _ = torch.ops.fastblock_ext.forward(xl, gates, weight, bias, gw, gb, rm.clone(), rv.clone(), True, 0.1,
+                                                 1e-5, 1, 1, 1, True, schedule)
+    y0, z0, _, _ = torch.ops.fastblock_ext.forward(x, gates, weight, bias, gw, gb, rm.clone(), rv.clone(), True, 0.1,
+                                                   1e-5, 1, 1, 1, True, schedule)
+    for t in (y, z):
+        assert t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    torch.testing.assert_close(y, y0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(z, z0, atol=1e-5, rtol=1e-5)
+    dy = torch.randn_like(y0)
+    grads = torch.ops.fastblock_ext.backward(dy.contiguous(memory_format=torch.channels_last), xl, gates, weight,
+                                             bias, gw, gb, z, *torch.ops.fastblock_ext.forward(
+                                                 xl, gates, weight, bias, gw, gb, None, None, True, 0.1, 1e-5, 1, 1,
+                                                 1, True, schedule)[2:], True, 1, 1, 1, schedule)
+    grads0 = torch.ops.fastblock_ext.backward(dy, x, gates, weight, bias, gw, gb, z0, *torch.ops.fastblock_ext.forward(
+        x, gates, weight, bias, gw, gb, None, None, True, 0.1, 1e-5, 1, 1, 1, True, schedule)[2:], True, 1, 1, 1,
+        schedule)
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(grads, grads0):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_extension_deterministic():
     args, kwargs = make_inputs(Case(6, 8, 8, 7, 7, k=3), torch.float32)
-    from helpers import run_op
-
     first = run_op("extension", args, kwargs, training=True)
     second = run_op("extension", args, kwargs, training=True)
     assert torch.equal(first[0], second[0])
@@ -193,8 +262,6 @@ def _pool_delta(before, after):
 
 
 def test_cpu_pool_recycles_the_op_memory_across_calls(pool):
-    from helpers import run_op
-
     def detached_copy(run):  # copies made outside the op: the op's own output blocks are freed
         return run[0].clone(), {name: g.clone() for name, g in run[1].items()}
 
@@ -234,8 +301,6 @@ def test_cpu_pool_serves_only_the_op(pool):
 
 
 def test_cpu_pool_limit_and_empty_cache(pool):
-    from helpers import run_op
-
     args, kwargs = make_inputs(POOLED_CASE, torch.float32)
     run_op("extension", args, kwargs, training=True)
     assert pool.cpu_pool_stats()["cached_bytes"] > 300 << 10
@@ -257,8 +322,6 @@ def test_cpu_pool_concurrent_calls(pool):
     """Op calls on several threads at once (each thread pooled on its own, one shared cache), and outputs freed
     on other threads, give the single-threaded results and leave no block behind."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from helpers import run_op
 
     inputs = [make_inputs(POOLED_CASE, torch.float32, seed=s) for s in range(4)]
     expected = [run_op("extension", a, kw, training=True) for a, kw in inputs]
@@ -311,8 +374,6 @@ def test_extension_eager_direct_call_matches_custom_ops(monkeypatch):
     routes run the same kernels, so outputs, all six gradients and the running statistics agree bit for bit,
     and both bump the running statistics' version counters as a declared mutation does."""
     from fastblock import ops
-    from helpers import run_op
-
     args, kwargs = make_inputs(Case(3, 4, 5, 6, 7, k=2), torch.float32)
     results = {}
     for through_custom_ops in (False, True):

@@ -292,13 +292,18 @@ def test_progress_bars_refresh_rarely_in_logs(monkeypatch):
     assert fdata.progress_interval() >= 10
 
 
-def test_channels_last_defaults_to_gpus_only():
-    """The preset's "auto" means channels-last on CUDA only: on CPU the extension computes in NCHW, and a
-    channels-last network made the default network's training step 27% slower there (bench/RESULTS.md)."""
+def test_channels_last_default_follows_the_precision(monkeypatch):
+    """The preset's "auto" means channels-last on CUDA, and on CPUs that train in bf16 (oneDNN's fast bf16
+    convolutions are the channels-last ones); float32 CPU training stays NCHW (faster there: bench/RESULTS.md)."""
+    from fastblock.train import loop
+
     cfg = train.resolve_preset("cpu")
     assert cfg["channels_last"] == "auto"
     assert train.channels_last_for(cfg, torch.device("cuda")) is True
-    assert train.channels_last_for(cfg, torch.device("cpu")) is False
+    for native, expected in (("AMX", True), (None, False)):
+        monkeypatch.setattr(loop, "cpu_bf16_native", lambda n=native: n)
+        assert train.channels_last_for(cfg, torch.device("cpu")) is expected
+        assert train.channels_last_for(dict(cfg, amp="off"), torch.device("cpu")) is False
     assert train.channels_last_for(dict(cfg, channels_last=True), torch.device("cpu")) is True
     assert train.channels_last_for(dict(cfg, channels_last=False), torch.device("cuda")) is False
 
@@ -452,12 +457,18 @@ def test_no_cuda_runtime_warning_on_cpu_machines():
 
 
 def test_precision_follows_the_gpu_architecture(monkeypatch):
-    """--amp auto: bf16 where the GPU computes it natively (sm_80+), fp16 + GradScaler before, float32 on CPU;
-    the run's first line says which and why."""
+    """--amp auto: bf16 where the GPU computes it natively (sm_80+), fp16 + GradScaler before; on CPU bf16 where
+    it has bf16 matrix instructions (AMX / AVX512-BF16), else float32; the run's first line says which and why."""
     from fastblock.train import loop
 
     cfg = train.resolve_preset("fast")
+    monkeypatch.setattr(loop, "cpu_bf16_native", lambda: None)
     assert loop.amp_dtype_for(cfg, torch.device("cpu")) is None
+    assert loop.precision_note(cfg, torch.device("cpu")) == "float32"
+    monkeypatch.setattr(loop, "cpu_bf16_native", lambda: "AMX")
+    assert loop.amp_dtype_for(cfg, torch.device("cpu")) == torch.bfloat16
+    assert "AMX" in loop.precision_note(cfg, torch.device("cpu"))
+    assert loop.amp_dtype_for(dict(cfg, amp="off"), torch.device("cpu")) is None
     for capability, expected in (((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         assert loop.amp_dtype_for(cfg, torch.device("cuda")) == expected

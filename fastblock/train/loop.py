@@ -124,21 +124,37 @@ def make_ema(model: nn.Module, decay: float, warmup: bool) -> AveragedModel:
     return AveragedModel(model, multi_avg_fn=multi_avg_fn, use_buffers=True)
 
 
-def channels_last_for(cfg, device) -> bool:
-    value = cfg["channels_last"]
-    return device.type == "cuda" if value == "auto" else bool(value)
+def cpu_bf16_native() -> Optional[str]:
+    """The CPU's native bf16 matrix instructions (AMX, else AVX512-BF16) that oneDNN's bf16 convolutions use, or
+    None where bf16 would be emulated (slower than float32)."""
+    for name, probe in (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported")):
+        try:
+            if getattr(torch.cpu, probe)():
+                return name
+        except (AttributeError, RuntimeError):
+            pass
+    return None
 
 
 def amp_dtype_for(cfg, device) -> Optional[torch.dtype]:
     """--amp auto: bf16 autocast on GPUs that compute it natively (compute capability 8.0 and up), fp16 with a
-    GradScaler on older GPUs, float32 on CPU."""
+    GradScaler on older GPUs; on CPU bf16 where the CPU has bf16 matrix instructions, else float32."""
     amp = cfg["amp"]
     if amp == "auto":
-        if device.type != "cuda":
-            amp = "off"
-        else:
+        if device.type == "cuda":
             amp = "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
+        else:
+            amp = "bf16" if device.type == "cpu" and cpu_bf16_native() else "off"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def channels_last_for(cfg, device) -> bool:
+    """--channels-last auto: on GPUs, and on CPUs training in bf16 (oneDNN's channels-last bf16 convolutions are
+    the fast ones there; in float32 the NCHW network was faster: bench/RESULTS.md)."""
+    value = cfg["channels_last"]
+    if value != "auto":
+        return bool(value)
+    return device.type == "cuda" or (device.type == "cpu" and amp_dtype_for(cfg, device) == torch.bfloat16)
 
 
 def precision_note(cfg, device) -> str:
@@ -147,9 +163,12 @@ def precision_note(cfg, device) -> str:
         return "float32"
     what = "bf16 autocast" if amp == torch.bfloat16 else "fp16 autocast + GradScaler"
     if cfg["amp"] == "auto":
-        major, minor = torch.cuda.get_device_capability(device)
-        why = "native bf16" if amp == torch.bfloat16 else "no native bf16"
-        what += f" (compute capability {major}.{minor}: {why})"
+        if device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(device)
+            why = "native bf16" if amp == torch.bfloat16 else "no native bf16"
+            what += f" (compute capability {major}.{minor}: {why})"
+        else:
+            what += f" (CPU with {cpu_bf16_native()}: native bf16)"
     return what
 
 
