@@ -218,11 +218,12 @@ def _air(widths, num_convs, downsample="pool"):
 
 
 MODELS = {
-    "air-cpu": ModelRecipe("patch whitening + 3 stages of (K=2 Block, max-pool, K=2 Block), 32-128-128, global "
-                           "max-pool, linear head: a speed-run layout of gated Blocks", _air((32, 128, 128), 2)),
-    "air-cpu-k1": ModelRecipe("air-cpu with K=1 Blocks (plain conv + BN + ReLU): the ablation baseline",
-                              _air((32, 128, 128), 1)),
-    "air-cpu-k4": ModelRecipe("air-cpu with K=4 Blocks", _air((32, 128, 128), 4)),
+    "air-cpu": ModelRecipe("patch whitening + 3 stages of (K=2 Block, max-pool, K=2 Block), 48-192-192, global "
+                           "max-pool, linear head: a speed-run layout of gated Blocks", _air((48, 192, 192), 2)),
+    "air-cpu-small": ModelRecipe("air-cpu narrowed to 32-128-128 (K=2)", _air((32, 128, 128), 2)),
+    "air-cpu-small-k1": ModelRecipe("air-cpu-small with K=1 Blocks (plain conv + BN + ReLU): the ablation baseline",
+                                    _air((32, 128, 128), 1)),
+    "air-cpu-small-k4": ModelRecipe("air-cpu-small with K=4 Blocks", _air((32, 128, 128), 4)),
     "air-gpu": ModelRecipe("the air-cpu layout widened for GPUs: 64-256-256, K=4", _air((64, 256, 256), 4)),
     "tiny": ModelRecipe("2 small K=2 Blocks (16, 32 channels): smoke tests and CPU demos", _tiny),
     "resnet9-gated": ModelRecipe("compact gated-Block ResNet-9-like net (64-128-256-512, K=4, max-pools, "

@@ -6,6 +6,7 @@ trains a network. An explicitly requested backend is never replaced. ``FASTBLOCK
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from typing import Optional
@@ -55,14 +56,24 @@ def passes(name: str, module, device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _run(module, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    # The first call may come from anywhere (under no_grad, inference_mode or autocast): the check runs outside
+    # all three, as its reference needs autograd and exact float64.
     try:
-        for training in (True, False):
-            why = _compare(module, device, dtype, training)
-            if why:
-                return why
+        with torch.inference_mode(False), torch.enable_grad(), _no_autocast(device):
+            for training in (True, False):
+                why = _compare(module, device, dtype, training)
+                if why:
+                    return why
     except Exception as exc:  # a backend that raises fails the check; the reason is the message
         return f"raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
     return None
+
+
+def _no_autocast(device: torch.device) -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    for device_type in {"cpu", device.type}:
+        stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
 
 
 def _compare(module, device, dtype, training: bool) -> Optional[str]:

@@ -1,4 +1,6 @@
 """Backend reporting and selection."""
+import warnings
+
 import pytest
 import torch
 
@@ -162,6 +164,27 @@ def test_self_check_passes_for_the_real_backends():
             dtypes = (torch.float32, torch.float64) + ((torch.bfloat16,) if name != "triton" else ())
             for dtype in dtypes:
                 assert self_check._run(backend.module(), torch.device("cpu"), dtype) is None, (name, dtype)
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "autocast"])
+def test_self_check_runs_from_any_context(context, monkeypatch):
+    """The first use of a backend may come under no_grad (a FLOP count, an evaluation), inference_mode or
+    autocast: the check still runs its autograd reference and passes (it once failed there and sent a whole
+    training run to the reference backend)."""
+    from fastblock import self_check
+
+    if not fastblock.available_backends("cpu")["extension"].available:
+        pytest.skip("needs the extension")
+    monkeypatch.setattr(self_check, "_results", {})
+    ctx = {"no_grad": torch.no_grad(), "inference_mode": torch.inference_mode(),
+           "autocast": torch.autocast("cpu", dtype=torch.bfloat16)}[context]
+    args, kwargs = make_inputs(Case(2, 3, 4, 5, 5, k=2), requires_grad=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with ctx:
+            assert resolve_backend("auto", "cpu", dtype=torch.float32) == "extension"
+            fastblock.mixed_conv_bn_relu(*args, backend="auto", **kwargs)
+    assert self_check.failure("extension", torch.device("cpu"), torch.float32) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
