@@ -1,4 +1,5 @@
-// An opt-in caching CPU allocator that serves fastblock's CPU op calls (PoolScope in fastblock.h) and nothing else.
+// An opt-in caching CPU allocator that serves fastblock's CPU op calls (PoolScope in fastblock.h), and whatever a
+// caller wraps in a scope of its own (cpu_pool_enter/exit: the trainer's steps), and nothing else.
 //
 // Off by default: switching it on (fastblock.extension.set_cpu_pool_limit(bytes > 0), or FASTBLOCK_EXT_POOL_BYTES
 // > 0 at the first op call) installs it as c10's CPU allocator for the rest of the process, a process-wide change
@@ -192,6 +193,14 @@ PoolScope::PoolScope() : active_(pool() != nullptr) {
 }
 PoolScope::~PoolScope() {
   if (active_) --scope_depth;
+}
+
+void cpu_pool_enter() {
+  if (pool() != nullptr) ++scope_depth;
+}
+
+void cpu_pool_exit() {
+  if (scope_depth > 0) --scope_depth;
 }
 
 std::vector<int64_t> cpu_pool_stats() {

@@ -67,6 +67,9 @@ class PoolScope {
 // The pool's state: {cached bytes, pooled blocks in use, hits, misses, limit in bytes}; its cached blocks
 // returned to the system; its limit (> 0 installs it on first use, 0 turns it off).
 std::vector<int64_t> cpu_pool_stats();
+// A scope opened from Python on the calling thread (no-op while the pool is off); exit closes the innermost one.
+void cpu_pool_enter();
+void cpu_pool_exit();
 void cpu_pool_empty_cache();
 void cpu_pool_set_limit(int64_t bytes);
 #ifdef FASTBLOCK_WITH_CUDA

@@ -353,6 +353,8 @@ TORCH_LIBRARY(fastblock_ext, m) {
   m.def("cpu_pool_stats() -> int[]", &fastblock::cpu_pool_stats);
   m.def("cpu_pool_empty_cache() -> ()", &fastblock::cpu_pool_empty_cache);
   m.def("cpu_pool_set_limit(int bytes) -> ()", &fastblock::cpu_pool_set_limit);
+  m.def("cpu_pool_enter() -> ()", &fastblock::cpu_pool_enter);
+  m.def("cpu_pool_exit() -> ()", &fastblock::cpu_pool_exit);
 }
 
 TORCH_LIBRARY_IMPL(fastblock_ext, CPU, m) {

@@ -14,6 +14,7 @@ first lines of the compiler error, and ``auto`` falls back.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import shutil
@@ -215,6 +216,19 @@ def set_cpu_pool_limit(nbytes: int) -> None:
     it as the process's CPU allocator (it then serves only the op's calls and forwards everything else); 0 makes
     it pool nothing. ``FASTBLOCK_EXT_POOL_BYTES=<bytes>`` does the same at the first op call."""
     _loaded_ops().cpu_pool_set_limit(int(nbytes))
+
+
+@contextlib.contextmanager
+def cpu_pool_scope():
+    """While switched on (``set_cpu_pool_limit``), the pool also serves every CPU allocation of 64 KiB and more
+    that this thread makes inside the ``with`` block, not only the op's own: a CPU training step's autograd and
+    pooling buffers then stop page-faulting in afresh each step. A no-op while the pool is off."""
+    ops = _loaded_ops()
+    ops.cpu_pool_enter()
+    try:
+        yield
+    finally:
+        ops.cpu_pool_exit()
 
 
 def check_cuda_compile(archs=CHECKED_CUDA_ARCHS) -> int:

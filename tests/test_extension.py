@@ -300,6 +300,26 @@ def test_cpu_pool_serves_only_the_op(pool):
     assert pool.cpu_pool_stats() == after
 
 
+def test_cpu_pool_scope_serves_what_it_wraps(pool):
+    """cpu_pool_scope() extends the pool to every large allocation of this thread inside it (the trainer wraps
+    its steps): the second identical block is a cache hit; outside the scope, and with the pool off, nothing is
+    pooled; scopes nest."""
+    before = pool.cpu_pool_stats()
+    with pool.cpu_pool_scope():
+        a = torch.empty(1 << 20)
+        del a
+        with pool.cpu_pool_scope():
+            b = torch.empty(1 << 20)
+        assert _pool_delta(before, pool.cpu_pool_stats()) == {"hits": 1, "misses": 1, "live_blocks": 1}
+        del b
+        small = torch.empty(16)  # below the pooled size: malloc's own business
+    after_scope = pool.cpu_pool_stats()
+    assert _pool_delta(before, after_scope) == {"hits": 1, "misses": 1, "live_blocks": 0}
+    outside = torch.empty(1 << 20)
+    assert pool.cpu_pool_stats() == after_scope
+    del outside, small
+
+
 def test_cpu_pool_limit_and_empty_cache(pool):
     args, kwargs = make_inputs(POOLED_CASE, torch.float32)
     run_op("extension", args, kwargs, training=True)

@@ -83,10 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     hp.add_argument("--ema-every", type=int, help="update the EMA every this many steps")
     hp.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction,
                     help="ramp the EMA decay up over the first updates (default: on)")
-    hp.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], help="autocast (auto: bf16 on GPUs, off on CPU)")
+    hp.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"],
+                    help="autocast (auto: bf16 on GPUs of compute capability 8.0+ and on CPUs with AMX/AVX512-BF16, "
+                         "fp16 + GradScaler on older GPUs, else off)")
     hp.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
-                    help="channels-last activations and weights (default: on GPUs only; on CPU the extension "
-                         "computes in NCHW and would pay a layout copy per Block)")
+                    help="channels-last activations and weights (default: on GPUs, and on CPUs training in bf16)")
+    hp.add_argument("--cpu-pool-gib", type=float,
+                    help="on CPU with the extension: GiB of freed buffers the extension's allocation pool may keep "
+                         "for the next training step (0: off)")
     hp.add_argument("--tta", type=_tta, nargs="?", const=True, metavar="{on,off,flip-translate}",
                     help="test-time augmentation: flips (a bare --tta), none, or flips and 1-pixel translations")
     hp.add_argument("--no-tta", dest="tta", action="store_const", const=False, help="same as --tta off")

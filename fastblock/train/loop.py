@@ -6,6 +6,7 @@ generator's state is saved -- draws exactly what the uninterrupted run would hav
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -431,7 +432,9 @@ def run(args, say) -> int:
             (run_dir / "config.json").write_text(json.dumps(meta, indent=2))
         say(f"run directory: {run_dir}")
 
+    pool_scope = cpu_pool_for(cfg, device, backend_name, say)
     ctx = dict(cfg=cfg, args=args, dist=dist, device=device, say=say, model=model, train_model=train_model,
+               pool_scope=pool_scope,
                ema=ema, opt=opt, scheduler=scheduler, plateau=plateau, scaler=scaler, amp_dtype=amp_dtype,
                channels_last=channels_last, plan=plan, progress=progress, run_dir=run_dir, mean=mean, std=std,
                train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, local_batch=local_batch,
@@ -462,6 +465,20 @@ def pick_backend(requested: str, device, dtype, say) -> str:
         if name != backend_name:
             say(f"  {name}: {st}")
     return backend_name
+
+
+def cpu_pool_for(cfg, device, backend_name: str, say):
+    """On CPU with the extension: its allocation pool switched on, and the scope the training steps and evaluations
+    run in (glibc maps multi-MB buffers afresh on every allocation, so each step page-faults its whole working set
+    in again: bench/RESULTS.md). Elsewhere a no-op scope."""
+    if device.type != "cpu" or backend_name != "extension" or not cfg["cpu_pool_gib"]:
+        return contextlib.nullcontext
+    from .. import extension
+
+    extension.set_cpu_pool_limit(int(cfg["cpu_pool_gib"] * 2**30))
+    say(f"memory: the extension's CPU allocation pool keeps up to {cfg['cpu_pool_gib']:g} GiB of freed buffers "
+        "for the next step (--cpu-pool-gib 0: off)")
+    return extension.cpu_pool_scope
 
 
 def _train(ctx) -> bool:
@@ -560,18 +577,19 @@ def _train_step(ctx, batch, flips, gen, micro) -> tuple[float, float]:
     y_all = ctx["train_y"][batch]
     opt.zero_grad(set_to_none=True)
     loss_sum = correct = 0.0
-    for m0 in range(0, len(batch), micro):
-        x, y = x_all[m0:m0 + micro], y_all[m0:m0 + micro]
-        if ctx["channels_last"]:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg["label_smoothing"])
-        scaler.scale(loss * len(x) / len(batch)).backward()
-        loss_sum += loss.item() * len(x)
-        correct += (logits.argmax(1) == y).sum().item()
-    scaler.step(opt)
-    scaler.update()
+    with ctx["pool_scope"]():
+        for m0 in range(0, len(batch), micro):
+            x, y = x_all[m0:m0 + micro], y_all[m0:m0 + micro]
+            if ctx["channels_last"]:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg["label_smoothing"])
+            scaler.scale(loss * len(x) / len(batch)).backward()
+            loss_sum += loss.item() * len(x)
+            correct += (logits.argmax(1) == y).sum().item()
+        scaler.step(opt)
+        scaler.update()
     return loss_sum / len(batch), correct
 
 
@@ -609,11 +627,12 @@ def _end_epoch(ctx, last_step: int) -> None:
     if ema is not None:
         ema.update_parameters(ctx["model"])
     common = (ctx["test_x"], ctx["test_y"], ctx["mean"], ctx["std"], 1024, ctx["amp_dtype"], ctx["channels_last"])
-    test_loss, test_acc, _ = evaluate(ema.module if ema is not None else ctx["model"], *common, cfg["tta"], dist,
-                                      device)
-    raw_acc = test_acc if not cfg["tta"] else None
-    if ema is not None or raw_acc is None:  # the raw weights, one view (a quarter of a 4-view TTA's time)
-        _, raw_acc, _ = evaluate(ctx["model"], *common, False, dist, device)
+    with ctx["pool_scope"]():
+        test_loss, test_acc, _ = evaluate(ema.module if ema is not None else ctx["model"], *common, cfg["tta"],
+                                          dist, device)
+        raw_acc = test_acc if not cfg["tta"] else None
+        if ema is not None or raw_acc is None:  # the raw weights, one view (a quarter of a 4-view TTA's time)
+            _, raw_acc, _ = evaluate(ctx["model"], *common, False, dist, device)
     if ctx["plateau"] is not None:
         ctx["plateau"].step(test_loss)
     epoch_value = progress.epoch + last_step / plan.steps_per_epoch

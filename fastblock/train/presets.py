@@ -41,6 +41,7 @@ class Recipe:
     channels_last: Union[bool, str] = "auto"
     tta: Union[bool, str] = True   # True: flip views; "flip-translate": flips and 1-pixel translations
     compile: bool = False
+    cpu_pool_gib: float = 4.0      # CPU + extension: the allocation pool's cache for training steps (0: off)
 
 
 def _recipe(description: str, **settings) -> Recipe:
