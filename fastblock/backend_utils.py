@@ -49,15 +49,16 @@ def empty_buffer(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def fake_forward_outputs(x, weight, stride, pad_h, pad_w, save_for_backward, z_nchw=False):
+def fake_forward_outputs(x, weight, stride, pad_h, pad_w, save_for_backward, saved_z=None):
     """(y, z, mean, invstd) with the shapes, dtypes and layouts the backends' forwards return: y laid out like x;
-    z (saved for backward only) like x too, unless the backend keeps it NCHW (``z_nchw``)."""
+    z (what the forward saves for its backward) like x too, unless the backend says otherwise
+    (``saved_z(x, weight, shape)`` returns its fake)."""
     shape = output_shape(x, weight, stride, pad_h, pad_w)
     y = empty_like_layout(x, shape)
     if not save_for_backward:
         z = x.new_empty((0,))
     else:
-        z = x.new_empty(shape) if z_nchw else empty_like_layout(x, shape)
+        z = saved_z(x, weight, shape) if saved_z is not None else empty_like_layout(x, shape)
     sdt = stats_dtype(x.dtype)
     return y, z, x.new_empty((shape[1],), dtype=sdt), x.new_empty((shape[1],), dtype=sdt)
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from types import ModuleType
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -58,8 +58,8 @@ class Backend:
         tests, as Triton's CPU interpreter).
     auto_rank: its place in the ``auto`` order (lower first).
     load: returns the module implementing ``status``/``forward``/``backward`` (None: the reference).
-    z_nchw_devices: device types on which its forward keeps the saved z NCHW even for channels-last x (the fake
-        kernel must say the same).
+    fake_saved_z: ``(x, weight, shape) -> tensor``: what its forward saves for backward, as the fake kernel must
+        describe it (None: z, laid out like x).
     max_convs: the largest K it supports (None: any); ``auto`` passes over it for larger K.
     fix_hint: what to do when it is requested and cannot run.
     """
@@ -70,7 +70,7 @@ class Backend:
     auto_rank: int
     load: Optional[Callable[[], ModuleType]]
     aliases: tuple[str, ...] = ()
-    z_nchw_devices: tuple[str, ...] = ()
+    fake_saved_z: Optional[Callable[..., Any]] = None
     max_convs: Optional[int] = None
     fix_hint: str = ""
 
@@ -129,7 +129,8 @@ register_backend(Backend(
              "use the slow CPU interpreter), or pass backend='reference'"))
 register_backend(Backend(
     name="extension", aliases=("cuda",), devices=("cpu", "cuda"), auto_devices=("cpu", "cuda"), auto_rank=1,
-    load=_load_extension, z_nchw_devices=("cuda",), max_convs=16,
+    load=_load_extension, fake_saved_z=lambda x, weight, shape: _load_extension().fake_saved_z(x, weight, shape),
+    max_convs=16,
     fix_hint="install a C++ compiler and ninja (and nvcc for CUDA tensors), see `fastblock.available_backends()`; "
              "or pass backend='reference'"))
 register_backend(Backend(

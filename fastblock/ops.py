@@ -59,7 +59,7 @@ def _fused_forward(
 def _fused_forward_fake(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                         use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward, backend):
     return fake_forward_outputs(x, weight, stride, pad_h, pad_w, save_for_backward,
-                                z_nchw=x.device.type in get_backend(backend).z_nchw_devices)
+                                saved_z=get_backend(backend).fake_saved_z)
 
 
 @torch.library.custom_op("fastblock::mixed_conv_bn_relu_bwd", mutates_args=())

@@ -137,6 +137,41 @@ def compare_with_reference(backend: str, case: Case, dtype=torch.float32, device
     assert_close("running_var", rv, rv_ref.to(rv.dtype), stat_dtype if not low else dtype)
 
 
+def compare_low_precision(backend: str, case: Case, dtype=torch.bfloat16, training=True, seeds=range(8),
+                          factor=2.0, baseline="reference", baseline_case: Optional[Case] = None):
+    """A 16-bit backend is held to what 16-bit data allows: over several random problems (``seeds``), the median
+    of the ratio of its mean absolute error to a baseline's, both against the float64 answer, is at most
+    ``factor`` for y, each gradient and the running statistics. The baseline computes in the same dtype: the
+    reference, or an established backend on the same values (``baseline_case``: e.g. the same case in NCHW).
+
+    Elementwise tolerances cannot judge 16-bit results on small problems: a z within rounding of the ReLU
+    threshold lands on either side of it depending on the summation order, moving a few gradient elements by a
+    whole term each, and dot products with heavy cancellation (the gate gradients over a few samples) lose
+    most of their digits -- the reference itself fails such tolerances. One problem's error ratio is noisy
+    (0.3x to 7x between seeds at these sizes); the median over problems is not, and a wrong kernel moves it."""
+    ratios: dict[str, list[float]] = {}
+    for seed in seeds:
+        args, kwargs = make_inputs(case, dtype, "cpu", seed)
+        exact = [None if a is None else a.detach().double().requires_grad_(a.requires_grad) for a in args]
+        base_args, base_kwargs = make_inputs(baseline_case or case, dtype, "cpu", seed)
+        runs = [run_op(backend, args, kwargs, training), run_op(baseline, base_args, base_kwargs, training),
+                run_op(None, exact, kwargs, training)]
+        mine, theirs, answer = ({"y": y, **{f"d{k}": v for k, v in grads.items() if v is not None},
+                                 "running_mean": rm, "running_var": rv} for y, grads, rm, rv in runs)
+        assert mine.keys() == answer.keys(), (sorted(mine), sorted(answer))
+        for name, expected in answer.items():
+            expected = expected.double()
+            assert torch.isfinite(mine[name]).all(), f"{name}: non-finite values (seed {seed})"
+            floor = torch.finfo(dtype).eps * expected.abs().mean().item() + 1e-30
+            err = (mine[name].double() - expected).abs().mean().item()
+            base = (theirs[name].double() - expected).abs().mean().item()
+            ratios.setdefault(name, []).append((err + floor) / (base + floor))
+    for name, values in ratios.items():
+        median = sorted(values)[len(values) // 2]
+        assert median <= factor, f"{name}: mean error {median:.2f}x the {dtype} {baseline}'s (median over " \
+                                 f"{len(values)} problems; each: {[round(v, 2) for v in values]})"
+
+
 def gradcheck_backend(backend: str, case: Case, training=True, device="cpu", seed=0, fast_mode=False):
     """float64 gradcheck of every differentiable input through ``backend``.
 

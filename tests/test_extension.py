@@ -1,4 +1,5 @@
 """The C++/CUDA extension backend ("extension") vs the reference: C++ kernels on CPU tensors."""
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -8,8 +9,8 @@ import torch
 
 import fastblock
 from fastblock import extension
-from helpers import (SHAPES, Case, assert_close, check_fake_tensor_mode, compare_with_reference, gradcheck_backend,
-                     make_inputs, run_op)
+from helpers import (SHAPES, Case, check_fake_tensor_mode, compare_low_precision, compare_with_reference,
+                     gradcheck_backend, make_inputs, run_op)
 
 _STATUS = fastblock.available_backends("cpu")["extension"]
 pytestmark = pytest.mark.skipif(not _STATUS.available, reason=f"extension unavailable: {_STATUS.reason}")
@@ -82,21 +83,24 @@ def test_extension_rejects_bad_input_in_cpp():
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
-def test_extension_ops_pass_opcheck(layout):
-    """torch.library.opcheck: schema, fake kernel (shapes, dtypes, strides), and mutation declarations agree with
-    the real kernel, for NCHW and channels-last inputs."""
+@pytest.mark.parametrize("forced", [None, "mix", "concat"], ids=["auto", "mix", "concat"])
+def test_extension_ops_pass_opcheck(layout, forced):
+    """torch.library.opcheck: schema, fake kernel (shapes, dtypes, strides -- the saved tensor's too, which
+    depends on the layout and the schedule), and mutation declarations agree with the real kernel."""
     args, kwargs = make_inputs(Case(2, 3, 4, 5, 5, k=2), requires_grad=False)
     x, gates, weight, bias, gw, gb, rm, rv = args
     x = x.contiguous(memory_format=layout)
+    code = {None: -1, "mix": 0, "concat": 1}[forced]
     torch.library.opcheck(torch.ops.fastblock_ext.forward.default,
-                          (x, gates, weight, bias, gw, gb, rm, rv, True, 0.1, 1e-5, 1, 1, 1, True),
+                          (x, gates, weight, bias, gw, gb, rm, rv, True, 0.1, 1e-5, 1, 1, 1, True, code),
                           test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(torch.ops.fastblock.mixed_conv_bn_relu_fwd.default,
-                          (x, gates, weight, bias, gw, gb, rm, rv, True, 0.1, 1e-5, 1, 1, 1, True, "extension"),
-                          test_utils=("test_schema", "test_faketensor"))
+    with fastblock.force_schedule(forced):
+        torch.library.opcheck(torch.ops.fastblock.mixed_conv_bn_relu_fwd.default,
+                              (x, gates, weight, bias, gw, gb, rm, rv, True, 0.1, 1e-5, 1, 1, 1, True, "extension"),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
-# The CPU op runs channels-last inputs channels-last end to end (row kernels, concatenation schedule). Shapes
+# The CPU op runs channels-last inputs channels-last end to end (row kernels, stacked schedule). Shapes
 # that exercise the row kernels' vector body and tail (C = 5, 19, 40 against 8/16-lane vectors), K=1, stride 2,
 # Cin != Cout, 1x1 and 5x5 kernels, one sample, one output pixel per sample.
 CHANNELS_LAST_SHAPES = [
@@ -108,16 +112,23 @@ CHANNELS_LAST_SHAPES = [
 ]
 
 
+@pytest.fixture(params=[None, "concat"], ids=["stacked", "concat"])
+def rows_schedule(request):
+    """The channels-last path's own (stacked) schedule, and the concatenation forced onto the row kernels."""
+    with fastblock.force_schedule(request.param):
+        yield request.param
+
+
 @pytest.mark.parametrize("case", CHANNELS_LAST_SHAPES, ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_extension_channels_last_matches_reference(case, training, dtype):
+def test_extension_channels_last_matches_reference(case, training, dtype, rows_schedule):
     compare_with_reference("extension", case, dtype, training=training, seed=hash((str(case), training)) % 997)
 
 
 @pytest.mark.parametrize("case", CHANNELS_LAST_SHAPES[:3], ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_extension_channels_last_gradcheck_fp64(case, training):
+def test_extension_channels_last_gradcheck_fp64(case, training, rows_schedule):
     gradcheck_backend("extension", case, training=training)
 
 
@@ -125,24 +136,14 @@ def test_extension_channels_last_bf16():
     compare_with_reference("extension", Case(4, 8, 8, 6, 6, k=3, channels_last=True), torch.bfloat16, training=True)
 
 
-@pytest.mark.parametrize("case", CHANNELS_LAST_SHAPES[:3], ids=str)
-@pytest.mark.parametrize("seed", [0, 2])
-def test_extension_channels_last_bf16_matches_nchw(case, seed):
-    """bf16 against the float64 reference flips a ReLU mask wherever a z near 0 rounds across it (a whole gradient
-    term in dx: as often in the NCHW path as in the channels-last one, so such shapes fail either way); the
-    channels-last row kernels are held to the NCHW bf16 kernels at bf16 tolerance instead."""
-    args, kwargs = make_inputs(case, torch.bfloat16, seed=seed)
-    nchw = [None if a is None else a.detach().contiguous().requires_grad_(a.requires_grad) for a in args]
-    for training in (True, False):
-        y, grads, rm, rv = run_op("extension", args, kwargs, training=training)
-        y0, grads0, rm0, rv0 = run_op("extension", nchw, kwargs, training=training)
-        assert y.is_contiguous(memory_format=torch.channels_last)
-        assert_close("y", y, y0, torch.bfloat16)
-        for name in grads:
-            if grads[name] is not None:
-                assert_close(name, grads[name], grads0[name], torch.bfloat16, scale_by_max=True)
-        assert_close("running_mean", rm, rm0, torch.float32)
-        assert_close("running_var", rv, rv0, torch.float32)
+@pytest.mark.parametrize("case", CHANNELS_LAST_SHAPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_extension_channels_last_bf16(case, training, rows_schedule):
+    """bf16 (helpers.compare_low_precision): the row kernels as accurate as the NCHW path, and as the bf16
+    reference."""
+    compare_low_precision("extension", case, torch.bfloat16, training=training, baseline="extension",
+                          baseline_case=dataclasses.replace(case, channels_last=False))
+    compare_low_precision("extension", case, torch.bfloat16, training=training)
 
 
 def test_extension_channels_last_eval_inference_folds_batchnorm():
@@ -154,10 +155,11 @@ def test_extension_channels_last_eval_inference_folds_batchnorm():
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("schedule", [-1, 0, 1], ids=["auto", "mix", "concat"])
+@pytest.mark.parametrize("schedule", [-1, 0, 1], ids=["stacked", "mix", "concat"])
 def test_extension_channels_last_layouts(schedule):
-    """Channels-last in, channels-last y, saved z and dx out on CPU, whichever schedule (a forced mixing schedule
-    computes in NCHW and converts); the row kernels agree with the NCHW ones."""
+    """Channels-last in, channels-last y, saved tensor and dx out on CPU, whichever schedule (a forced mixing
+    schedule computes in NCHW and converts); the row kernels agree with the NCHW ones. The stacked schedule saves
+    its K branch outputs [N, K*Cout, Ho, Wo] (z recomputed from them), the others z."""
     args, kwargs = make_inputs(Case(2, 3, 20, 5, 5, k=2), requires_grad=False)
     x, gates, weight, bias, gw, gb, rm, rv = args
     xl = x.contiguous(memory_format=torch.channels_last)
@@ -168,7 +170,12 @@ def test_extension_channels_last_layouts(schedule):
     for t in (y, z):
         assert t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
     torch.testing.assert_close(y, y0, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(z, z0, atol=1e-5, rtol=1e-5)
+    if schedule == -1:
+        assert z.shape == (2, 2 * 20, 5, 5)
+        mixed = torch.einsum("nk,nkchw->nchw", gates, z.view(2, 2, 20, 5, 5)) + (gates @ bias)[:, :, None, None]
+        torch.testing.assert_close(mixed, z0, atol=1e-5, rtol=1e-5)
+    else:
+        torch.testing.assert_close(z, z0, atol=1e-5, rtol=1e-5)
     dy = torch.randn_like(y0)
     grads = torch.ops.fastblock_ext.backward(dy.contiguous(memory_format=torch.channels_last), xl, gates, weight,
                                              bias, gw, gb, z, *torch.ops.fastblock_ext.forward(

@@ -4,11 +4,13 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+import fastblock
 from fastblock import data as fdata
 from fastblock import train
 from fastblock.models import MODELS, build_model
@@ -335,6 +337,51 @@ def test_time_budget_plans_the_steps(tmp_path, folder_data, capsys):
     assert "time budget" in capsys.readouterr().out
     config = torch.load(out / "last.pt", weights_only=True)
     assert 6 <= config["plan"]["total_steps"] < 20  # the probe's steps, and not the preset's 3 epochs
+
+
+def test_time_budget_holds_when_the_machine_slows_down(tmp_path, folder_data, monkeypatch, capsys):
+    """Steps that get 3x slower after the first epoch (a VM whose speed drifts): the steps left are re-fitted at
+    each epoch end, and training ends within the budget instead of 3x past it."""
+    from fastblock.train import loop
+
+    real_step, calls = loop._train_step, {"n": 0}
+
+    def drifting_step(*args, **kwargs):
+        calls["n"] += 1
+        time.sleep(0.02 if calls["n"] <= 10 else 0.06)  # 10 steps = the first epoch (200 images, batch 20)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_train_step", drifting_step)
+    budget_s = 2.4
+    out = _train(tmp_path, folder_data, "--time-budget", str(budget_s / 60), "--batch-size", "20")
+    assert "more steps (planned:" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    per_slow_step = summary["train_seconds"] / calls["n"]  # includes the model's own time
+    assert summary["train_seconds"] <= budget_s + 10 * per_slow_step, (summary, calls)  # at most ~an epoch over
+
+
+def test_cpu_training_steps_run_in_the_extension_pool(tmp_path, folder_data, capsys):
+    """On CPU with the extension the trainer switches its allocation pool on and runs steps and evaluations inside
+    a pool scope (blocks are reused from step to step: hits); --cpu-pool-gib 0 leaves it alone."""
+    from fastblock import extension
+
+    if not fastblock.available_backends("cpu")["extension"].available:
+        pytest.skip("needs the extension")
+    limit = extension.cpu_pool_stats()["limit_bytes"]
+    try:
+        extension.set_cpu_pool_limit(0)
+        _train(tmp_path, folder_data, "--epochs", "1", "--batch-size", "50", "--backend", "extension",
+               "--cpu-pool-gib", "0", name="off")
+        assert "allocation pool" not in capsys.readouterr().out
+        assert extension.cpu_pool_stats()["limit_bytes"] == 0
+        before = extension.cpu_pool_stats()["hits"]
+        _train(tmp_path, folder_data, "--epochs", "1", "--batch-size", "50", "--backend", "extension",
+               "--cpu-pool-gib", "0.5", name="on")
+        assert "allocation pool keeps up to 0.5 GiB" in capsys.readouterr().out
+        stats = extension.cpu_pool_stats()
+        assert stats["limit_bytes"] == 2**29 and stats["hits"] > before
+    finally:
+        extension.set_cpu_pool_limit(limit)
 
 
 def test_interrupt_saves_a_resumable_checkpoint(tmp_path, folder_data, monkeypatch, capsys):

@@ -542,7 +542,10 @@ def _train(ctx) -> bool:
                 if time.perf_counter() - last_save > checkpoint_every and step + 1 < last_step:
                     _save(ctx, best=False)
                     last_save = time.perf_counter()
-            stop_epoch = min(stop_epoch, math.ceil(plan.total_steps / plan.steps_per_epoch))
+            _replan_to_budget(ctx, epoch, last_step, epoch_time)
+            stop_epoch = math.ceil(plan.total_steps / plan.steps_per_epoch)
+            if args.stop_after:
+                stop_epoch = min(stop_epoch, args.stop_after)
             _end_epoch(ctx, last_step)
             last_save = time.perf_counter()
     except KeyboardInterrupt:
@@ -557,6 +560,24 @@ def _train(ctx) -> bool:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
     return False
+
+
+def _replan_to_budget(ctx, epoch: int, steps_in_epoch: int, epoch_seconds: float) -> None:
+    """--time-budget: after each epoch the steps still to run are fitted again to the time left, at the pace of the
+    epoch just trained, so a run on a machine whose speed drifts still ends within its budget (the learning-rate
+    schedule follows the new length)."""
+    args, plan, progress, cfg = ctx["args"], ctx["plan"], ctx["progress"], ctx["cfg"]
+    done = epoch * plan.steps_per_epoch + steps_in_epoch
+    if not args.time_budget or args.resume or steps_in_epoch == 0 or done >= plan.total_steps:
+        return
+    pace = epoch_seconds / steps_in_epoch
+    left = max(0.0, args.time_budget * 60 - progress.train_seconds)
+    total = done + int(left / pace)
+    if abs(total - plan.total_steps) > 0.01 * plan.total_steps:
+        ctx["say"](f"time budget: {left / 60:.1f} min left at {pace:.2f} s/step: {total - done} more steps "
+                   f"(planned: {plan.total_steps - done})")
+        plan.total_steps = total
+        cfg["epochs"] = round(total / plan.steps_per_epoch, 3)
 
 
 def _on_main_thread() -> bool:
