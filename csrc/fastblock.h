@@ -48,13 +48,6 @@ struct DeviceKernels {
   // The big-tensor kernels above also take channels-last tensors (then x, z, dy, dz, y, the concatenated input
   // and its gradient all are channels-last): the op keeps channels-last inputs channels-last end to end.
   bool channels_last;
-  // The stacked schedule's kernels (channels-last only; null where channels_last is false), zz [N, K*C, H, W]
-  // holding the K branch outputs side by side:
-  // z[n, c, :] = sum_k gates[n, k] * zz[n, k, c, :] + bias[n, c]       (bias [N, C] scalar)
-  void (*combine_gated)(const at::Tensor& zz, const at::Tensor& gates, const at::Tensor& bias, at::Tensor& z);
-  // dzz[n, k, c, :] = gates[n, k] * dz[n, c, :],  dgates[n, k] = <zz[n, k], dz[n]>
-  void (*spread_gated)(const at::Tensor& dz, const at::Tensor& zz, const at::Tensor& gates, at::Tensor& dzz,
-                       at::Tensor& dgates);
 };
 
 const DeviceKernels& cpu_kernels();

@@ -916,97 +916,6 @@ void reduce_gated_rows(const at::Tensor& x, const at::Tensor& g, const at::Tenso
   });
 }
 
-// The stacked schedule (zz: the K branch outputs side by side in the channels of each row).
-void combine_gated_rows(const at::Tensor& zz, const at::Tensor& gates, const at::Tensor& bias, at::Tensor& z) {
-  TORCH_INTERNAL_ASSERT(zz.is_contiguous(at::MemoryFormat::ChannelsLast) &&
-                        z.is_contiguous(at::MemoryFormat::ChannelsLast));
-  const int64_t c = z.size(1), hw = z.size(2) * z.size(3), rows = z.numel() / c, k = gates.size(1);
-  FASTBLOCK_DISPATCH(z.scalar_type(), "fastblock_combine_gated_rows", [&] {
-    using data_t = scalar_t;
-    using acc_t = at::opmath_type<data_t>;
-    using Vec = at::vec::Vectorized<acc_t>;
-    const data_t *zzp = zz.data_ptr<data_t>(), *bp = bias.data_ptr<data_t>();
-    data_t* zp = z.data_ptr<data_t>();
-    const acc_t* a = gates.data_ptr<acc_t>();
-    at::parallel_for(0, rows, kRowBlock, [&](int64_t r0, int64_t r1) {
-      std::vector<acc_t> bbuf(static_cast<size_t>(c)), ibuf(static_cast<size_t>(c)), obuf(static_cast<size_t>(c));
-      int64_t sample = -1;
-      const acc_t* b = nullptr;
-      for (int64_t r = r0; r < r1; ++r) {
-        if (r / hw != sample) {  // the sample's bias row, converted once per sample
-          sample = r / hw;
-          b = row_as_acc(bp + sample * c, c, bbuf);
-        }
-        acc_t* o = obuf.data();
-        std::copy(b, b + c, o);
-        for (int64_t kk = 0; kk < k; ++kk) {
-          const acc_t* in = row_as_acc(zzp + (r * k + kk) * c, c, ibuf);
-          const Vec ak(a[sample * k + kk]);
-          int64_t j = 0;
-          for (; j + Vec::size() <= c; j += Vec::size())
-            at::vec::fmadd(ak, Vec::loadu(in + j), Vec::loadu(o + j)).store(o + j);
-          for (; j < c; ++j) o[j] += a[sample * k + kk] * in[j];
-        }
-        if constexpr (std::is_same_v<data_t, acc_t>) {
-          std::copy(o, o + c, zp + r * c);
-        } else {
-          row_store(o, zp + r * c, c);
-        }
-      }
-    });
-  });
-}
-
-void spread_gated_rows(const at::Tensor& dz, const at::Tensor& zz, const at::Tensor& gates, at::Tensor& dzz,
-                       at::Tensor& dgates) {
-  TORCH_INTERNAL_ASSERT(zz.is_contiguous(at::MemoryFormat::ChannelsLast) &&
-                        dz.is_contiguous(at::MemoryFormat::ChannelsLast) &&
-                        dzz.is_contiguous(at::MemoryFormat::ChannelsLast));
-  const int64_t n = dz.size(0), c = dz.size(1), hw = dz.size(2) * dz.size(3), k = gates.size(1);
-  FASTBLOCK_DISPATCH(dz.scalar_type(), "fastblock_spread_gated_rows", [&] {
-    using data_t = scalar_t;
-    using acc_t = at::opmath_type<data_t>;
-    using Vec = at::vec::Vectorized<acc_t>;
-    const data_t *dzp = dz.data_ptr<data_t>(), *zzp = zz.data_ptr<data_t>();
-    data_t* op = dzz.data_ptr<data_t>();
-    const acc_t* a = gates.data_ptr<acc_t>();
-    acc_t* da = dgates.data_ptr<acc_t>();
-    at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<acc_t> gbuf(static_cast<size_t>(c)), zbuf(static_cast<size_t>(c)), obuf(static_cast<size_t>(c));
-      std::vector<acc_t> dots(static_cast<size_t>(k * c));  // per (k, channel) partial <zz_k, dz> of this sample
-      for (int64_t i = i0; i < i1; ++i) {
-        std::fill(dots.begin(), dots.end(), acc_t(0));
-        for (int64_t r = i * hw; r < (i + 1) * hw; ++r) {
-          const acc_t* g = row_as_acc(dzp + r * c, c, gbuf);
-          for (int64_t kk = 0; kk < k; ++kk) {
-            const acc_t* zr = row_as_acc(zzp + (r * k + kk) * c, c, zbuf);
-            data_t* dst = op + (r * k + kk) * c;
-            acc_t* o = row_out(dst, obuf);
-            acc_t* dot = dots.data() + kk * c;
-            const Vec ak(a[i * k + kk]);
-            int64_t j = 0;
-            for (; j + Vec::size() <= c; j += Vec::size()) {
-              const Vec gv = Vec::loadu(g + j);
-              (ak * gv).store(o + j);
-              at::vec::fmadd(gv, Vec::loadu(zr + j), Vec::loadu(dot + j)).store(dot + j);
-            }
-            for (; j < c; ++j) {
-              o[j] = a[i * k + kk] * g[j];
-              dot[j] += g[j] * zr[j];
-            }
-            row_store(o, dst, c);
-          }
-        }
-        for (int64_t kk = 0; kk < k; ++kk) {
-          acc_t lanes[kLanes] = {};
-          for (int64_t j = 0; j < c; ++j) lanes[j % kLanes] += dots[kk * c + j];
-          da[i * k + kk] = combine_lanes(lanes);
-        }
-      }
-    });
-  });
-}
-
 // The DeviceKernels entries: channels-last tensors take the row kernels, NCHW ones the plane kernels.
 void bn_stats_any(const at::Tensor& z, at::Tensor& mean, at::Tensor& invstd, at::Tensor* running_mean,
                   at::Tensor* running_var, double momentum, double eps) {
@@ -1045,8 +954,7 @@ void reduce_gated_any(const at::Tensor& x, const at::Tensor& g, const at::Tensor
 const DeviceKernels& cpu_kernels() {
   static const DeviceKernels kernels{mix_cpu,          bn_stats_any,        bn_relu_apply_any,
                                      bn_relu_bwd_reduce_any, bn_relu_bwd_dz_any, fold_weight_grad_cpu,
-                                     expand_gated_any, reduce_gated_any,  /*channels_last=*/true,
-                                     combine_gated_rows, spread_gated_rows};
+                                     expand_gated_any, reduce_gated_any,  /*channels_last=*/true};
   return kernels;
 }
 

@@ -371,8 +371,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 const DeviceKernels& cuda_kernels() {
   static const DeviceKernels kernels{mix_cuda,          bn_stats_cuda,         bn_relu_apply_cuda,
                                      bn_relu_bwd_reduce_cuda, bn_relu_bwd_dz_cuda, fold_weight_grad_cuda,
-                                     expand_gated_cuda, reduce_gated_cuda,  /*channels_last=*/false,
-                                     /*combine_gated=*/nullptr, /*spread_gated=*/nullptr};
+                                     expand_gated_cuda, reduce_gated_cuda,  /*channels_last=*/false};
   return kernels;
 }
 

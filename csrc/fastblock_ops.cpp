@@ -7,11 +7,11 @@
 // gradient G_n of the same size, are only ever held for a chunk of S samples, with S chosen so that one such
 // buffer stays under chunk_bytes(); besides that, forward keeps z (saved for backward) and y, backward dz and dx.
 // Layout: where the device's kernels take channels-last tensors (CPU), a channels-last input runs channels-last end
-// to end with the stacked schedule below (oneDNN's channels-last convolutions, with AMX for bf16, are several
-// times faster than its NCHW or grouped ones: bench/RESULTS.md), and y and the saved tensor are channels-last.
-// Otherwise (CUDA, or the mixing schedule forced) it is computed in NCHW (the grouped reshape needs it), y and dx
-// returned channels-last and the saved z kept NCHW on CUDA. Running statistics may be any view: a non-contiguous
-// one is updated through a copy.
+// to end with the concatenation schedule (oneDNN's channels-last convolutions, with AMX for bf16, are several times
+// faster than its NCHW or grouped ones: bench/RESULTS.md), and y and the saved z are channels-last. Otherwise
+// (CUDA, or the mixing schedule forced) it is computed in NCHW (the grouped reshape needs it), y and dx returned
+// channels-last and the saved z kept NCHW on CUDA. Running statistics may be any view: a non-contiguous one is
+// updated through a copy.
 #include <torch/library.h>
 
 #include <ATen/ATen.h>
@@ -103,27 +103,13 @@ bool use_concat(int64_t schedule, int64_t k, int64_t ho, int64_t wo) {
   return (k - 1) * ho * wo < 144;
 }
 
-// The memory format the op computes in: channels-last where the kernels take it and the input is channels-last
-// (stored so: a strided view that merely resembles it is computed in NCHW), unless the mixing schedule is forced.
+// The memory format the op computes in: channels-last where the kernels take it and the input is stored
+// channels-last (a strided view that merely resembles it is computed in NCHW), always with the concatenation
+// schedule, unless the mixing schedule is forced; else NCHW.
 at::MemoryFormat compute_layout(const DeviceKernels& kern, const at::Tensor& x, int64_t schedule) {
   const bool rows = kern.channels_last && x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous() &&
                     schedule != kScheduleMix;
   return rows ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-}
-
-// The third schedule, for channels-last inputs on CPU unless another is forced:
-//   stacked -- zz = conv(x, [W_1; ..; W_K]) (the K kernels stacked along the OUTPUT channels: one ordinary
-//              convolution of x itself, K times the FLOPs), z = sum_k a_k zz_k + b in one pass. The op saves zz
-//              in place of z (the backward recomputes z from it), and its backward writes the gated gradient
-//              dzz_k = a_k dz, whose one convolution backward returns dx and dW directly. Unlike the
-//              concatenation it never expands x K-fold, nor reduces a K-fold input gradient.
-bool use_stacked(at::MemoryFormat layout, int64_t schedule) {
-  return layout == at::MemoryFormat::ChannelsLast && schedule == kScheduleAuto;
-}
-
-// [K, Cout, Cin, kh, kw] -> [K*Cout, Cin, kh, kw] (a view of the contiguous weight).
-at::Tensor stacked_kernels(const at::Tensor& weight) {
-  return weight.contiguous().view({weight.size(0) * weight.size(1), weight.size(2), weight.size(3), weight.size(4)});
 }
 
 // The concatenation schedule's kernels [Cout, K*Cin, kh, kw] (W_k side by side along the input channels), a
@@ -237,7 +223,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   const int64_t n = x.size(0), cin = x.size(1), h = x.size(2), w = x.size(3);
   const int64_t k = weight.size(0), cout = weight.size(1), kh = weight.size(3), kw = weight.size(4);
   const int64_t ho = (h + 2 * pad_h - kh) / stride + 1, wo = (w + 2 * pad_w - kw) / stride + 1;
-  const bool stacked = use_stacked(layout, schedule);
   const bool concat = layout == at::MemoryFormat::ChannelsLast || use_concat(schedule, k, ho, wo);
   const auto gates_acc = gates.to(sdt).contiguous();
   const auto gamma = bn_weight.to(sdt).contiguous(), beta = bn_bias.to(sdt).contiguous();
@@ -254,21 +239,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     shift = beta - mean * scale;
   }
 
-  at::Tensor z, zz;
-  if (stacked) {
-    auto w_stack = stacked_kernels(weight);
-    if (fold) w_stack = w_stack * scale.to(weight.scalar_type()).repeat({k}).view({k * cout, 1, 1, 1});
-    auto b_mix = at::empty({n, cout}, bias.options());
-    { FASTBLOCK_PROFILE("mix"); kern.mix(gates_acc, bias.contiguous(), fold ? &scale : nullptr,
-                                         fold ? &shift : nullptr, 1, b_mix); }
-    zz = at::convolution(xc, w_stack, c10::nullopt, {stride, stride}, {pad_h, pad_w}, {1, 1}, false, {0, 0}, 1)
-             .contiguous(layout);
-    z = at::empty({n, cout, ho, wo}, x.options().memory_format(layout));
-    { FASTBLOCK_PROFILE("combine_gated"); kern.combine_gated(zz, gates_acc, b_mix, z); }
-  } else {
-    z = gated_conv(kern, xc, gates_acc, weight, bias, fold ? &scale : nullptr, fold ? &shift : nullptr, stride,
-                   pad_h, pad_w, concat);
-  }
+  at::Tensor z = gated_conv(kern, xc, gates_acc, weight, bias, fold ? &scale : nullptr, fold ? &shift : nullptr,
+                            stride, pad_h, pad_w, concat);
 
   if (fold) {
     z.relu_();
@@ -291,10 +263,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   }
   auto y = at::empty_like(z);
   { FASTBLOCK_PROFILE("bn_relu_apply"); kern.bn_relu_apply(z, mean, invstd, gamma, beta, y); }
-  // The saved tensor: the stacked schedule's zz; else z, laid out like x where the kernels take channels-last (a
-  // copy only when the mixing schedule was forced on a channels-last input), else NCHW (only this op's backward
-  // reads it)
-  const auto z_saved = stacked ? zz : (kern.channels_last ? z.contiguous(fmt) : z);
+  // The saved z: laid out like x where the kernels take channels-last (a copy only when the mixing schedule was
+  // forced on a channels-last input), else NCHW (only this op's backward reads it)
+  const auto z_saved = kern.channels_last ? z.contiguous(fmt) : z;
   return {y.contiguous(fmt), save_for_backward ? z_saved : at::empty({0}, x.options()), mean, invstd};
 }
 
@@ -304,31 +275,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd, bool use_batch_stats, int64_t stride,
     int64_t pad_h, int64_t pad_w, int64_t schedule) {
   check_common(x, gates, weight, bias, bn_weight, bn_bias, stride, pad_h, pad_w);
+  TORCH_CHECK(z.dim() == 4 && dy.sizes() == z.sizes(), "fastblock: dy ", dy.sizes(), " must match z ", z.sizes());
   const auto sdt = stats_dtype(x);
   const auto fmt = x.suggest_memory_format();
   const auto layout = compute_layout(kern, x, schedule);
-  const bool stacked = use_stacked(layout, schedule);
+  const auto xc = x.contiguous(layout), zc = z.contiguous(layout);
+  const auto dyc = dy.contiguous(layout).to(z.scalar_type());
   const int64_t n = x.size(0), cin = x.size(1), h = x.size(2), w = x.size(3);
   const int64_t k = weight.size(0), cout = weight.size(1), kh = weight.size(3), kw = weight.size(4);
-  const int64_t ho = (h + 2 * pad_h - kh) / stride + 1, wo = (w + 2 * pad_w - kw) / stride + 1;
-  const int64_t f = cout * cin * kh * kw;
-  TORCH_CHECK(dy.sizes() == at::IntArrayRef({n, cout, ho, wo}), "fastblock: dy ", dy.sizes(), " must be [", n,
-              ", ", cout, ", ", ho, ", ", wo, "]");
-  TORCH_CHECK(z.sizes() == at::IntArrayRef({n, stacked ? k * cout : cout, ho, wo}), "fastblock: the saved z ",
-              z.sizes(), " does not belong to this input (its forward ran with another schedule or layout)");
-  const auto xc = x.contiguous(layout);
+  const int64_t ho = z.size(2), wo = z.size(3), f = cout * cin * kh * kw;
   const auto gates_acc = gates.to(sdt).contiguous();
-  at::Tensor zz, zc;
-  if (stacked) {  // z recomputed from the saved branch outputs
-    zz = z.contiguous(layout);
-    auto b_mix = at::empty({n, cout}, bias.options());
-    { FASTBLOCK_PROFILE("mix"); kern.mix(gates_acc, bias.contiguous(), nullptr, nullptr, 1, b_mix); }
-    zc = at::empty({n, cout, ho, wo}, x.options().memory_format(layout));
-    { FASTBLOCK_PROFILE("combine_gated"); kern.combine_gated(zz, gates_acc, b_mix, zc); }
-  } else {
-    zc = z.contiguous(layout);
-  }
-  const auto dyc = dy.contiguous(layout).to(z.scalar_type());
   const auto gamma = bn_weight.to(sdt).contiguous(), beta = bn_bias.to(sdt).contiguous();
   const auto mean_c = mean.to(sdt).contiguous(), invstd_c = invstd.to(sdt).contiguous();
 
@@ -342,19 +298,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   at::Tensor dx;
   const bool concat = layout == at::MemoryFormat::ChannelsLast || use_concat(schedule, k, ho, wo);
-  // the mixing schedule accumulates dW chunk by chunk; the others write it once
+  // the mixing schedule accumulates dW chunk by chunk; the concatenation schedule writes it once
   auto dw_acc = concat ? at::empty({k, f}, x.options().dtype(sdt)) : at::zeros({k, f}, x.options().dtype(sdt));
   auto dgates = at::empty({n, k}, x.options().dtype(sdt));
-  if (stacked) {
-    auto dzz = at::empty_like(zz);
-    { FASTBLOCK_PROFILE("spread_gated"); kern.spread_gated(dz, zz, gates_acc, dzz, dgates); }
-    auto grads = at::convolution_backward(dzz, xc, stacked_kernels(weight), c10::nullopt, {stride, stride},
-                                          {pad_h, pad_w}, {1, 1}, false, {0, 0}, 1, {true, true, false});
-    dx = std::get<0>(grads);
-    dw_acc.copy_(std::get<1>(grads).contiguous().view({k, f}));
-  } else {
-    gated_conv_backward(kern, dz, xc, gates_acc, weight, stride, pad_h, pad_w, concat, dx, dw_acc, dgates);
-  }
+  gated_conv_backward(kern, dz, xc, gates_acc, weight, stride, pad_h, pad_w, concat, dx, dw_acc, dgates);
   // Bias terms, the same fold with G = dz_sum: db_k = sum_n a[n,k] s_n, da[n,k] += <b_k, s_n>.
   auto db_acc = at::zeros({k, cout}, x.options().dtype(sdt));
   auto dgates_bias = at::empty({n, k}, x.options().dtype(sdt));

@@ -23,12 +23,11 @@ import sys
 import sysconfig
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from .backend_utils import (BackendStatus, empty_like_layout, fake_backward_outputs, fake_forward_outputs,
-                            forced_schedule, memory_format)
+                            forced_schedule)
 from .build_flags import CHECKED_CUDA_ARCHS, CPU_SOURCES, CUDA_SOURCES, NVCC_FLAGS, cxx_flags, isa_level
 
 
@@ -151,7 +150,7 @@ def _register_fake() -> None:
     def _fwd(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, momentum, eps,
              stride, pad_h, pad_w, save_for_backward, schedule=-1):
         return fake_forward_outputs(x, weight, stride, pad_h, pad_w, save_for_backward,
-                                    saved_z=lambda x, weight, shape: fake_saved_z(x, weight, shape, schedule))
+                                    saved_z=fake_saved_z)
 
     @torch.library.register_fake("fastblock_ext::backward")
     def _bwd(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w,
@@ -180,19 +179,10 @@ def status(device_type: str) -> BackendStatus:
 _SCHEDULE_CODES = {None: -1, "mix": 0, "concat": 1}  # the ops' `schedule` argument (csrc/fastblock.h)
 
 
-def fake_saved_z(x, weight, shape, schedule: Optional[int] = None) -> torch.Tensor:
-    """What the forward saves for backward (csrc/fastblock_ops.cpp), for the fake kernels: on CUDA z, NCHW; on CPU
-    with a channels-last input and no forced schedule the stacked schedule's K branch outputs [N, K*Cout, Ho, Wo],
-    channels-last; else z laid out like x."""
-    if schedule is None:
-        schedule = _SCHEDULE_CODES[forced_schedule()]
-    if x.device.type == "cuda":
-        return x.new_empty(shape)
-    if memory_format(x) == torch.channels_last and schedule == -1:
-        n, cout, ho, wo = shape
-        return torch.empty((n, weight.shape[0] * cout, ho, wo), dtype=x.dtype, device=x.device,
-                           memory_format=torch.channels_last)
-    return empty_like_layout(x, shape)
+def fake_saved_z(x, weight, shape) -> torch.Tensor:
+    """What the forward saves for backward (csrc/fastblock_ops.cpp), for the fake kernels: z, NCHW on CUDA, laid
+    out like x on CPU."""
+    return x.new_empty(shape) if x.device.type == "cuda" else empty_like_layout(x, shape)
 
 
 def forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
