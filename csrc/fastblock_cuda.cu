@@ -1,7 +1,8 @@
 // CUDA kernels of the fastblock extension (see fastblock.h for what each computes) and the CUDA registration.
 //
-// fp32 accumulation for fp16/bf16/fp32 data, fp64 for fp64. Reductions are deterministic: one block owns each
-// output and reduces in a fixed order (per-thread strided partials, then a fixed shared-memory tree).
+// fp32 accumulation for fp16/bf16/fp32 data, fp64 for fp64. Reductions are deterministic: every partial is owned by
+// one block (or warp) that reduces in a fixed order (per-thread strided partials, then a fixed shared-memory tree or
+// shuffle order), and partials are combined in a fixed order; split counts depend on the shape only.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -52,35 +53,80 @@ __global__ void mix_kernel(const acc_t* __restrict__ gates, const data_t* __rest
   }
 }
 
-// One block per channel: two passes (mean, then squared deviations), then finalize + running-stat update.
-template <typename data_t, typename acc_t, typename stat_t>
-__global__ void bn_stats_kernel(const data_t* __restrict__ z, acc_t* __restrict__ mean, acc_t* __restrict__ invstd,
-                                stat_t* __restrict__ running_mean, stat_t* __restrict__ running_var, int64_t n,
-                                int64_t c, int64_t hw, acc_t momentum, acc_t eps) {
+// Per-channel reductions over N*H*W are split over the GPU: a (channel, split) grid of blocks, each reducing a fixed
+// range of the channel's elements, then one finalize per channel adding the splits in order. The split count
+// depends on the shape only (deterministic results), enough to give a 100+ SM GPU a few blocks each even for 64
+// channels.
+constexpr int64_t kElemsPerSplit = int64_t(kThreads) * 16;
+constexpr int64_t kMaxSplits = 64;
+
+int64_t splits_for(int64_t count) {
+  return std::max<int64_t>(1, std::min<int64_t>(kMaxSplits, (count + kElemsPerSplit - 1) / kElemsPerSplit));
+}
+
+// The element range [lo, hi) of split `split` of `splits` over `count` elements.
+__device__ inline void split_range(int64_t count, int64_t splits, int64_t split, int64_t& lo, int64_t& hi) {
+  const int64_t per = (count + splits - 1) / splits;
+  lo = split * per;
+  hi = lo + per < count ? lo + per : count;
+}
+
+// Stage 1 of the batch statistics: per (channel, split) the element count, mean and sum of squared deviations of
+// its range (two passes over the range: no cancellation).
+template <typename data_t, typename acc_t>
+__global__ void bn_stats_partial_kernel(const data_t* __restrict__ z, acc_t* __restrict__ part_mean,
+                                        acc_t* __restrict__ part_m2, int64_t n, int64_t c, int64_t hw,
+                                        int64_t splits) {
   __shared__ acc_t shared[kThreads];
-  const int64_t ch = blockIdx.x;
-  const int64_t count = n * hw;
+  const int64_t ch = blockIdx.x, split = blockIdx.y;
+  int64_t lo, hi;
+  split_range(n * hw, splits, split, lo, hi);
   acc_t sum = 0;
-  for (int64_t i = threadIdx.x; i < count; i += kThreads) {
+  for (int64_t i = lo + threadIdx.x; i < hi; i += kThreads) {
     const int64_t s = i / hw, j = i - s * hw;
     sum += static_cast<acc_t>(z[(s * c + ch) * hw + j]);
   }
-  const acc_t mu = block_sum(sum, shared) / acc_t(count);
+  const int64_t len = hi > lo ? hi - lo : 0;
+  const acc_t mu = len ? block_sum(sum, shared) / acc_t(len) : acc_t(0);
   acc_t m2 = 0;
-  for (int64_t i = threadIdx.x; i < count; i += kThreads) {
+  for (int64_t i = lo + threadIdx.x; i < hi; i += kThreads) {
     const int64_t s = i / hw, j = i - s * hw;
     const acc_t d = static_cast<acc_t>(z[(s * c + ch) * hw + j]) - mu;
     m2 += d * d;
   }
-  m2 = block_sum(m2, shared);
+  m2 = len ? block_sum(m2, shared) : acc_t(0);
   if (threadIdx.x == 0) {
-    mean[ch] = mu;
-    invstd[ch] = acc_t(1) / sqrt(m2 / acc_t(count) + eps);
-    if (running_mean) {
-      const acc_t unbiased = m2 / acc_t(count - 1);
-      running_mean[ch] = static_cast<stat_t>((acc_t(1) - momentum) * static_cast<acc_t>(running_mean[ch]) + momentum * mu);
-      running_var[ch] = static_cast<stat_t>((acc_t(1) - momentum) * static_cast<acc_t>(running_var[ch]) + momentum * unbiased);
-    }
+    part_mean[ch * splits + split] = mu;
+    part_m2[ch * splits + split] = m2;
+  }
+}
+
+// Stage 2, one thread per channel: the splits merged in order (Chan et al.'s pairwise update), then finalize and
+// the running-statistics update.
+template <typename acc_t, typename stat_t>
+__global__ void bn_stats_finalize_kernel(const acc_t* __restrict__ part_mean, const acc_t* __restrict__ part_m2,
+                                         acc_t* __restrict__ mean, acc_t* __restrict__ invstd,
+                                         stat_t* __restrict__ running_mean, stat_t* __restrict__ running_var,
+                                         int64_t c, int64_t count, int64_t splits, acc_t momentum, acc_t eps) {
+  const int64_t ch = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (ch >= c) return;
+  acc_t mu = 0, m2 = 0, seen = 0;
+  for (int64_t split = 0; split < splits; ++split) {
+    int64_t lo, hi;
+    split_range(count, splits, split, lo, hi);
+    if (hi <= lo) continue;
+    const acc_t len = acc_t(hi - lo), total = seen + len;
+    const acc_t delta = part_mean[ch * splits + split] - mu;
+    mu += delta * (len / total);
+    m2 += part_m2[ch * splits + split] + delta * delta * (seen * len / total);
+    seen = total;
+  }
+  mean[ch] = mu;
+  invstd[ch] = acc_t(1) / sqrt(m2 / acc_t(count) + eps);
+  if (running_mean) {
+    const acc_t unbiased = m2 / acc_t(count - 1);
+    running_mean[ch] = static_cast<stat_t>((acc_t(1) - momentum) * static_cast<acc_t>(running_mean[ch]) + momentum * mu);
+    running_var[ch] = static_cast<stat_t>((acc_t(1) - momentum) * static_cast<acc_t>(running_var[ch]) + momentum * unbiased);
   }
 }
 
@@ -97,17 +143,19 @@ __global__ void bn_relu_apply_kernel(const data_t* __restrict__ z, const acc_t* 
   }
 }
 
-// One block per channel.
+// Stage 1 of the backward reductions, per (channel, split): sums of g and g * xhat over the split's range.
 template <typename data_t, typename acc_t>
 __global__ void bn_relu_bwd_reduce_kernel(const data_t* __restrict__ dy, const data_t* __restrict__ z,
                                           const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
                                           const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta,
-                                          acc_t* __restrict__ sum_g, acc_t* __restrict__ sum_gx, int64_t n, int64_t c,
-                                          int64_t hw) {
+                                          acc_t* __restrict__ part_g, acc_t* __restrict__ part_gx, int64_t n, int64_t c,
+                                          int64_t hw, int64_t splits) {
   __shared__ acc_t shared[kThreads];
-  const int64_t ch = blockIdx.x;
+  const int64_t ch = blockIdx.x, split = blockIdx.y;
+  int64_t lo, hi;
+  split_range(n * hw, splits, split, lo, hi);
   acc_t s1 = 0, s2 = 0;
-  for (int64_t i = threadIdx.x; i < n * hw; i += kThreads) {
+  for (int64_t i = lo + threadIdx.x; i < hi; i += kThreads) {
     const int64_t s = i / hw, j = i - s * hw;
     const int64_t idx = (s * c + ch) * hw + j;
     const acc_t xhat = (static_cast<acc_t>(z[idx]) - mean[ch]) * invstd[ch];
@@ -120,27 +168,46 @@ __global__ void bn_relu_bwd_reduce_kernel(const data_t* __restrict__ dy, const d
   s1 = block_sum(s1, shared);
   s2 = block_sum(s2, shared);
   if (threadIdx.x == 0) {
-    sum_g[ch] = s1;
-    sum_gx[ch] = s2;
+    part_g[ch * splits + split] = s1;
+    part_gx[ch * splits + split] = s2;
   }
 }
 
-// One block per (n, c) plane: dz and the plane's sum.
+// Stage 2, one thread per channel: the splits added in order.
+template <typename acc_t>
+__global__ void sum_splits_kernel(const acc_t* __restrict__ part_g, const acc_t* __restrict__ part_gx,
+                                  acc_t* __restrict__ sum_g, acc_t* __restrict__ sum_gx, int64_t c, int64_t splits) {
+  const int64_t ch = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (ch >= c) return;
+  acc_t s1 = 0, s2 = 0;
+  for (int64_t split = 0; split < splits; ++split) {
+    s1 += part_g[ch * splits + split];
+    s2 += part_gx[ch * splits + split];
+  }
+  sum_g[ch] = s1;
+  sum_gx[ch] = s2;
+}
+
+// One warp per (n, c) plane (kThreads / 32 planes per block): dz and the plane's sum, reduced across the warp in a
+// fixed shuffle order. (A block per plane left most threads idle on small maps: 16 of 256 busy at 4x4.)
+constexpr int kWarp = 32;
+
 template <typename data_t, typename acc_t>
 __global__ void bn_relu_bwd_dz_kernel(const data_t* __restrict__ dy, const data_t* __restrict__ z,
                                       const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
                                       const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta,
                                       const acc_t* __restrict__ sum_g, const acc_t* __restrict__ sum_gx,
                                       bool batch_stats, acc_t inv_count, data_t* __restrict__ dz,
-                                      acc_t* __restrict__ dz_sum, int64_t c, int64_t hw) {
-  __shared__ acc_t shared[kThreads];
-  const int64_t plane = blockIdx.x;
+                                      acc_t* __restrict__ dz_sum, int64_t planes, int64_t c, int64_t hw) {
+  const int64_t plane = blockIdx.x * int64_t(kThreads / kWarp) + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (plane >= planes) return;  // a whole warp leaves together: the shuffles below stay full-warp
   const int64_t ch = plane % c;
   const acc_t k_scale = gamma[ch] * invstd[ch];
   const acc_t mean_g = batch_stats ? sum_g[ch] * inv_count : acc_t(0);
   const acc_t mean_gx = batch_stats ? sum_gx[ch] * inv_count : acc_t(0);
   acc_t total = 0;
-  for (int64_t j = threadIdx.x; j < hw; j += kThreads) {
+  for (int64_t j = lane; j < hw; j += kWarp) {
     const int64_t idx = plane * hw + j;
     const acc_t xhat = (static_cast<acc_t>(z[idx]) - mean[ch]) * invstd[ch];
     const acc_t g = xhat * gamma[ch] + beta[ch] <= acc_t(0) ? acc_t(0) : static_cast<acc_t>(dy[idx]);
@@ -149,8 +216,8 @@ __global__ void bn_relu_bwd_dz_kernel(const data_t* __restrict__ dy, const data_
     dz[idx] = v;
     total += static_cast<acc_t>(v);
   }
-  total = block_sum(total, shared);
-  if (threadIdx.x == 0) dz_sum[plane] = total;
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) total += __shfl_down_sync(0xffffffffu, total, offset);
+  if (lane == 0) dz_sum[plane] = total;
 }
 
 // dw[k, f] += sum_n a[n, k] g[n, f]: one thread per column f, K accumulators in registers.
@@ -242,18 +309,22 @@ void mix_cuda(const at::Tensor& gates, const at::Tensor& w, const at::Tensor* sc
 
 void bn_stats_cuda(const at::Tensor& z, at::Tensor& mean, at::Tensor& invstd, at::Tensor* running_mean,
                    at::Tensor* running_var, double momentum, double eps) {
-  const int64_t n = z.size(0), c = z.size(1), hw = z.size(2) * z.size(3);
+  const int64_t n = z.size(0), c = z.size(1), hw = z.size(2) * z.size(3), splits = splits_for(n * hw);
   auto stream = c10::cuda::getCurrentCUDAStream();
+  auto part_mean = at::empty({c, splits}, mean.options()), part_m2 = at::empty({c, splits}, mean.options());
   FASTBLOCK_DISPATCH(z.scalar_type(), "fastblock_bn_stats_cuda", [&] {
     using data_t = scalar_t;
     using acc_t = at::opmath_type<data_t>;
+    bn_stats_partial_kernel<data_t, acc_t><<<dim3(c, splits), kThreads, 0, stream>>>(
+        z.data_ptr<data_t>(), part_mean.data_ptr<acc_t>(), part_m2.data_ptr<acc_t>(), n, c, hw, splits);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     const auto stat_type = running_mean ? running_mean->scalar_type() : mean.scalar_type();
     FASTBLOCK_DISPATCH(stat_type, "fastblock_bn_stats_cuda_running", [&] {
       using stat_t = scalar_t;
-      bn_stats_kernel<data_t, acc_t, stat_t><<<c, kThreads, 0, stream>>>(
-          z.data_ptr<data_t>(), mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(),
+      bn_stats_finalize_kernel<acc_t, stat_t><<<blocks_for(c), kThreads, 0, stream>>>(
+          part_mean.data_ptr<acc_t>(), part_m2.data_ptr<acc_t>(), mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(),
           running_mean ? running_mean->data_ptr<stat_t>() : nullptr,
-          running_var ? running_var->data_ptr<stat_t>() : nullptr, n, c, hw, acc_t(momentum), acc_t(eps));
+          running_var ? running_var->data_ptr<stat_t>() : nullptr, c, n * hw, splits, acc_t(momentum), acc_t(eps));
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -276,14 +347,20 @@ void bn_relu_apply_cuda(const at::Tensor& z, const at::Tensor& mean, const at::T
 void bn_relu_bwd_reduce_cuda(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean,
                              const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta,
                              at::Tensor& sum_g, at::Tensor& sum_gx) {
-  const int64_t n = z.size(0), c = z.size(1), hw = z.size(2) * z.size(3);
+  const int64_t n = z.size(0), c = z.size(1), hw = z.size(2) * z.size(3), splits = splits_for(n * hw);
   auto stream = c10::cuda::getCurrentCUDAStream();
+  auto part_g = at::empty({c, splits}, sum_g.options()), part_gx = at::empty({c, splits}, sum_g.options());
   FASTBLOCK_DISPATCH(z.scalar_type(), "fastblock_bn_bwd_reduce_cuda", [&] {
     using data_t = scalar_t;
     using acc_t = at::opmath_type<data_t>;
-    bn_relu_bwd_reduce_kernel<data_t, acc_t><<<c, kThreads, 0, stream>>>(
+    bn_relu_bwd_reduce_kernel<data_t, acc_t><<<dim3(c, splits), kThreads, 0, stream>>>(
         dy.data_ptr<data_t>(), z.data_ptr<data_t>(), mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(),
-        gamma.data_ptr<acc_t>(), beta.data_ptr<acc_t>(), sum_g.data_ptr<acc_t>(), sum_gx.data_ptr<acc_t>(), n, c, hw);
+        gamma.data_ptr<acc_t>(), beta.data_ptr<acc_t>(), part_g.data_ptr<acc_t>(), part_gx.data_ptr<acc_t>(), n, c,
+        hw, splits);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    sum_splits_kernel<acc_t><<<blocks_for(c), kThreads, 0, stream>>>(
+        part_g.data_ptr<acc_t>(), part_gx.data_ptr<acc_t>(), sum_g.data_ptr<acc_t>(), sum_gx.data_ptr<acc_t>(), c,
+        splits);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -296,10 +373,12 @@ void bn_relu_bwd_dz_cuda(const at::Tensor& dy, const at::Tensor& z, const at::Te
   FASTBLOCK_DISPATCH(z.scalar_type(), "fastblock_bn_bwd_dz_cuda", [&] {
     using data_t = scalar_t;
     using acc_t = at::opmath_type<data_t>;
-    bn_relu_bwd_dz_kernel<data_t, acc_t><<<n * c, kThreads, 0, stream>>>(
+    constexpr int64_t planes_per_block = kThreads / kWarp;
+    bn_relu_bwd_dz_kernel<data_t, acc_t><<<(n * c + planes_per_block - 1) / planes_per_block, kThreads, 0, stream>>>(
         dy.data_ptr<data_t>(), z.data_ptr<data_t>(), mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(),
         gamma.data_ptr<acc_t>(), beta.data_ptr<acc_t>(), sum_g.data_ptr<acc_t>(), sum_gx.data_ptr<acc_t>(),
-        batch_stats, acc_t(1.0 / (double(n) * double(hw))), dz.data_ptr<data_t>(), dz_sum.data_ptr<acc_t>(), c, hw);
+        batch_stats, acc_t(1.0 / (double(n) * double(hw))), dz.data_ptr<data_t>(), dz_sum.data_ptr<acc_t>(), n * c,
+        c, hw);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
