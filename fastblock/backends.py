@@ -57,6 +57,8 @@ class Backend:
     auto_devices: device types on which ``auto`` may pick it, None for any (a backend may run somewhere only for
         tests, as Triton's CPU interpreter).
     auto_rank: its place in the ``auto`` order (lower first).
+    auto_min_capability: on CUDA devices of a lower compute capability ``auto`` passes over it (it still runs
+        when requested by name).
     load: returns the module implementing ``status``/``forward``/``backward`` (None: the reference).
     fake_saved_z: ``(x, weight, shape) -> tensor``: what its forward saves for backward, as the fake kernel must
         describe it (None: z, laid out like x).
@@ -72,6 +74,7 @@ class Backend:
     aliases: tuple[str, ...] = ()
     fake_saved_z: Optional[Callable[..., Any]] = None
     max_convs: Optional[int] = None
+    auto_min_capability: Optional[tuple[int, int]] = None
     fix_hint: str = ""
 
     @property
@@ -123,8 +126,11 @@ def unregister_backend(name: str) -> None:
         _ALIASES.pop(alias, None)
 
 
+# Triton below sm_80 (T4, V100): its 16-bit dot products have no tensor-core path there and its kernels spill
+# (the AOT audit), while cuDNN, under the extension, has both: auto takes the extension on those GPUs.
 register_backend(Backend(
     name="triton", devices=("cuda", "cpu"), auto_devices=("cuda",), auto_rank=0, load=_load_triton,
+    auto_min_capability=(8, 0),
     fix_hint="install triton and run on a CUDA device (or set TRITON_INTERPRET=1 before importing fastblock to "
              "use the slow CPU interpreter), or pass backend='reference'"))
 register_backend(Backend(
@@ -180,8 +186,9 @@ def resolve_backend(requested: Optional[str], device: Union[str, torch.device], 
     ``num_convs`` kernels on ``device``, or raise. With ``dtype``, ``auto`` also self-checks its choice there."""
     device = torch.device(device) if device is not None else torch.device(_device_type(None))
     env_choice = os.environ.get("FASTBLOCK_BACKEND", "auto") or "auto"
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     while True:
-        name = _resolve(requested, device.type, env_choice, int(num_convs))
+        name = _resolve(requested, device.type, env_choice, int(num_convs), capability)
         automatic = (requested in (None, "auto")) and env_choice == "auto"
         if (not automatic or dtype is None or not _REGISTRY[name].fused or not self_check.enabled()
                 or torch.compiler.is_compiling()):
@@ -192,7 +199,8 @@ def resolve_backend(requested: Optional[str], device: Union[str, torch.device], 
 
 
 @torch.compiler.assume_constant_result
-def _resolve(requested: Optional[str], device_type: str, env_choice: str, num_convs: int) -> str:
+def _resolve(requested: Optional[str], device_type: str, env_choice: str, num_convs: int,
+             capability: Optional[tuple[int, int]] = None) -> str:
     # Host-side bookkeeping (imports, extension builds): torch.compile runs it once at trace time and keeps the
     # answer as a constant instead of tracing it.
     requested = "auto" if requested is None else requested
@@ -211,7 +219,9 @@ def _resolve(requested: Optional[str], device_type: str, env_choice: str, num_co
         return backend.name
     for name in backend_names():
         backend = _REGISTRY[name]
-        if ((backend.auto_devices is None or device_type in backend.auto_devices) and backend.unsupported(num_convs) is None
-                and backend.status(device_type).available):
+        too_old = (device_type == "cuda" and capability is not None and backend.auto_min_capability is not None
+                   and tuple(capability) < backend.auto_min_capability)
+        if ((backend.auto_devices is None or device_type in backend.auto_devices) and not too_old
+                and backend.unsupported(num_convs) is None and backend.status(device_type).available):
             return name
     return "reference"

@@ -213,3 +213,15 @@ def test_self_check_catches_a_wrong_low_precision_backend(dtype):
                   types.SimpleNamespace(forward=real.forward, backward=one_sample_backward)):
         why = self_check._run(wrong, torch.device("cpu"), dtype)
         assert why is not None and "differs from the reference" in why
+
+
+def test_auto_passes_over_triton_on_pre_ampere_gpus(monkeypatch):
+    """On a GPU below compute capability 8.0 (T4: 7.5) auto takes the extension (cuDNN's tensor cores) over
+    Triton (no 16-bit tensor-core path there); from 8.0 on, Triton; a request by name still gets Triton."""
+    from fastblock import backends
+
+    monkeypatch.setattr(backends.Backend, "status", lambda self, device_type: fastblock.BackendStatus(True, "mock"))
+    assert backends._resolve("auto", "cuda", "auto", 2, (7, 5)) == "extension"
+    assert backends._resolve("auto", "cuda", "auto", 2, (8, 0)) == "triton"
+    assert backends._resolve("auto", "cuda", "auto", 2, (9, 0)) == "triton"
+    assert backends._resolve("triton", "cuda", "auto", 2, (7, 5)) == "triton"
