@@ -475,7 +475,11 @@ def cpu_pool_for(cfg, device, backend_name: str, say):
         return contextlib.nullcontext
     from .. import extension
 
-    extension.set_cpu_pool_limit(int(cfg["cpu_pool_gib"] * 2**30))
+    try:
+        extension.set_cpu_pool_limit(int(cfg["cpu_pool_gib"] * 2**30))
+    except RuntimeError as exc:  # another CPU allocator with a higher priority is installed
+        say(f"memory: the extension's CPU allocation pool stays off ({str(exc).splitlines()[0]})")
+        return contextlib.nullcontext
     say(f"memory: the extension's CPU allocation pool keeps up to {cfg['cpu_pool_gib']:g} GiB of freed buffers "
         "for the next step (--cpu-pool-gib 0: off)")
     return extension.cpu_pool_scope
