@@ -5,6 +5,7 @@ A backend's tests only name it: ``compare_with_reference("triton", case, ...)`` 
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from typing import Optional
 
 import torch
@@ -48,6 +49,12 @@ TOLERANCES = {  # (atol, rtol) by precision; never loosened to make a backend pa
     torch.bfloat16: (6e-2, 5e-2),
     torch.float16: (1e-2, 1e-2),
 }
+
+
+def stable_seed(*parts) -> int:
+    """A seed per test case that is the same in every run (``hash()`` of a str changes with each process, so
+    a failure would not reproduce)."""
+    return zlib.crc32(repr(tuple(str(p) for p in parts)).encode())
 
 
 def make_inputs(case: Case, dtype=torch.float32, device="cpu", seed: int = 0, requires_grad: bool = True,
