@@ -696,18 +696,6 @@ void bn_stats_rows(const at::Tensor& z, at::Tensor& mean, at::Tensor& invstd, at
   });
 }
 
-// Per-channel BN constants of the row kernels: scale = invstd * gamma, shift = beta - mean * scale, and the
-// pieces the backward needs.
-template <typename acc_t>
-struct ChannelConsts {
-  std::vector<acc_t> mean, invstd, gamma, beta;
-  ChannelConsts(const at::Tensor& m, const at::Tensor& s, const at::Tensor& g, const at::Tensor& b)
-      : mean(m.data_ptr<acc_t>(), m.data_ptr<acc_t>() + m.numel()),
-        invstd(s.data_ptr<acc_t>(), s.data_ptr<acc_t>() + s.numel()),
-        gamma(g.data_ptr<acc_t>(), g.data_ptr<acc_t>() + g.numel()),
-        beta(b.data_ptr<acc_t>(), b.data_ptr<acc_t>() + b.numel()) {}
-};
-
 void bn_relu_apply_rows(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
                         const at::Tensor& gamma, const at::Tensor& beta, at::Tensor& y) {
   const int64_t c = z.size(1), rows = z.numel() / c;
@@ -753,7 +741,8 @@ void bn_relu_bwd_reduce_rows(const at::Tensor& dy, const at::Tensor& z, const at
     using acc_t = at::opmath_type<data_t>;
     using Vec = at::vec::Vectorized<acc_t>;
     const data_t *zp = z.data_ptr<data_t>(), *dp = dy.data_ptr<data_t>();
-    const ChannelConsts<acc_t> k(mean, invstd, gamma, beta);
+    const acc_t *mu = mean.data_ptr<acc_t>(), *is = invstd.data_ptr<acc_t>();
+    const acc_t *ga = gamma.data_ptr<acc_t>(), *be = beta.data_ptr<acc_t>();
     // one pass computing both sums: acc holds [sum g (c values), sum g * xhat (c values)]
     const std::vector<double> sums = channel_sums<acc_t>(rows, 2 * c, [&](int64_t r, acc_t* acc) {
       thread_local std::vector<acc_t> zbuf, dbuf;
@@ -764,15 +753,15 @@ void bn_relu_bwd_reduce_rows(const at::Tensor& dy, const at::Tensor& z, const at
       const Vec zero(acc_t(0));
       int64_t j = 0;
       for (; j + Vec::size() <= c; j += Vec::size()) {
-        const Vec xhat = (Vec::loadu(zr + j) - Vec::loadu(k.mean.data() + j)) * Vec::loadu(k.invstd.data() + j);
+        const Vec xhat = (Vec::loadu(zr + j) - Vec::loadu(mu + j)) * Vec::loadu(is + j);
         const Vec g = Vec::blendv(Vec::loadu(dr + j), zero,
-                                  (xhat * Vec::loadu(k.gamma.data() + j) + Vec::loadu(k.beta.data() + j)) <= zero);
+                                  (xhat * Vec::loadu(ga + j) + Vec::loadu(be + j)) <= zero);
         (Vec::loadu(acc + j) + g).store(acc + j);
         at::vec::fmadd(g, xhat, Vec::loadu(acc + c + j)).store(acc + c + j);
       }
       for (; j < c; ++j) {
-        const acc_t xhat = (zr[j] - k.mean[j]) * k.invstd[j];
-        const acc_t g = (xhat * k.gamma[j] + k.beta[j] <= acc_t(0)) ? acc_t(0) : dr[j];
+        const acc_t xhat = (zr[j] - mu[j]) * is[j];
+        const acc_t g = (xhat * ga[j] + be[j] <= acc_t(0)) ? acc_t(0) : dr[j];
         acc[j] += g;
         acc[c + j] += g * xhat;
       }
@@ -797,11 +786,12 @@ void bn_relu_bwd_dz_rows(const at::Tensor& dy, const at::Tensor& z, const at::Te
     using Vec = at::vec::Vectorized<acc_t>;
     const data_t *zp = z.data_ptr<data_t>(), *dp = dy.data_ptr<data_t>();
     data_t* out = dz.data_ptr<data_t>();
-    const ChannelConsts<acc_t> k(mean, invstd, gamma, beta);
+    const acc_t *mu = mean.data_ptr<acc_t>(), *is = invstd.data_ptr<acc_t>();
+    const acc_t *ga = gamma.data_ptr<acc_t>(), *be = beta.data_ptr<acc_t>();
     const acc_t *sg = sum_g.data_ptr<acc_t>(), *sgx = sum_gx.data_ptr<acc_t>();
     std::vector<acc_t> kscale(static_cast<size_t>(c)), mean_g(static_cast<size_t>(c)), mean_gx(static_cast<size_t>(c));
     for (int64_t j = 0; j < c; ++j) {
-      kscale[j] = k.gamma[j] * k.invstd[j];
+      kscale[j] = ga[j] * is[j];
       mean_g[j] = batch_stats ? acc_t(sg[j] * inv_count) : acc_t(0);
       mean_gx[j] = batch_stats ? acc_t(sgx[j] * inv_count) : acc_t(0);
     }
@@ -820,16 +810,16 @@ void bn_relu_bwd_dz_rows(const at::Tensor& dy, const at::Tensor& z, const at::Te
           // 0 * xhat term: a NaN z must not reach dz through it)
           int64_t j = 0;
           for (; j + Vec::size() <= c; j += Vec::size()) {
-            const Vec xhat = (Vec::loadu(zr + j) - Vec::loadu(k.mean.data() + j)) * Vec::loadu(k.invstd.data() + j);
+            const Vec xhat = (Vec::loadu(zr + j) - Vec::loadu(mu + j)) * Vec::loadu(is + j);
             const Vec g = Vec::blendv(Vec::loadu(dr + j), zero,
-                                      (xhat * Vec::loadu(k.gamma.data() + j) + Vec::loadu(k.beta.data() + j)) <= zero);
+                                      (xhat * Vec::loadu(ga + j) + Vec::loadu(be + j)) <= zero);
             const Vec ks = Vec::loadu(kscale.data() + j);
             (batch_stats ? ks * (g - Vec::loadu(mean_g.data() + j) - xhat * Vec::loadu(mean_gx.data() + j))
                          : ks * g).store(o + j);
           }
           for (; j < c; ++j) {
-            const acc_t xhat = (zr[j] - k.mean[j]) * k.invstd[j];
-            const acc_t g = (xhat * k.gamma[j] + k.beta[j] <= acc_t(0)) ? acc_t(0) : dr[j];
+            const acc_t xhat = (zr[j] - mu[j]) * is[j];
+            const acc_t g = (xhat * ga[j] + be[j] <= acc_t(0)) ? acc_t(0) : dr[j];
             o[j] = batch_stats ? kscale[j] * (g - mean_g[j] - xhat * mean_gx[j]) : kscale[j] * g;
           }
           row_store(o, out + r * c, c);  // round to data_t; sum what was stored

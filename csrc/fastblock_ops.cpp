@@ -97,8 +97,10 @@ int64_t samples_per_chunk(int64_t n, int64_t per_sample_elems, int64_t elem_size
 // Mixing saves (K-1) convolutions, 2*Ho*Wo FLOPs per kernel element each, so it wins once (K-1)*Ho*Wo is large
 // enough, whatever the channel counts: the CPU crossover measured ~144 (bench/RESULTS.md; unmeasured on CUDA).
 // K=1 always concatenates: one ordinary convolution of a[n]*x[n], no per-sample kernels.
-bool use_concat(int64_t schedule, int64_t k, int64_t ho, int64_t wo) {
+// A channels-last computation (compute_layout) always concatenates.
+bool use_concat(int64_t schedule, int64_t k, int64_t ho, int64_t wo, at::MemoryFormat layout) {
   TORCH_CHECK(schedule >= kScheduleAuto && schedule <= kScheduleConcat, "fastblock: unknown schedule ", schedule);
+  if (layout == at::MemoryFormat::ChannelsLast) return true;
   if (schedule != kScheduleAuto) return schedule == kScheduleConcat;
   return (k - 1) * ho * wo < 144;
 }
@@ -223,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   const int64_t n = x.size(0), cin = x.size(1), h = x.size(2), w = x.size(3);
   const int64_t k = weight.size(0), cout = weight.size(1), kh = weight.size(3), kw = weight.size(4);
   const int64_t ho = (h + 2 * pad_h - kh) / stride + 1, wo = (w + 2 * pad_w - kw) / stride + 1;
-  const bool concat = layout == at::MemoryFormat::ChannelsLast || use_concat(schedule, k, ho, wo);
+  const bool concat = use_concat(schedule, k, ho, wo, layout);
   const auto gates_acc = gates.to(sdt).contiguous();
   const auto gamma = bn_weight.to(sdt).contiguous(), beta = bn_bias.to(sdt).contiguous();
 
@@ -297,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   { FASTBLOCK_PROFILE("bn_relu_bwd_dz"); kern.bn_relu_bwd_dz(dyc, zc, mean_c, invstd_c, gamma, beta, sum_g, sum_gx, use_batch_stats, dz, dz_sum); }
 
   at::Tensor dx;
-  const bool concat = layout == at::MemoryFormat::ChannelsLast || use_concat(schedule, k, ho, wo);
+  const bool concat = use_concat(schedule, k, ho, wo, layout);
   // the mixing schedule accumulates dW chunk by chunk; the concatenation schedule writes it once
   auto dw_acc = concat ? at::empty({k, f}, x.options().dtype(sdt)) : at::zeros({k, f}, x.options().dtype(sdt));
   auto dgates = at::empty({n, k}, x.options().dtype(sdt));
