@@ -74,8 +74,9 @@ def correctness(device: str, quick: bool) -> list[tuple[str, str, bool, str]]:
                     case = f"N{batch}-C{c}-{hw}x{hw}-K4 {str(dtype).replace('torch.', '')} " + \
                            ("train" if training else "eval")
                     try:
-                        why = self_check.check_case(module, dev, dtype, training, n=batch, cin=c, cout=c, h=hw, w=hw,
-                                                    k=4)
+                        with self_check.exact_fp32():  # float32 is checked as exact float32, TF32 off
+                            why = self_check.check_case(module, dev, dtype, training, n=batch, cin=c, cout=c, h=hw,
+                                                        w=hw, k=4)
                     except Exception as exc:
                         why = f"raised {type(exc).__name__}: {exc}"
                     results.append((name, case, why is None, why or "matches the reference"))

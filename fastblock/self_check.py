@@ -59,7 +59,7 @@ def _run(module, device: torch.device, dtype: torch.dtype) -> Optional[str]:
     # The first call may come from anywhere (under no_grad, inference_mode or autocast): the check runs outside
     # all three, as its reference needs autograd and exact float64.
     try:
-        with torch.inference_mode(False), torch.enable_grad(), _no_autocast(device):
+        with torch.inference_mode(False), torch.enable_grad(), _no_autocast(device), exact_fp32():
             for training in (True, False):
                 why = _compare(module, device, dtype, training)
                 if why:
@@ -67,6 +67,18 @@ def _run(module, device: torch.device, dtype: torch.dtype) -> Optional[str]:
     except Exception as exc:  # a backend that raises fails the check; the reason is the message
         return f"raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
     return None
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """TF32 off for the duration: the check compares float32 with the exact answer, and the extension's cuDNN
+    convolutions (like nn.Conv2d) follow ``torch.backends.cudnn.allow_tf32``, on by default."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _no_autocast(device: torch.device) -> contextlib.ExitStack:

@@ -21,6 +21,10 @@ import torch  # noqa: E402
 # still run.
 torch.use_deterministic_algorithms(True, warn_only=True)
 torch.utils.deterministic.fill_uninitialized_memory = True
+# float32 means float32 in the tests: the reference's and the extension's cuDNN convolutions would otherwise use
+# TF32 on GPUs (PyTorch's default for convolutions).
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
 
 
 @pytest.fixture(autouse=True)

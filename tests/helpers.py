@@ -145,7 +145,7 @@ def compare_with_reference(backend: str, case: Case, dtype=torch.float32, device
 
 
 def compare_low_precision(backend: str, case: Case, dtype=torch.bfloat16, training=True, seeds=range(8),
-                          factor=2.0, baseline="reference", baseline_case: Optional[Case] = None):
+                          factor=2.0, baseline="reference", baseline_case: Optional[Case] = None, device="cpu"):
     """A 16-bit backend is held to what 16-bit data allows: over several random problems (``seeds``), the median
     of the ratio of its mean absolute error to a baseline's, both against the float64 answer, is at most
     ``factor`` for y, each gradient and the running statistics. The baseline computes in the same dtype: the
@@ -158,9 +158,9 @@ def compare_low_precision(backend: str, case: Case, dtype=torch.bfloat16, traini
     (0.3x to 7x between seeds at these sizes); the median over problems is not, and a wrong kernel moves it."""
     ratios: dict[str, list[float]] = {}
     for seed in seeds:
-        args, kwargs = make_inputs(case, dtype, "cpu", seed)
+        args, kwargs = make_inputs(case, dtype, device, seed)
         exact = [None if a is None else a.detach().double().requires_grad_(a.requires_grad) for a in args]
-        base_args, base_kwargs = make_inputs(baseline_case or case, dtype, "cpu", seed)
+        base_args, base_kwargs = make_inputs(baseline_case or case, dtype, device, seed)
         runs = [run_op(backend, args, kwargs, training), run_op(baseline, base_args, base_kwargs, training),
                 run_op(None, exact, kwargs, training)]
         mine, theirs, answer = ({"y": y, **{f"d{k}": v for k, v in grads.items() if v is not None},

@@ -339,6 +339,26 @@ def test_time_budget_plans_the_steps(tmp_path, folder_data, capsys):
     assert 6 <= config["plan"]["total_steps"] < 20  # the probe's steps, and not the preset's 3 epochs
 
 
+def test_time_budget_counts_a_slow_first_step(tmp_path, folder_data, monkeypatch, capsys):
+    """A first step that takes most of the budget (torch.compile on a GPU, a JIT build) is part of the training
+    time: the probe plans only the steps that fit in what is left."""
+    from fastblock.train import loop
+
+    real_step, calls = loop._train_step, {"n": 0}
+
+    def slow_first_step(*args, **kwargs):
+        calls["n"] += 1
+        time.sleep(2.0 if calls["n"] == 1 else 0.01)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_train_step", slow_first_step)
+    budget_s = 3.0  # all within the first epoch (100 steps of 2 images), before any end-of-epoch re-plan
+    out = _train(tmp_path, folder_data, "--time-budget", str(budget_s / 60), "--batch-size", "2")
+    summary = json.loads((out / "summary.json").read_text())
+    per_step = (summary["train_seconds"] - 2.0) / (calls["n"] - 1)
+    assert summary["train_seconds"] <= budget_s + 3 * per_step, (summary, calls)
+
+
 def test_time_budget_holds_when_the_machine_slows_down(tmp_path, folder_data, monkeypatch, capsys):
     """Steps that get 3x slower after the first epoch (a VM whose speed drifts): the steps left are re-fitted at
     each epoch end, and training ends within the budget instead of 3x past it."""

@@ -546,6 +546,9 @@ def _train(ctx) -> bool:
                 if time.perf_counter() - last_save > checkpoint_every and step + 1 < last_step:
                     _save(ctx, best=False)
                     last_save = time.perf_counter()
+                if global_step + 1 >= plan.total_steps:  # the probe re-planned a --time-budget run mid-epoch
+                    break
+            last_step = progress.step_in_epoch
             _replan_to_budget(ctx, epoch, last_step, epoch_time)
             stop_epoch = math.ceil(plan.total_steps / plan.steps_per_epoch)
             if args.stop_after:
@@ -634,8 +637,9 @@ def _probe(ctx, probe: list, dt: float, global_step: int) -> None:
     per_step = sorted(probe)[len(probe) // 2]
     probe.append(float("nan"))  # done
     if args.time_budget and global_step < plan.total_steps and not args.resume:
-        budget_steps = int(args.time_budget * 60 / per_step)
-        plan.total_steps = max(global_step + 1, budget_steps)
+        # the time already spent counts: a first step that compiled the model for a minute is part of the budget
+        left = max(0.0, args.time_budget * 60 - progress.train_seconds)
+        plan.total_steps = global_step + 1 + int(left / per_step)
         ctx["cfg"]["epochs"] = round(plan.total_steps / plan.steps_per_epoch, 3)
         say(f"time budget {args.time_budget:g} min at {per_step:.2f} s/step: {plan.total_steps} steps "
             f"({ctx['cfg']['epochs']:g} epochs); the schedule spans them")
