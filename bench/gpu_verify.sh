@@ -7,13 +7,14 @@
 #
 #   stage          box    writes
 #   build          120 s  build.log    versions, the extension built with its CUDA kernels for this GPU
-#   tests-triton   120 s  tests.log    tests/test_gpu.py for Triton (beside the build: it needs no extension)
+#   tests-triton   170 s  tests.log    tests/test_gpu.py for Triton (beside the build: it needs no extension;
+#                                      12 workers, as compiling the kernels takes most of its time)
 #   data           120 s  train.log    CIFAR-10 decoded into the cache (beside the build)
-#   tests-ext       75 s  tests.log    tests/test_gpu.py for the extension
+#   tests-ext       60 s  tests.log    tests/test_gpu.py for the extension
 #   doctor          75 s  doctor.txt   python -m fastblock.doctor: availability, correctness, speed table
 #   bench           60 s  bench.json   pytest-benchmark target cases (fwd+bwd bf16 N=512 K=4, the compiled
 #                                      reference at C=128); report.md: its log + table
-#   train          150 s  train.log    the default GPU preset for a 1.5-minute time budget; summary.json: accuracy
+#   train          120 s  train.log    the default GPU preset for a 1.25-minute time budget; summary.json: accuracy
 #                         status.txt   one line per stage: exit code and seconds
 #
 # GPU_VERIFY_QUICK=1 shrinks every stage to a CPU smoke run (tests/test_gpu_verify.py runs it in CI).
@@ -24,7 +25,7 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 QUICK=${GPU_VERIFY_QUICK:-0}
 DATA=${1:-}
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 FASTBLOCK_TEST_FAILURES_NOW=1
 : > "$OUT/status.txt"
 failed_flag=$(mktemp)
 trap 'rm -f "$failed_flag"' EXIT
@@ -57,7 +58,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,c
 # pytest options where the plugins exist: workers (Triton compiles on the CPU), one line per test as it finishes
 # (a timed-out stage still shows what passed), a per-test limit (a hung kernel fails one test, not the stage)
 pytest_opts=(-v --tb=short -p no:cacheprovider -rs)
-$PY -c "import xdist" 2>/dev/null && pytest_opts+=(-n "${GPU_VERIFY_WORKERS:-6}")
+$PY -c "import xdist" 2>/dev/null && pytest_opts+=(-n "${GPU_VERIFY_WORKERS:-12}")
 $PY -c "import pytest_timeout" 2>/dev/null && pytest_opts+=(--timeout 100)
 
 if [ "$QUICK" = 1 ]; then
@@ -68,12 +69,12 @@ if [ "$QUICK" = 1 ]; then
   bench_args=(--smoke -k "fwdbwd")
   train_args=(--preset tiny --subset 200 --epochs 1 --device cpu)
 else
-  boxes=(120 120 120 75 75 60 150)
+  boxes=(120 170 120 60 75 60 120)
   build_env=(FASTBLOCK_EXT_CUDA=1 "MAX_JOBS=$(nproc)")
   tests_sel=()
   doctor_args=()
   bench_args=(-k "fwdbwd and N512 and (C128 or not compiled)")
-  train_args=(--time-budget 1.5)
+  train_args=(--time-budget 1.25)
 fi
 
 # Beside the build (none of them loads the extension): the Triton GPU tests and the data decoding.

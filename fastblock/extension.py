@@ -47,7 +47,7 @@ def _cpp_extension():
 
     logger = logging.getLogger("torch.utils.cpp_extension")
     level = logger.level
-    if not _want_cuda():
+    if not torch.cuda.is_available():  # (not _want_cuda(): that finds nvcc through this module)
         logger.setLevel(logging.ERROR)
     try:
         from torch.utils import cpp_extension

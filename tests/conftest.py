@@ -40,3 +40,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def pytest_runtest_logreport(report):
+    """FASTBLOCK_TEST_FAILURES_NOW=1: print each failure's details the moment it happens, not at the end of the
+    session -- a time-boxed run (bench/gpu_verify.sh) that is cut off keeps them."""
+    if report.failed and os.environ.get("FASTBLOCK_TEST_FAILURES_NOW") == "1":
+        print(f"\n--- FAILED {report.nodeid} ({report.when}):\n{report.longreprtext[-4000:]}\n---", flush=True)
