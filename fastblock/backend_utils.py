@@ -64,9 +64,14 @@ def fake_forward_outputs(x, weight, stride, pad_h, pad_w, save_for_backward, sav
 
 
 def fake_backward_outputs(x, gates, weight, bias, bn_weight, bn_bias):
-    """(dx, dgates, dweight, dbias, dbn_weight, dbn_bias) as every backend's backward returns them."""
-    return (empty_like_layout(x, x.shape), torch.empty_like(gates), torch.empty_like(weight),
-            torch.empty_like(bias), torch.empty_like(bn_weight), torch.empty_like(bn_bias))
+    """(dx, dgates, dweight, dbias, dbn_weight, dbn_bias) as every backend's backward returns them: dx laid out
+    like x, the others contiguous whatever their input's strides (a Block moved to channels_last holds its
+    weight with channels-last strides; its gradient still comes back contiguous)."""
+    def fresh(t):
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+    return (empty_like_layout(x, x.shape), fresh(gates), fresh(weight), fresh(bias), fresh(bn_weight),
+            fresh(bn_bias))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -125,8 +125,9 @@ def speed(device: str, quick: bool, compile_reference: bool) -> list[tuple[str, 
     providers = {
         "reference (eager)": lambda: mixed_conv_bn_relu_reference(x, gates, weight, bias, bn_w, bn_b, rm, rv, True,
                                                                   0.1, 1e-5, 1, (1, 1)),
-        "conv+BN+ReLU (floor)": lambda: F.relu(F.batch_norm(F.conv2d(x, conv_w, padding=1), rm, rv, bn_w.to(dtype),
-                                                            bn_b.to(dtype), True, 0.1, 1e-5)),
+        # BatchNorm parameters and statistics in float32 with 16-bit data, as under autocast
+        "conv+BN+ReLU (floor)": lambda: F.relu(F.batch_norm(F.conv2d(x, conv_w, padding=1), rm, rv, bn_w, bn_b, True,
+                                                            0.1, 1e-5)),
         "dynamic conv": lambda: dynamic_conv_bn_relu(x, gates, weight, bias, bn_w, bn_b, rm, rv, True, 0.1, 1e-5, 1, 1),
     }
     if compile_reference:

@@ -225,3 +225,28 @@ def test_auto_passes_over_triton_on_pre_ampere_gpus(monkeypatch):
     assert backends._resolve("auto", "cuda", "auto", 2, (8, 0)) == "triton"
     assert backends._resolve("auto", "cuda", "auto", 2, (9, 0)) == "triton"
     assert backends._resolve("triton", "cuda", "auto", 2, (7, 5)) == "triton"
+
+
+@pytest.mark.parametrize("backend", [n for n in fastblock.backend_names() if fastblock.get_backend(n).fused])
+@pytest.mark.parametrize("layout", ["contiguous", "permuted"])
+def test_backward_op_passes_opcheck(backend, layout):
+    """torch.library.opcheck of the backward op: its fake kernel declares the strides the real one returns, also
+    for parameters held in other dense layouts (Block.to(memory_format=torch.channels_last) gives the weight
+    channels-last strides; under torch.compile a mismatch fails the compiled backward's stride assertion)."""
+    if not fastblock.available_backends("cpu")[backend].available:
+        pytest.skip(f"{backend} not available on CPU here")
+    args, kwargs = make_inputs(Case(2, 3, 4, 5, 5, k=2), requires_grad=False)
+    x, gates, weight, bias, gw, gb, rm, rv = args
+    if layout == "permuted":  # dense, not contiguous: every argument
+        x = x.contiguous(memory_format=torch.channels_last)
+        weight = weight.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)  # per kernel channels-last
+        gates = gates.t().contiguous().t()
+        bias = bias.t().contiguous().t()
+        assert not weight.is_contiguous() and not gates.is_contiguous()
+    y, z, mean, invstd = torch.ops.fastblock.mixed_conv_bn_relu_fwd(x, gates, weight, bias, gw, gb, rm.clone(),
+                                                                    rv.clone(), True, 0.1, 1e-5, 1, 1, 1, True,
+                                                                    backend)
+    dy = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.fastblock.mixed_conv_bn_relu_bwd.default,
+                          (dy, x, gates, weight, bias, gw, gb, z, mean, invstd, True, 1, 1, 1, backend),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -43,7 +43,7 @@ def test_all_stages_smoke(tmp_path):
                      "status.txt"):
         assert expected in names, names
     status = (out / "status.txt").read_text()
-    for name in ("build", "tests-triton", "data", "tests-ext", "doctor", "bench", "train"):
+    for name in ("build", "tests-triton", "data", "warm", "tests-ext", "doctor", "bench", "train"):
         assert f"{name} exit 0" in status, status
     assert "torch" in (out / "build.log").read_text()
     assert "all checks passed" in (out / "doctor.txt").read_text()
@@ -55,3 +55,4 @@ def test_a_failing_stage_is_recorded_and_the_rest_runs(tmp_path):
     assert proc.returncode == 1
     status = (tmp_path / "out" / "status.txt").read_text()
     assert "doctor exit 0" in status and "data exit 1" in status and "train exit 2" in status, status
+    assert "warm" not in status  # nothing to warm up without data

@@ -34,7 +34,7 @@ import torch
 ARCHS = (80, 86, 89, 90, 100, 120)
 STAGES = ((64, 32), (128, 16), (256, 8), (512, 4))  # (channels, map size) of the CIFAR networks' stages
 BATCH = 512
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 # largest shared memory one block may use (opt-in), bytes
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 TMEM_COLUMNS = 512
@@ -159,7 +159,11 @@ def check(launch: Launch, arch: int, allow_spills: bool = False) -> dict:
     try:
         compiled, log = compile_like_jit(launch, arch)
     except Exception as exc:
-        row["problems"].append(f"compile error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        chain, e = [], exc
+        while e is not None:
+            chain.append(f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
+            e = e.__cause__ or e.__context__
+        row["problems"].append("compile error: " + " <- ".join(chain))
         return row
     meta = compiled.metadata
     ptx = compiled.asm.get("ptx", "")

@@ -52,13 +52,13 @@ def _gated_dot(acc, a, w_ptr, w_off, w_mask, gates_ptr, n_scalar, n_row, row_val
             g = tl.load(gates_ptr + n_scalar * NUM_CONVS + k).to(ACC_DTYPE)
             wk = tl.load((w_ptr + k * k_stride) + w_off, mask=w_mask, other=0.0)  # scalar int64 offset first
             b_mix += g * wk.to(ACC_DTYPE)
-        acc = tl.dot(a, b_mix.to(a.dtype), acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a, b_mix.to(a.dtype), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     else:
         for k in tl.static_range(NUM_CONVS):
             g_rows = tl.load(gates_ptr + n_row * NUM_CONVS + k, mask=row_valid, other=0.0)
             wk = tl.load((w_ptr + k * k_stride) + w_off, mask=w_mask, other=0.0)
             a_k = (a.to(ACC_DTYPE) * g_rows.to(ACC_DTYPE)[:, None]).to(a.dtype)
-            acc = tl.dot(a_k, wk, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(a_k, wk, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     return acc
 
 
@@ -265,7 +265,7 @@ def mixed_conv_dweight_kernel(
             x_ok = pix_ok[:, None] & r_valid[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             x_t = tl.load(x_ptr + n64 * sxn + ci[None, :].to(tl.int64) * sxc + ih.to(tl.int64) * sxh
                           + iw.to(tl.int64) * sxw, mask=x_ok, other=0.0)
-            g_tile = tl.dot(dz_t, x_t, g_tile, input_precision=DOT_PRECISION)
+            g_tile = tl.dot(dz_t, x_t, g_tile, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
             dz_sum += tl.sum(dz_t.to(ACC_DTYPE), axis=1)
         a_n = tl.load(gates_ptr + n64 * NUM_CONVS + kk, mask=k_valid, other=0.0).to(ACC_DTYPE)
         dw_acc += a_n[:, None, None] * g_tile[None, :, :]
