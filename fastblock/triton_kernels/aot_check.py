@@ -224,7 +224,8 @@ def summary_line(rows: list[dict], arch: int) -> str:
             f"{max((r['shared'] for r in ok), default=0) // 1024} KiB of {SHARED_LIMIT[arch] // 1024}, "
             f"tensor memory <= {max((r['tmem'] for r in ok), default=0)} columns, registers <= "
             f"{max((r['registers'] for r in ok), default=0)}, 16-bit spills "
-            f"{sum(1 for r in ok if r['dtype'] != 'fp32' and r['spill_stores'])}, fp32 kernels spilling {fp32_spills}")
+            f"{sum(1 for r in ok if r['dtype'] in ('bf16', 'fp16') and r['spill_stores'])}, fp32 kernels spilling "
+            f"{fp32_spills}, fp64 kernels spilling {sum(1 for r in ok if r['dtype'] == 'fp64' and r['spill_stores'])}")
 
 
 def markdown(rows: list[dict], archs) -> str:
@@ -240,7 +241,7 @@ def markdown(rows: list[dict], archs) -> str:
             f"{sum(bool(r['problems']) for r in rows if r['arch'] == arch)} | "
             f"{max((r['shared'] for r in rs), default=0) / 1024:.0f} ({SHARED_LIMIT[arch] // 1024}) | "
             f"{max((r['tmem'] for r in rs), default=0)} | {max((r['registers'] for r in rs), default=0)} | "
-            f"{sum(1 for r in rs if r['dtype'] != 'fp32' and r['spill_stores'])} | "
+            f"{sum(1 for r in rs if r['dtype'] in ('bf16', 'fp16') and r['spill_stores'])} | "
             f"{sum(1 for r in fp32 if r['spill_stores'])} ({max((r['stack'] for r in fp32), default=0)}) | "
             f"{sum(r['mma'] for r in conv16)}/{len(conv16)} |")
     return "\n".join(lines)
