@@ -117,11 +117,19 @@ def _on_tensor_device(fn):
     return wrapper
 
 
+def _check_weight_size(weight: torch.Tensor) -> None:
+    """The kernels index within one W_k in 32 bits (the concatenation loop's weight tiles)."""
+    if weight[0].numel() >= 2 ** 31:
+        raise ValueError(f"fastblock: the Triton backend needs fewer than 2**31 elements per convolution kernel, "
+                         f"got Cout*Cin*KH*KW = {weight[0].numel()}; use backend='extension' or 'reference'")
+
+
 @_on_tensor_device
 def forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
             use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward):
     import triton
 
+    _check_weight_size(weight)
     conv, bn, configs = _kernels()
     n, cin, h, w = x.shape
     num_convs, cout, _, kh, kw = weight.shape
@@ -185,6 +193,7 @@ def forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_va
 def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w):
     import triton
 
+    _check_weight_size(weight)
     conv, bn, configs = _kernels()
     n, cin, h, w = x.shape
     num_convs, cout, _, kh, kw = weight.shape

@@ -129,3 +129,16 @@ def test_launches_run_on_the_tensors_gpu(monkeypatch):
     launcher(torch.zeros(1))  # CPU (interpreter): no guard
     assert seen == [[torch.device("cuda", 1)], []] and entered == []
     assert triton_backend.forward.__wrapped__ and triton_backend.backward.__wrapped__
+
+
+def test_triton_refuses_kernels_past_32_bit_indexing():
+    """The concatenation loop indexes within one W_k in 32 bits: a larger kernel gets a clear error, never a
+    wrapped index (expanded tensors: nothing that large is allocated)."""
+    from fastblock import triton_backend
+
+    c = 46341  # c * c > 2**31
+    x = torch.zeros(1, 1, 1, 1).expand(1, c, 1, 1)
+    weight = torch.zeros(1, 1, 1, 1, 1).expand(1, c, c, 1, 1)
+    with pytest.raises(ValueError, match="2\\*\\*31 elements per convolution kernel"):
+        triton_backend.forward(x, torch.ones(1, 1), weight, torch.zeros(1, c), torch.ones(c), torch.zeros(c),
+                               None, None, True, 0.1, 1e-5, 1, 0, 0, True)

@@ -34,8 +34,9 @@ def conv_config(rows_per_sample: int, cols: int, dtype: torch.dtype, interp: boo
       concatenation schedule shares every weight load across samples;
     * BLOCK_N follows Cout (64 or 128), BLOCK_K = 32 for 16-bit types (64-byte rows), 16 for fp32/fp64
       (register pressure of the K mixed tiles); fp64 (tests only) gets small tiles;
-    * ``arch`` (compute capability as 90, 100, ...): on Blackwell (sm_100+) the 16-bit concatenation tiles are
-      128x64, since the K accumulators of a 128x128 tile need 576 tensor-memory columns of 512.
+    * the 16-bit concatenation tiles are 128x64 (8 warps): 128x128 spilled on every architecture and needed 576
+      tensor-memory columns of 512 on Blackwell; their K step is 32 on Hopper (``arch`` 90), 16 elsewhere;
+      tiles of 64x128 and up get 8 warps (4 spilled at the 8x8 stage).
     """
     mix = (rows_per_sample >= 64) if schedule is None else (schedule == "mix")
     if interp:
@@ -46,10 +47,13 @@ def conv_config(rows_per_sample: int, cols: int, dtype: torch.dtype, interp: boo
     sixteen_bit = dtype in (torch.float16, torch.bfloat16)
     block_m = 128 if (mix and rows_per_sample >= 128) or (not mix) else 64
     block_n = 128 if cols >= 128 else 64
-    if arch is not None and arch >= 100 and sixteen_bit and not mix:
+    block_k = 32 if sixteen_bit else 16
+    if sixteen_bit and not mix:
         block_n = 64
-    return dict(MIX=mix, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32 if sixteen_bit else 16,
-                num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=3 if sixteen_bit else 2)
+        if arch != 90:  # K steps of 32 spill (<= 64 B) in the statistics epilogue outside Hopper's wgmma path
+            block_k = 16
+    return dict(MIX=mix, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                num_warps=8 if block_m * block_n >= 128 * 64 else 4, num_stages=3 if sixteen_bit else 2)
 
 
 def dweight_config(k_pad: int, dtype: torch.dtype, interp: bool) -> dict:
@@ -59,4 +63,5 @@ def dweight_config(k_pad: int, dtype: torch.dtype, interp: bool) -> dict:
         t = INTERPRETER_TILE
         return dict(BLOCK_M=t, BLOCK_N=t, BLOCK_P=t, num_warps=4)
     bm, bn = (64, 64) if k_pad <= 2 else (32, 64) if k_pad <= 4 else (32, 32)
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=32 if dtype in (torch.float16, torch.bfloat16) else 16, num_warps=4)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=32 if dtype in (torch.float16, torch.bfloat16) else 16,
+                num_warps=8 if k_pad * bm * bn >= 4 * 32 * 64 else 4)

@@ -39,27 +39,18 @@ def _row_tile(pid_m, N, P, BLOCK_M: tl.constexpr, MIX: tl.constexpr):
 
 
 @triton.jit
-def _gated_dot(acc, a, w_ptr, w_off, w_mask, gates_ptr, n_scalar, n_row, row_valid, k_stride,
-               NUM_CONVS: tl.constexpr, MIX: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _mixed_dot(acc, a, w_ptr, w_off, w_mask, gates_ptr, n_scalar, k_stride,
+               NUM_CONVS: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """acc += sum_k a[n,k] * (A @ W_k[tile]) by either schedule:
-    MIX mixes the K weight tiles with the tile's sample gates (one MMA); otherwise the A rows are scaled by their
-    own sample's gate before each of the K MMAs (the K-fold concatenation)."""
+    """The per-sample mixing schedule: acc += A @ (sum_k a[n,k] W_k[tile]), the K weight tiles mixed with the
+    tile's one sample's gates before a single MMA."""
     k_stride = tl.cast(k_stride, tl.int64)  # K * KH*KW*Cin*Cout can pass 2**31 elements
-    if MIX:
-        b_mix = tl.zeros([BLOCK_K, BLOCK_N], ACC_DTYPE)
-        for k in tl.static_range(NUM_CONVS):
-            g = tl.load(gates_ptr + n_scalar * NUM_CONVS + k).to(ACC_DTYPE)
-            wk = tl.load((w_ptr + k * k_stride) + w_off, mask=w_mask, other=0.0)  # scalar int64 offset first
-            b_mix += g * wk.to(ACC_DTYPE)
-        acc = tl.dot(a, b_mix.to(a.dtype), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-    else:
-        for k in tl.static_range(NUM_CONVS):
-            g_rows = tl.load(gates_ptr + n_row * NUM_CONVS + k, mask=row_valid, other=0.0)
-            wk = tl.load((w_ptr + k * k_stride) + w_off, mask=w_mask, other=0.0)
-            a_k = (a.to(ACC_DTYPE) * g_rows.to(ACC_DTYPE)[:, None]).to(a.dtype)
-            acc = tl.dot(a_k, wk, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-    return acc
+    b_mix = tl.zeros([BLOCK_K, BLOCK_N], ACC_DTYPE)
+    for k in tl.static_range(NUM_CONVS):
+        g = tl.load(gates_ptr + n_scalar * NUM_CONVS + k).to(ACC_DTYPE)
+        wk = tl.load((w_ptr + k * k_stride) + w_off, mask=w_mask, other=0.0)  # scalar int64 offset first
+        b_mix += g * wk.to(ACC_DTYPE)
+    return tl.dot(a, b_mix.to(a.dtype), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
 
 
 @triton.jit
@@ -97,22 +88,47 @@ def mixed_conv_fwd_kernel(
     taps_stride = KH * KW * Cin * Cout  # elements between W_k and W_{k+1}
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE)
-    for dh in tl.static_range(KH):
-        for dw in tl.static_range(KW):
+    if MIX:
+        for dh in tl.static_range(KH):
+            for dw in tl.static_range(KW):
+                ih = ih0 + dh
+                iw = iw0 + dw
+                tap_ok = row_valid & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                x_tap = x_row + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+                w_tap = (dh * KW + dw) * Cin * Cout
+                for c0 in range(0, Cin, BLOCK_K):
+                    ci = c0 + cols
+                    ci_ok = ci < Cin
+                    a = tl.load(x_ptr + x_tap[:, None] + ci[None, :].to(tl.int64) * sxc,
+                                mask=tap_ok[:, None] & ci_ok[None, :], other=0.0)
+                    w_off = w_tap + ci[:, None].to(tl.int64) * Cout + co[None, :]
+                    acc = _mixed_dot(acc, a, w_ptr, w_off, ci_ok[:, None] & co_valid[None, :], gates_ptr, n_scalar,
+                                     taps_stride, NUM_CONVS, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_N)
+    else:
+        # the K-fold concatenation (each A row scaled by its own sample's gate a[n,k]) as one flat reduction loop
+        # over (k, tap, channel block), software-pipelined as a whole: the body holds one A and one W tile, like a
+        # plain convolution. (Unrolled taps with K weight tiles per step spilled at the 8x8/4x4 stages.)
+        n_cb = tl.cdiv(Cin, BLOCK_K)
+        per_k = KH * KW * n_cb
+        for it in range(0, NUM_CONVS * per_k):
+            k = it // per_k
+            rem = it - k * per_k
+            tap = rem // n_cb
+            c0 = (rem - tap * n_cb) * BLOCK_K
+            dh = tap // KW
+            dw = tap - dh * KW
             ih = ih0 + dh
             iw = iw0 + dw
             tap_ok = row_valid & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            x_tap = x_row + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-            w_tap = (dh * KW + dw) * Cin * Cout
-            for c0 in range(0, Cin, BLOCK_K):
-                ci = c0 + cols
-                ci_ok = ci < Cin
-                a = tl.load(x_ptr + x_tap[:, None] + ci[None, :].to(tl.int64) * sxc,
-                            mask=tap_ok[:, None] & ci_ok[None, :], other=0.0)
-                w_off = w_tap + ci[:, None].to(tl.int64) * Cout + co[None, :]
-                acc = _gated_dot(acc, a, w_ptr, w_off, ci_ok[:, None] & co_valid[None, :], gates_ptr, n_scalar,
-                                 n_row, row_valid, taps_stride, NUM_CONVS, MIX, ACC_DTYPE, DOT_PRECISION,
-                                 BLOCK_K, BLOCK_N)
+            ci = c0 + cols
+            ci_ok = ci < Cin
+            a = tl.load(x_ptr + (x_row + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None]
+                        + ci[None, :].to(tl.int64) * sxc, mask=tap_ok[:, None] & ci_ok[None, :], other=0.0)
+            g_rows = tl.load(gates_ptr + n_row * NUM_CONVS + k, mask=row_valid, other=0.0).to(ACC_DTYPE)
+            wk = tl.load(w_ptr + k.to(tl.int64) * taps_stride + (tap * Cin * Cout + ci[:, None] * Cout + co[None, :]),
+                         mask=ci_ok[:, None] & co_valid[None, :], other=0.0)
+            a_k = (a.to(ACC_DTYPE) * g_rows[:, None]).to(a.dtype)
+            acc = tl.dot(a_k, wk, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
 
     # mixed bias: sum_k a[n,k] b_k
     for k in tl.static_range(NUM_CONVS):
@@ -171,25 +187,51 @@ def mixed_conv_dx_kernel(
     dz_row = n_row * sdn
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE)
-    for dh in tl.static_range(KH):
-        for dw in tl.static_range(KW):
+    if MIX:
+        for dh in tl.static_range(KH):
+            for dw in tl.static_range(KW):
+                oh_num = ih + pad_h - dh
+                ow_num = iw + pad_w - dw
+                oh = oh_num // stride
+                ow = ow_num // stride
+                tap_ok = (row_valid & (oh_num >= 0) & (ow_num >= 0) & (oh_num % stride == 0)
+                          & (ow_num % stride == 0) & (oh < Ho) & (ow < Wo))
+                dz_tap = dz_row + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw
+                w_tap = (dh * KW + dw) * Cout * Cin
+                for c0 in range(0, Cout, BLOCK_K):
+                    co = c0 + cols
+                    co_ok = co < Cout
+                    a = tl.load(dz_ptr + dz_tap[:, None] + co[None, :].to(tl.int64) * sdc,
+                                mask=tap_ok[:, None] & co_ok[None, :], other=0.0)
+                    w_off = w_tap + co[:, None].to(tl.int64) * Cin + ci[None, :]
+                    acc = _mixed_dot(acc, a, wt_ptr, w_off, co_ok[:, None] & ci_valid[None, :], gates_ptr,
+                                     n_scalar, taps_stride, NUM_CONVS, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_N)
+    else:
+        # the concatenation as one flat loop over (k, tap, channel block), as in the forward kernel
+        n_cb = tl.cdiv(Cout, BLOCK_K)
+        per_k = KH * KW * n_cb
+        for it in range(0, NUM_CONVS * per_k):
+            k = it // per_k
+            rem = it - k * per_k
+            tap = rem // n_cb
+            c0 = (rem - tap * n_cb) * BLOCK_K
+            dh = tap // KW
+            dw = tap - dh * KW
             oh_num = ih + pad_h - dh
             ow_num = iw + pad_w - dw
             oh = oh_num // stride
             ow = ow_num // stride
             tap_ok = (row_valid & (oh_num >= 0) & (ow_num >= 0) & (oh_num % stride == 0) & (ow_num % stride == 0)
                       & (oh < Ho) & (ow < Wo))
-            dz_tap = dz_row + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw
-            w_tap = (dh * KW + dw) * Cout * Cin
-            for c0 in range(0, Cout, BLOCK_K):
-                co = c0 + cols
-                co_ok = co < Cout
-                a = tl.load(dz_ptr + dz_tap[:, None] + co[None, :].to(tl.int64) * sdc,
-                            mask=tap_ok[:, None] & co_ok[None, :], other=0.0)
-                w_off = w_tap + co[:, None].to(tl.int64) * Cin + ci[None, :]
-                acc = _gated_dot(acc, a, wt_ptr, w_off, co_ok[:, None] & ci_valid[None, :], gates_ptr, n_scalar,
-                                 n_row, row_valid, taps_stride, NUM_CONVS, MIX, ACC_DTYPE, DOT_PRECISION,
-                                 BLOCK_K, BLOCK_N)
+            co = c0 + cols
+            co_ok = co < Cout
+            a = tl.load(dz_ptr + (dz_row + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw)[:, None]
+                        + co[None, :].to(tl.int64) * sdc, mask=tap_ok[:, None] & co_ok[None, :], other=0.0)
+            g_rows = tl.load(gates_ptr + n_row * NUM_CONVS + k, mask=row_valid, other=0.0).to(ACC_DTYPE)
+            wk = tl.load(wt_ptr + k.to(tl.int64) * taps_stride + (tap * Cout * Cin + co[:, None] * Cin + ci[None, :]),
+                         mask=co_ok[:, None] & ci_valid[None, :], other=0.0)
+            a_k = (a.to(ACC_DTYPE) * g_rows[:, None]).to(a.dtype)
+            acc = tl.dot(a_k, wk, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
 
     dx_off = (n_row * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None] + ci[None, :].to(tl.int64) * sxc
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=row_valid[:, None] & ci_valid[None, :])
