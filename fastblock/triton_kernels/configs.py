@@ -32,11 +32,11 @@ def conv_config(rows_per_sample: int, cols: int, dtype: torch.dtype, interp: boo
     sample; ``cols``: output channels). ``schedule`` forces "mix" or "concat" (tests); else:
     * per-sample mixing (MIX) when a sample fills a 64-row tile (P >= 64); below that (4x4 maps) the K-fold
       concatenation schedule shares every weight load across samples;
-    * BLOCK_N follows Cout (64 or 128), BLOCK_K = 32 for 16-bit types (64-byte rows), 16 for fp32/fp64
-      (register pressure of the K mixed tiles); fp64 (tests only) gets small tiles;
+    * BLOCK_N follows Cout (64 or 128); BLOCK_K = 16, or 32 (64-byte rows) for 16-bit types on Hopper and for
+      Blackwell's (sm_100) mixing kernels; fp64 (tests only) gets small tiles;
     * the 16-bit concatenation tiles are 128x64 (8 warps): 128x128 spilled on every architecture and needed 576
-      tensor-memory columns of 512 on Blackwell; their K step is 32 on Hopper (``arch`` 90), 16 elsewhere;
-      tiles of 64x128 and up get 8 warps (4 spilled at the 8x8 stage).
+      tensor-memory columns of 512 on Blackwell; tiles of 64x128 and up get 8 warps (4 spilled at the 8x8
+      stage); a 16-bit K step of 32 spilled elsewhere (``arch``: compute capability as 90, 100, ...).
     """
     mix = (rows_per_sample >= 64) if schedule is None else (schedule == "mix")
     if interp:
@@ -47,11 +47,11 @@ def conv_config(rows_per_sample: int, cols: int, dtype: torch.dtype, interp: boo
     sixteen_bit = dtype in (torch.float16, torch.bfloat16)
     block_m = 128 if (mix and rows_per_sample >= 128) or (not mix) else 64
     block_n = 128 if cols >= 128 else 64
-    block_k = 32 if sixteen_bit else 16
+    # K step: 16, or 32 for 16-bit where it does not spill (the AOT check): Hopper, and Blackwell's mixing kernels
+    wide_k = arch == 90 or (arch is not None and 100 <= arch < 120 and mix)
+    block_k = 32 if sixteen_bit and wide_k else 16
     if sixteen_bit and not mix:
         block_n = 64
-        if arch != 90:  # K steps of 32 spill (<= 64 B) in the statistics epilogue outside Hopper's wgmma path
-            block_k = 16
     return dict(MIX=mix, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                 num_warps=8 if block_m * block_n >= 128 * 64 else 4, num_stages=3 if sixteen_bit else 2)
 
