@@ -54,6 +54,28 @@ def _mixed_dot(acc, a, w_ptr, w_off, w_mask, gates_ptr, n_scalar, k_stride,
 
 
 @triton.jit
+def _flat_step(it, per_k, n_cb, KW: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Step ``it`` of the concatenation's flat reduction loop -> (k, tap, first channel, dh, dw)."""
+    k = it // per_k
+    rem = it - k * per_k
+    tap = rem // n_cb
+    c0 = (rem - tap * n_cb) * BLOCK_K
+    dh = tap // KW
+    return k, tap, c0, dh, tap - dh * KW
+
+
+@triton.jit
+def _concat_dot(acc, a, w_ptr, k, k_stride, w_off, w_mask, gates_ptr, n_row, row_valid,
+                NUM_CONVS: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The K-fold concatenation schedule, one step: acc += (a[n,k] * A rows) @ W_k[tile], each row scaled by its
+    own sample's gate (``w_off``: the tile's offsets inside W_k, 32-bit)."""
+    g_rows = tl.load(gates_ptr + n_row * NUM_CONVS + k, mask=row_valid, other=0.0).to(ACC_DTYPE)
+    wk = tl.load(w_ptr + k.to(tl.int64) * k_stride + w_off, mask=w_mask, other=0.0)
+    a_k = (a.to(ACC_DTYPE) * g_rows[:, None]).to(a.dtype)
+    return tl.dot(a_k, wk, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+
+
+@triton.jit
 def mixed_conv_fwd_kernel(
     x_ptr, gates_ptr, w_ptr, b_ptr,        # w_ptr: weights permuted to [K, KH, KW, Cin, Cout] (contiguous)
     out_ptr, z_ptr,                        # EVAL: out = y (and z if STORE_Z); training: out = z
@@ -111,12 +133,7 @@ def mixed_conv_fwd_kernel(
         n_cb = tl.cdiv(Cin, BLOCK_K)
         per_k = KH * KW * n_cb
         for it in range(0, NUM_CONVS * per_k):
-            k = it // per_k
-            rem = it - k * per_k
-            tap = rem // n_cb
-            c0 = (rem - tap * n_cb) * BLOCK_K
-            dh = tap // KW
-            dw = tap - dh * KW
+            k, tap, c0, dh, dw = _flat_step(it, per_k, n_cb, KW, BLOCK_K)
             ih = ih0 + dh
             iw = iw0 + dw
             tap_ok = row_valid & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -124,11 +141,9 @@ def mixed_conv_fwd_kernel(
             ci_ok = ci < Cin
             a = tl.load(x_ptr + (x_row + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None]
                         + ci[None, :].to(tl.int64) * sxc, mask=tap_ok[:, None] & ci_ok[None, :], other=0.0)
-            g_rows = tl.load(gates_ptr + n_row * NUM_CONVS + k, mask=row_valid, other=0.0).to(ACC_DTYPE)
-            wk = tl.load(w_ptr + k.to(tl.int64) * taps_stride + (tap * Cin * Cout + ci[:, None] * Cout + co[None, :]),
-                         mask=ci_ok[:, None] & co_valid[None, :], other=0.0)
-            a_k = (a.to(ACC_DTYPE) * g_rows[:, None]).to(a.dtype)
-            acc = tl.dot(a_k, wk, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            acc = _concat_dot(acc, a, w_ptr, k, taps_stride, tap * Cin * Cout + ci[:, None] * Cout + co[None, :],
+                              ci_ok[:, None] & co_valid[None, :], gates_ptr, n_row, row_valid, NUM_CONVS,
+                              ACC_DTYPE, DOT_PRECISION)
 
     # mixed bias: sum_k a[n,k] b_k
     for k in tl.static_range(NUM_CONVS):
@@ -211,12 +226,7 @@ def mixed_conv_dx_kernel(
         n_cb = tl.cdiv(Cout, BLOCK_K)
         per_k = KH * KW * n_cb
         for it in range(0, NUM_CONVS * per_k):
-            k = it // per_k
-            rem = it - k * per_k
-            tap = rem // n_cb
-            c0 = (rem - tap * n_cb) * BLOCK_K
-            dh = tap // KW
-            dw = tap - dh * KW
+            k, tap, c0, dh, dw = _flat_step(it, per_k, n_cb, KW, BLOCK_K)
             oh_num = ih + pad_h - dh
             ow_num = iw + pad_w - dw
             oh = oh_num // stride
@@ -227,11 +237,9 @@ def mixed_conv_dx_kernel(
             co_ok = co < Cout
             a = tl.load(dz_ptr + (dz_row + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw)[:, None]
                         + co[None, :].to(tl.int64) * sdc, mask=tap_ok[:, None] & co_ok[None, :], other=0.0)
-            g_rows = tl.load(gates_ptr + n_row * NUM_CONVS + k, mask=row_valid, other=0.0).to(ACC_DTYPE)
-            wk = tl.load(wt_ptr + k.to(tl.int64) * taps_stride + (tap * Cout * Cin + co[:, None] * Cin + ci[None, :]),
-                         mask=co_ok[:, None] & ci_valid[None, :], other=0.0)
-            a_k = (a.to(ACC_DTYPE) * g_rows[:, None]).to(a.dtype)
-            acc = tl.dot(a_k, wk, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            acc = _concat_dot(acc, a, wt_ptr, k, taps_stride, tap * Cout * Cin + co[:, None] * Cin + ci[None, :],
+                              co_ok[:, None] & ci_valid[None, :], gates_ptr, n_row, row_valid, NUM_CONVS,
+                              ACC_DTYPE, DOT_PRECISION)
 
     dx_off = (n_row * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None] + ci[None, :].to(tl.int64) * sxc
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=row_valid[:, None] & ci_valid[None, :])
