@@ -158,6 +158,14 @@ class AirBlockNet(nn.Module):
     def fit_to_data(self, images: torch.Tensor) -> None:
         self.whiten.fit(images)
 
+    @torch.no_grad()
+    def dirac_init_(self) -> None:
+        """Each Block's first branch starts as the identity on its first min(Cin, Cout) output channels (the other
+        outputs and branches keep their random initialisation, so the branches differ and the gates can learn)."""
+        for block in self.body:
+            if isinstance(block, Block):
+                nn.init.dirac_(block.weight[0, :min(block.in_channels, block.out_channels)])
+
     def forward(self, x):
         x = self.body(self.whiten(x))
         return self.head(torch.amax(x, dim=(2, 3))) * self.logit_scale

@@ -546,3 +546,92 @@ def test_precision_follows_the_gpu_architecture(monkeypatch):
         note = loop.precision_note(cfg, torch.device("cuda"))
         assert ("GradScaler" in note) == (expected == torch.float16) and f"{capability[0]}.{capability[1]}" in note
     assert loop.amp_dtype_for(dict(cfg, amp="off"), torch.device("cuda")) is None
+
+
+# --- the speed-run settings of the cpu recipe ---------------------------------------------------------------------
+def test_bn_bias_lr_scale_gives_the_shifts_their_own_group():
+    model = build_model("tiny")
+    cfg = dict(train.resolve_preset("tiny"), lr=0.1, weight_decay=1e-3, bn_bias_lr_scale=64.0)
+    opt = train.make_optimizer(cfg, model)
+    assert len(opt.param_groups) == 3
+    bn_biases = {id(m.bias) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    fast = opt.param_groups[2]
+    assert {id(p) for p in fast["params"]} == bn_biases
+    assert fast["lr"] == pytest.approx(6.4) and fast["weight_decay"] == pytest.approx(1e-3 / 64)
+    # the same decay per step as the weights: lr x weight_decay
+    assert fast["lr"] * fast["weight_decay"] == pytest.approx(opt.param_groups[0]["lr"] * opt.param_groups[0][
+        "weight_decay"])
+    assert all(id(p) not in bn_biases for g in opt.param_groups[:2] for p in g["params"])
+    # the scheduler scales every group by the same factor
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+    assert opt.param_groups[2]["lr"] == pytest.approx(3.2) and opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    del sched
+    assert len(train.make_optimizer(dict(cfg, bn_bias_lr_scale=1.0), model).param_groups) == 2
+
+
+def test_warmup_as_a_fraction_of_the_run_from_a_start_factor():
+    from fastblock.train.loop import Plan
+
+    cfg = dict(train.resolve_preset("tiny"), schedule="linear", warmup_fraction=0.25, warmup_start=0.2,
+               min_lr_ratio=0.07)
+    plan = Plan(steps_per_epoch=10, total_steps=100)
+    factors = [train.lr_factor(cfg, plan, s) for s in range(100)]
+    assert factors[0] == pytest.approx(0.2 + 0.8 / 25) and factors[24] == pytest.approx(1.0)
+    assert max(factors) == pytest.approx(1.0) and factors.index(max(factors)) in (24, 25)
+    assert factors[-1] == pytest.approx(0.07 + 0.93 / 75)
+    plan.total_steps = 200  # a re-planned run: the warm-up follows its new length
+    assert train.lr_factor(cfg, plan, 49) == pytest.approx(1.0)
+
+
+def test_lookahead_continues_from_the_average():
+    from fastblock.train import loop
+
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    avg = loop.make_ema(model, 0.9, warmup=False)
+    before = {k: v.clone() for k, v in avg.module.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        model.body[0].bn.running_mean.add_(2.0)
+    moved = {k: v.clone() for k, v in model.state_dict().items()}
+    loop.lookahead_update(avg, model, decay=0.75)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, avg.module.state_dict()[k]), k  # the model continues from the average
+        if v.is_floating_point():
+            torch.testing.assert_close(v, 0.75 * before[k] + 0.25 * moved[k])
+    cfg = dict(train.resolve_preset("tiny"), ema=0.8)
+    plan = loop.Plan(steps_per_epoch=10, total_steps=100)
+    assert loop.lookahead_decay(cfg, plan, 0) == 0.0 and loop.lookahead_decay(cfg, plan, 100) == pytest.approx(0.8)
+    assert loop.lookahead_decay(cfg, plan, 50) == pytest.approx(0.8 / 8)
+
+
+def test_dirac_init_makes_the_first_branch_an_identity():
+    model = build_model("air-cpu-small")
+    model.dirac_init_()
+    x = torch.randn(2, 24, 8, 8)
+    first = model.body[0]
+    y = torch.nn.functional.conv2d(x, first.weight[0], padding=1)
+    torch.testing.assert_close(y[:, :24], x)  # 24 -> 32 channels: the first 24 pass through
+    second = model.body[2]
+    assert torch.count_nonzero(second.weight[0] - torch.nn.init.dirac_(torch.empty_like(second.weight[0]))) == 0
+    assert not torch.equal(second.weight[1], second.weight[0])  # the other branch stays random
+
+
+def test_speed_run_settings_train_and_resume_from_old_configs(tmp_path, folder_data, capsys):
+    out = _train(tmp_path, folder_data, "--epochs", "2", "--batch-size", "20", "--lookahead", "--ema", "0.77",
+                 "--ema-every", "2", "--bn-bias-lr-scale", "8", "--bn-momentum", "0.4", "--warmup-fraction", "0.2",
+                 "--warmup-start", "0.2", "--min-lr-ratio", "0.07", "--stop-after", "1")
+    ckpt = torch.load(out / "last.pt", weights_only=False)
+    for key in ("lookahead", "bn_bias_lr_scale", "bn_momentum", "warmup_fraction", "warmup_start", "dirac"):
+        assert key in ckpt["config"]
+    # a run recorded before these settings existed resumes with their defaults
+    for key in ("lookahead", "bn_momentum", "warmup_fraction", "warmup_start", "dirac"):
+        del ckpt["config"][key]
+    ckpt["config"]["bn_bias_lr_scale"] = 8.0
+    torch.save(ckpt, out / "last.pt")
+    assert train.main(["--resume", str(out), "--no-progress", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert len((out / "metrics.csv").read_text().splitlines()) == 3
+    capsys.readouterr()
+    _train(tmp_path, folder_data, "--epochs", "0.2", "--batch-size", "20", "--dirac", name="d")
+    assert "dirac: model 'tiny' has no identity initialisation" in capsys.readouterr().out

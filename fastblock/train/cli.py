@@ -64,9 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     hp.add_argument("--momentum", type=float)
     hp.add_argument("--nesterov", action=argparse.BooleanOptionalAction)
     hp.add_argument("--weight-decay", type=float, help="not applied to BatchNorm parameters and biases")
+    hp.add_argument("--bn-bias-lr-scale", type=float,
+                    help="BatchNorm biases train at this times the learning rate, with weight decay divided by it "
+                         "(1: like the other biases, no decay)")
+    hp.add_argument("--bn-momentum", type=float, help="BatchNorm running-statistics momentum (as nn.BatchNorm2d)")
     hp.add_argument("--label-smoothing", type=float)
     hp.add_argument("--schedule", choices=["linear", "cosine", "constant", "plateau"])
     hp.add_argument("--warmup-epochs", type=float)
+    hp.add_argument("--warmup-fraction", type=float,
+                    help="warm-up as a fraction of the run's steps (replaces --warmup-epochs; 0: off)")
+    hp.add_argument("--warmup-start", type=float, help="learning-rate factor at the first warm-up step (default 0)")
     hp.add_argument("--t-max", type=float, help="cosine period in epochs (default: the run length)")
     hp.add_argument("--min-lr-ratio", type=float, help="final lr / peak lr for linear and cosine schedules")
     hp.add_argument("--crop-pad", type=int, help="random translation by up to this many pixels (0: off)")
@@ -79,10 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     hp.add_argument("--rotate", type=float, help="random rotation range in degrees")
     hp.add_argument("--freeze-bn-weight", action=argparse.BooleanOptionalAction,
                     help="keep BatchNorm scales at 1 (only their biases train)")
+    hp.add_argument("--dirac", action=argparse.BooleanOptionalAction,
+                    help="identity-initialised convolutions (models with dirac_init_, e.g. the air-* networks)")
     hp.add_argument("--ema", type=float, help="EMA decay of the weights used for evaluation (0: off)")
     hp.add_argument("--ema-every", type=int, help="update the EMA every this many steps")
     hp.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction,
                     help="ramp the EMA decay up over the first updates (default: on)")
+    hp.add_argument("--lookahead", action=argparse.BooleanOptionalAction,
+                    help="lookahead: at every EMA update the model continues from the average, whose decay rises "
+                         "as ema x (fraction of the run done)^3")
     hp.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"],
                     help="autocast (auto: bf16 on GPUs of compute capability 8.0+ and on CPUs with AMX/AVX512-BF16, "
                          "fp16 + GradScaler on older GPUs, else off)")

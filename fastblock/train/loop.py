@@ -28,7 +28,7 @@ from ..backends import available_backends, resolve_backend
 from ..data import (Cifar, DataError, atomic_torch_save, balanced_subset, cutout, load_cifar10, progress_interval,
                     random_affine, random_crop, random_flip, split_validation)
 from ..models import build_model, count_flops
-from .presets import SETTINGS, default_preset, resolve_preset
+from .presets import SETTINGS, default_preset, recipe_defaults, resolve_preset
 from .records import confusion_report, plot_curves, write_metrics, write_steps
 
 CHECKPOINT_KEYS = {"model", "config"}
@@ -68,18 +68,34 @@ class Dist:
 # --------------------------------------------------------------------------------------------------------------
 # parts
 # --------------------------------------------------------------------------------------------------------------
-def param_groups(model: nn.Module, weight_decay: float):
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, bn_bias_lr_scale: float = 1.0):
+    """[decayed weights, undecayed biases and BatchNorm parameters] -- and with ``bn_bias_lr_scale`` != 1 a third
+    group, the BatchNorm biases at ``bn_bias_lr_scale`` times the learning rate with weight decay divided by it:
+    the same decay per step as the weights, which keeps the fast-moving shifts bounded (lr = None: the optimizer's)."""
+    bn_biases = {id(m.bias) for m in model.modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None}
+    decay, no_decay, fast = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        if bn_bias_lr_scale != 1.0 and id(p) in bn_biases:
+            fast.append(p)
         # BatchNorm affine parameters and biases are 1-D (Block biases are [K, Cout]; named "bias")
-        (no_decay if p.dim() <= 1 or name.endswith("bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        elif p.dim() <= 1 or name.endswith("bias"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if fast:
+        groups.append({"params": fast, "weight_decay": weight_decay / bn_bias_lr_scale,
+                       "lr_scale": bn_bias_lr_scale})
+    return groups
 
 
 def make_optimizer(cfg, model):
-    groups = param_groups(model, cfg["weight_decay"])
+    groups = param_groups(model, cfg["weight_decay"], cfg["bn_bias_lr_scale"])
+    for g in groups:
+        g["lr"] = cfg["lr"] * g.pop("lr_scale", 1.0)
     if cfg["optimizer"] == "sgd":
         return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"],
                                nesterov=bool(cfg["nesterov"]) and cfg["momentum"] > 0)
@@ -98,11 +114,19 @@ class Plan:
     total_steps: int
 
 
+def warmup_steps(cfg, plan: Plan) -> float:
+    if cfg["warmup_fraction"]:
+        return cfg["warmup_fraction"] * plan.total_steps
+    return cfg["warmup_epochs"] * plan.steps_per_epoch
+
+
 def lr_factor(cfg, plan: Plan, step: int) -> float:
-    """Warm-up, then linear / cosine / constant (plateau: constant here, reduced per epoch on the eval loss)."""
-    warm = cfg["warmup_epochs"] * plan.steps_per_epoch
+    """Warm-up from ``warmup_start`` to 1, then linear / cosine / constant down to ``min_lr_ratio`` (plateau:
+    constant here, reduced per epoch on the eval loss)."""
+    warm = warmup_steps(cfg, plan)
     if warm > 0 and step < warm:
-        return (step + 1) / warm
+        start = cfg["warmup_start"]
+        return start + (1 - start) * (step + 1) / warm
     floor = cfg["min_lr_ratio"]
     if cfg["schedule"] == "linear":
         frac = (step - warm) / max(1.0, plan.total_steps - warm)
@@ -123,6 +147,25 @@ def make_ema(model: nn.Module, decay: float, warmup: bool) -> AveragedModel:
         get_ema_multi_avg_fn(min(decay, (1 + n) / (10 + n)) if warmup else decay)(averaged, current, num_averaged)
 
     return AveragedModel(model, multi_avg_fn=multi_avg_fn, use_buffers=True)
+
+
+def lookahead_decay(cfg, plan: Plan, step: int) -> float:
+    """Lookahead's decay after ``step`` steps: ``ema`` x (fraction of the run done)^3 -- next to no averaging while
+    the learning rate is high, the full decay at the end."""
+    return cfg["ema"] * min(1.0, step / plan.total_steps) ** 3
+
+
+@torch.no_grad()
+def lookahead_update(averaged: AveragedModel, model: nn.Module, decay: float) -> None:
+    """averaged <- decay * averaged + (1 - decay) * model (parameters and floating-point buffers), then the model
+    continues from the average."""
+    def tensors(m):
+        return [t for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()]
+
+    avg, cur = tensors(averaged.module), tensors(model)
+    torch._foreach_lerp_(avg, cur, 1.0 - decay)
+    torch._foreach_copy_(cur, avg)
+    averaged.n_averaged += 1
 
 
 def cpu_bf16_native() -> Optional[str]:
@@ -342,7 +385,7 @@ def run(args, say) -> int:
     if args.resume:
         run_dir = Path(args.resume)
         state = load_checkpoint(run_dir / "last.pt", "--resume")
-        cfg = dict(state["config"])
+        cfg = {**recipe_defaults(), **state["config"]}  # settings added since the run began keep their defaults
         progress = Progress(**state["progress"])
         if args.epochs is not None and args.epochs != cfg["epochs"]:
             if args.epochs < progress.epoch + progress.step_in_epoch / max(1, state["plan"]["steps_per_epoch"]):
@@ -373,10 +416,18 @@ def run(args, say) -> int:
         sample = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(cfg["seed"]))[:5000]
                          .to(device)]
         model.fit_to_data((sample.float().div_(255) - mean) / std)
-    if cfg["freeze_bn_weight"]:
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d) and m.weight is not None:
+    if state is None and cfg["dirac"]:
+        if hasattr(model, "dirac_init_"):
+            model.dirac_init_()
+        else:
+            say(f"dirac: model {cfg['model']!r} has no identity initialisation (the air-* models do); it keeps its "
+                "random one")
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            if cfg["freeze_bn_weight"] and m.weight is not None:
                 m.weight.requires_grad_(False)
+            if cfg["bn_momentum"] is not None:
+                m.momentum = cfg["bn_momentum"]
     channels_last = channels_last_for(cfg, device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -623,6 +674,13 @@ def _train_step(ctx, batch, flips, gen, micro) -> tuple[float, float]:
 
 def _maybe_update_ema(ctx, global_step: int) -> None:
     if ctx["ema"] is not None and (global_step + 1) % ctx["cfg"]["ema_every"] == 0:
+        _update_average(ctx, global_step + 1)
+
+
+def _update_average(ctx, steps_done: int) -> None:
+    if ctx["cfg"]["lookahead"]:
+        lookahead_update(ctx["ema"], ctx["model"], lookahead_decay(ctx["cfg"], ctx["plan"], steps_done))
+    else:
         ctx["ema"].update_parameters(ctx["model"])
 
 
@@ -654,7 +712,7 @@ def _end_epoch(ctx, last_step: int) -> None:
     seen_all, loss_all, correct_all = dist.all_sum([seen, loss_sum, correct], device)
     ema = ctx["ema"]
     if ema is not None:
-        ema.update_parameters(ctx["model"])
+        _update_average(ctx, progress.epoch * plan.steps_per_epoch + last_step)
     common = (ctx["test_x"], ctx["test_y"], ctx["mean"], ctx["std"], 1024, ctx["amp_dtype"], ctx["channels_last"])
     with ctx["pool_scope"]():
         test_loss, test_acc, _ = evaluate(ema.module if ema is not None else ctx["model"], *common, cfg["tta"],
