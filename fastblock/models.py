@@ -144,12 +144,16 @@ class AirBlockNet(nn.Module):
         ks = [num_convs] * 6 if isinstance(num_convs, int) else list(num_convs)
         self.whiten = PatchWhitening()
         layers, width = [], self.whiten.out_channels
+
+        def block(cin, cout, k, stride=1):  # K=1: a softmax over one branch is 1 -- no gate layer to compute
+            return Block(cin, cout, num_convs=k, stride=stride, gate="softmax" if k > 1 else "none", backend=backend)
+
         for stage, out in enumerate(widths):
             if downsample == "pool":  # Block, then 2x2 max-pool
-                layers += [Block(width, out, num_convs=ks[2 * stage], backend=backend), nn.MaxPool2d(2)]
+                layers += [block(width, out, ks[2 * stage]), nn.MaxPool2d(2)]
             else:  # a stride-2 Block: a quarter of the FLOPs and BatchNorm work
-                layers += [Block(width, out, num_convs=ks[2 * stage], stride=2, backend=backend)]
-            layers += [Block(out, out, num_convs=ks[2 * stage + 1], backend=backend)]
+                layers += [block(width, out, ks[2 * stage], stride=2)]
+            layers += [block(out, out, ks[2 * stage + 1])]
             width = out
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(width, num_classes, bias=False)
@@ -228,6 +232,12 @@ def _air(widths, num_convs, downsample="pool"):
 MODELS = {
     "air-cpu": ModelRecipe("patch whitening + 3 stages of (K=2 Block, max-pool, K=2 Block), 48-192-192, global "
                            "max-pool, linear head: a speed-run layout of gated Blocks", _air((48, 192, 192), 2)),
+    "air-cpu-k1": ModelRecipe("air-cpu with K=1 Blocks (plain conv + BN + ReLU): the K ablation's baseline",
+                              _air((48, 192, 192), 1)),
+    "air-cpu-k4": ModelRecipe("air-cpu with K=4 Blocks", _air((48, 192, 192), 4)),
+    "air-cpu-wide-k1": ModelRecipe("patch whitening + 3 stages of (Block, max-pool, Block), 64-256-256, K=1 Blocks "
+                                   "(fused conv + BN + ReLU), global max-pool, linear head",
+                                   _air((64, 256, 256), 1)),
     "air-cpu-small": ModelRecipe("air-cpu narrowed to 32-128-128 (K=2)", _air((32, 128, 128), 2)),
     "air-cpu-small-k1": ModelRecipe("air-cpu-small with K=1 Blocks (plain conv + BN + ReLU): the ablation baseline",
                                     _air((32, 128, 128), 1)),

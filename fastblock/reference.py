@@ -22,7 +22,7 @@ def gated_conv_reference(x: torch.Tensor, gates: torch.Tensor, weight: torch.Ten
     return mixed
 
 
-def mixed_conv_bn_relu_reference(
+def mixed_conv_bn_reference(
     x: torch.Tensor,
     gates: torch.Tensor,
     weight: torch.Tensor,
@@ -37,7 +37,7 @@ def mixed_conv_bn_relu_reference(
     stride: int,
     padding: tuple[int, int],
 ) -> torch.Tensor:
-    """ReLU(BatchNorm(sum_k gates[:, k] * conv2d(x, weight[k], bias[k]))).
+    """BatchNorm(sum_k gates[:, k] * conv2d(x, weight[k], bias[k])): the Block before its ReLU.
 
     BatchNorm follows F.batch_norm exactly: batch statistics when ``training`` (or when no running
     statistics are given), running statistics otherwise; running stats are updated in place with the
@@ -56,7 +56,16 @@ def mixed_conv_bn_relu_reference(
     for view, dense in ((running_mean, stats_mean), (running_var, stats_var)):
         if view is not None and dense is not view:
             view.copy_(dense)
-    return F.relu(normed)
+    return normed
+
+
+def mixed_conv_bn_relu_reference(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                 training: bool, momentum: float, eps: float, stride: int,
+                                 padding: tuple[int, int]) -> torch.Tensor:
+    """ReLU(BatchNorm(sum_k gates[:, k] * conv2d(x, weight[k], bias[k]))): the fused op's ground truth (arguments
+    as in ``mixed_conv_bn_reference``)."""
+    return F.relu(mixed_conv_bn_reference(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                          training, momentum, eps, stride, padding))
 
 
 def dynamic_conv_bn_relu(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,

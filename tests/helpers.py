@@ -9,10 +9,9 @@ import zlib
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 import fastblock
-from fastblock.reference import mixed_conv_bn_relu_reference
+from fastblock.reference import mixed_conv_bn_reference, mixed_conv_bn_relu_reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,16 +98,9 @@ def away_from_kink(args, kwargs, training: bool, dtype) -> torch.Tensor:
     """Where the exact (float64) BatchNorm output is clear of the ReLU threshold: the backward is compared with
     an upstream gradient that vanishes elsewhere, so it is a function of the inputs, not of rounding. A
     backward that mishandles the threshold still fails at every other element."""
-    x, gates, weight, bias, bn_w, bn_b, rm, rv = (None if a is None else a.detach().double() for a in args)
-    z = sum(gates[:, k, None, None, None] * F.conv2d(x, weight[k], None, kwargs["stride"], kwargs["padding"])
-            for k in range(weight.shape[0]))
-    if bias is not None:
-        z = z + (gates @ bias)[:, :, None, None]
-    if training:
-        mean, var = z.mean((0, 2, 3)), z.var((0, 2, 3), unbiased=False)
-    else:
-        mean, var = rm, rv
-    pre = (z - mean[:, None, None]) / (var[:, None, None] + 1e-5).sqrt() * bn_w[:, None, None] + bn_b[:, None, None]
+    exact = [None if a is None else a.detach().to(torch.float64, copy=True) for a in args]
+    pre = mixed_conv_bn_reference(*exact, training=training, momentum=0.1, eps=1e-5, stride=kwargs["stride"],
+                                  padding=(kwargs["padding"],) * 2)
     return pre.abs() > KINK_MARGIN[dtype] * pre.abs().max()
 
 

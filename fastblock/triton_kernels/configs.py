@@ -35,8 +35,9 @@ def conv_config(rows_per_sample: int, cols: int, dtype: torch.dtype, interp: boo
     * BLOCK_N follows Cout (64 or 128); BLOCK_K = 16, or 32 (64-byte rows) for 16-bit types on Hopper and for
       Blackwell's (sm_100) mixing kernels; fp64 (tests only) gets small tiles;
     * the 16-bit concatenation tiles are 128x64 (8 warps): 128x128 spilled on every architecture and needed 576
-      tensor-memory columns of 512 on Blackwell; tiles of 64x128 and up get 8 warps (4 spilled at the 8x8
-      stage); a 16-bit K step of 32 spilled elsewhere (``arch``: compute capability as 90, 100, ...).
+      tensor-memory columns of 512 on Blackwell; 64x64 on sm_86/89, where 128x64 still spilled; tiles of 64x128
+      and up get 8 warps (4 spilled at the 8x8 stage); a 16-bit K step of 32 spilled elsewhere (``arch``:
+      compute capability as 90, 100, ...).
     """
     mix = (rows_per_sample >= 64) if schedule is None else (schedule == "mix")
     if interp:
@@ -52,8 +53,11 @@ def conv_config(rows_per_sample: int, cols: int, dtype: torch.dtype, interp: boo
     block_k = 32 if sixteen_bit and wide_k else 16
     if sixteen_bit and not mix:
         block_n = 64
-    return dict(MIX=mix, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                num_warps=8 if block_m * block_n >= 128 * 64 else 4, num_stages=3 if sixteen_bit else 2)
+    num_warps = 8 if block_m * block_n >= 128 * 64 else 4
+    if sixteen_bit and not mix and arch in (86, 89):
+        block_m, num_warps = 64, 8  # 128x64 spilled there (the train forward, 36 B); this: 186 registers, none
+    return dict(MIX=mix, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+                num_stages=3 if sixteen_bit else 2)
 
 
 def dweight_config(k_pad: int, dtype: torch.dtype, interp: bool) -> dict:
