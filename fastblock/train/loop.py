@@ -70,8 +70,9 @@ class Dist:
 # --------------------------------------------------------------------------------------------------------------
 def param_groups(model: nn.Module, weight_decay: float, bn_bias_lr_scale: float = 1.0):
     """[decayed weights, undecayed biases and BatchNorm parameters] -- and with ``bn_bias_lr_scale`` != 1 a third
-    group, the BatchNorm biases at ``bn_bias_lr_scale`` times the learning rate with weight decay divided by it:
-    the same decay per step as the weights, which keeps the fast-moving shifts bounded (lr = None: the optimizer's)."""
+    group, the BatchNorm biases, whose "lr_scale" make_optimizer turns into their learning rate, with weight decay
+    divided by it: the same decay per step as the weights, which keeps the fast-moving shifts bounded.
+    (_BatchNorm: SyncBatchNorm too, which --sync-bn converts to before the optimizer is built.)"""
     bn_biases = {id(m.bias) for m in model.modules()
                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None}
     decay, no_decay, fast = [], [], []
