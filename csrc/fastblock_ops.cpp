@@ -114,6 +114,22 @@ at::MemoryFormat compute_layout(const DeviceKernels& kern, const at::Tensor& x, 
   return rows ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
+// Whether every element of a small CPU tensor (gates, biases) equals v. Checked on CPU only: there it costs
+// microseconds, and it lets an ungated K=1 Block (gates all one, no bias: a plain conv + BN + ReLU) skip a copy of
+// its input and a pass over its output; on a GPU the answer would cost a device synchronisation.
+bool cpu_all_equal(const at::Tensor& t, double v) {
+  return t.device().is_cpu() && t.numel() > 0 && at::all(t == v).item<bool>();
+}
+
+// The concatenation schedule's input [a_1 x .. a_K x]: x itself when K=1 and every gate is 1.
+at::Tensor gated_input(const DeviceKernels& kern, const at::Tensor& xc, const at::Tensor& gates_acc) {
+  const int64_t n = xc.size(0), cin = xc.size(1), k = gates_acc.size(1);
+  if (k == 1 && cpu_all_equal(gates_acc, 1.0)) return xc;
+  auto x_cat = at::empty({n, k * cin, xc.size(2), xc.size(3)}, xc.options().memory_format(xc.suggest_memory_format()));
+  { FASTBLOCK_PROFILE("expand_gated"); kern.expand_gated(xc, gates_acc, x_cat); }
+  return x_cat;
+}
+
 // The concatenation schedule's kernels [Cout, K*Cin, kh, kw] (W_k side by side along the input channels), a
 // transposed copy of weight [K, Cout, Cin, kh, kw].
 at::Tensor concat_kernels(const at::Tensor& weight) {
@@ -132,13 +148,13 @@ at::Tensor gated_conv(const DeviceKernels& kern, const at::Tensor& xc, const at:
   const auto b_flat = bias.contiguous();
   if (concat) {
     const auto layout = xc.suggest_memory_format();
-    auto x_cat = at::empty({n, k * cin, h, w}, xc.options().memory_format(layout));
-    { FASTBLOCK_PROFILE("expand_gated"); kern.expand_gated(xc, gates_acc, x_cat); }
+    const auto x_cat = gated_input(kern, xc, gates_acc);
     auto w_cat = concat_kernels(weight);
     if (scale) w_cat = w_cat * scale->to(weight.scalar_type()).view({cout, 1, 1, 1});
+    auto z = at::convolution(x_cat, w_cat, c10::nullopt, {stride, stride}, {pad_h, pad_w}, {1, 1}, false, {0, 0}, 1);
+    if (!shift && cpu_all_equal(bias, 0.0)) return z.contiguous(layout);  // nothing to add
     auto b_mix = at::empty({n, cout}, bias.options());
     { FASTBLOCK_PROFILE("mix"); kern.mix(gates_acc, b_flat, scale, shift, 1, b_mix); }
-    auto z = at::convolution(x_cat, w_cat, c10::nullopt, {stride, stride}, {pad_h, pad_w}, {1, 1}, false, {0, 0}, 1);
     return z.contiguous(layout).add_(b_mix.view({n, cout, 1, 1}));
   }
   const int64_t ho = (h + 2 * pad_h - kh) / stride + 1, wo = (w + 2 * pad_w - kw) / stride + 1;
@@ -170,8 +186,7 @@ void gated_conv_backward(const DeviceKernels& kern, const at::Tensor& dz, const 
   const auto w_flat = weight.contiguous().view({k, f});
   if (concat) {
     const auto layout = xc.suggest_memory_format();
-    auto x_cat = at::empty({n, k * cin, h, w}, xc.options().memory_format(layout));
-    { FASTBLOCK_PROFILE("expand_gated"); kern.expand_gated(xc, gates_acc, x_cat); }
+    const auto x_cat = gated_input(kern, xc, gates_acc);
     auto grads = at::convolution_backward(dz, x_cat, concat_kernels(weight), c10::nullopt, {stride, stride},
                                           {pad_h, pad_w}, {1, 1}, false, {0, 0}, 1, {true, true, false});
     dx = at::empty_like(xc);

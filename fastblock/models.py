@@ -139,14 +139,18 @@ class AirBlockNet(nn.Module):
 
     def __init__(self, widths: Sequence[int] = (64, 256, 256), num_convs: Union[int, Sequence[int]] = 2,
                  num_classes: int = 10, logit_scale: float = 1 / 9, downsample: str = "pool",
-                 backend: str = "auto"):
+                 whiten_gelu: bool = False, conv_bias: bool = True, backend: str = "auto"):
         super().__init__()
         ks = [num_convs] * 6 if isinstance(num_convs, int) else list(num_convs)
         self.whiten = PatchWhitening()
+        # A GELU after the whitening makes its +-pairs of channels two different features (without it the second
+        # half is the first one negated, which the next linear convolution gains nothing from).
+        self.whiten_act = nn.GELU() if whiten_gelu else nn.Identity()
         layers, width = [], self.whiten.out_channels
 
         def block(cin, cout, k, stride=1):  # K=1: a softmax over one branch is 1 -- no gate layer to compute
-            return Block(cin, cout, num_convs=k, stride=stride, gate="softmax" if k > 1 else "none", backend=backend)
+            return Block(cin, cout, num_convs=k, stride=stride, gate="softmax" if k > 1 else "none", bias=conv_bias,
+                         backend=backend)
 
         for stage, out in enumerate(widths):
             if downsample == "pool":  # Block, then 2x2 max-pool
@@ -171,7 +175,7 @@ class AirBlockNet(nn.Module):
                 nn.init.dirac_(block.weight[0, :min(block.in_channels, block.out_channels)])
 
     def forward(self, x):
-        x = self.body(self.whiten(x))
+        x = self.body(self.whiten_act(self.whiten(x)))
         return self.head(torch.amax(x, dim=(2, 3))) * self.logit_scale
 
 
@@ -225,8 +229,8 @@ def _tiny(backend):
                     backend=backend)
 
 
-def _air(widths, num_convs, downsample="pool"):
-    return lambda backend: AirBlockNet(widths, num_convs, downsample=downsample, backend=backend)
+def _air(widths, num_convs, downsample="pool", **options):
+    return lambda backend: AirBlockNet(widths, num_convs, downsample=downsample, backend=backend, **options)
 
 
 MODELS = {
@@ -238,6 +242,9 @@ MODELS = {
     "air-cpu-wide-k1": ModelRecipe("patch whitening + 3 stages of (Block, max-pool, Block), 64-256-256, K=1 Blocks "
                                    "(fused conv + BN + ReLU), global max-pool, linear head",
                                    _air((64, 256, 256), 1)),
+    "air-cpu-wide-k1-gelu": ModelRecipe("air-cpu-wide-k1 with a GELU after the patch whitening (as the public "
+                                        "speed-run has it) and bias-free convolutions (BatchNorm cancels a bias)",
+                                        _air((64, 256, 256), 1, whiten_gelu=True, conv_bias=False)),
     "air-cpu-small": ModelRecipe("air-cpu narrowed to 32-128-128 (K=2)", _air((32, 128, 128), 2)),
     "air-cpu-small-k1": ModelRecipe("air-cpu-small with K=1 Blocks (plain conv + BN + ReLU): the ablation baseline",
                                     _air((32, 128, 128), 1)),

@@ -136,13 +136,13 @@ def assert_close(name, actual, expected, dtype, scale_by_max=False):
 
 
 def compare_with_reference(backend: str, case: Case, dtype=torch.float32, device="cpu", training=True, seed=0,
-                           reference_dtype=None):
+                           reference_dtype=None, gate: str = "softmax"):
     """Forward, all six gradients and the running statistics of ``backend`` against the reference.
 
     The reference runs in ``reference_dtype`` (default: float64 for low precision, else the same dtype) and is
     cast back, so low-precision backends are judged against the exact answer, not against another rounding.
     """
-    args, kwargs = make_inputs(case, dtype, device, seed)
+    args, kwargs = make_inputs(case, dtype, device, seed, gate=gate)
     ref_dtype = reference_dtype or (torch.float64 if dtype in (torch.bfloat16, torch.float16) else dtype)
     ref_args = [None if a is None else a.detach().to(ref_dtype if a.dtype == dtype else
                                                     (torch.float64 if ref_dtype == torch.float64 else a.dtype))
@@ -198,12 +198,13 @@ def compare_low_precision(backend: str, case: Case, dtype=torch.bfloat16, traini
                                  f"{len(values)} problems; each: {[round(v, 2) for v in values]})"
 
 
-def gradcheck_backend(backend: str, case: Case, training=True, device="cpu", seed=0, fast_mode=False):
+def gradcheck_backend(backend: str, case: Case, training=True, device="cpu", seed=0, fast_mode=False,
+                      gate: str = "softmax"):
     """float64 gradcheck of every differentiable input through ``backend``.
 
     ``fast_mode`` checks v^T J u on random directions instead of the full Jacobian (for the slow interpreter).
     """
-    args, kwargs = make_inputs(case, torch.float64, device, seed)
+    args, kwargs = make_inputs(case, torch.float64, device, seed, gate=gate)
     rm, rv = args[6], args[7]
     diff = [a for a in args[:6] if a is not None]
     positions = [i for i, a in enumerate(args[:6]) if a is not None]

@@ -40,6 +40,26 @@ def test_extension_bf16_cpu():
     compare_with_reference("extension", Case(4, 8, 8, 6, 6, k=3), torch.bfloat16, training=True)
 
 
+@pytest.mark.parametrize("gate", ["softmax", "sigmoid"])  # with K=1 softmax gates are exactly 1, sigmoid's are not
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_extension_ungated_k1(gate, channels_last, training):
+    """K=1 without a bias: gates of exactly 1 take the plain-convolution shortcut (no gated copy of x, no bias pass);
+    other gates the full path. Both against the reference, with the gate gradient (gradcheck moves the gates off
+    1, so the shortcut's analytic gradient is checked against the full path's numbers)."""
+    case = Case(3, 5, 6, 7, 6, k=1, bias=False, channels_last=channels_last)
+    seed = stable_seed(gate, channels_last, training) % 991
+    for dtype in (torch.float32, torch.float64):
+        compare_with_reference("extension", case, dtype, training=training, seed=seed, gate=gate)
+    gradcheck_backend("extension", case, training=training, seed=seed, gate=gate)
+    compare_with_reference("extension", dataclasses.replace(case, bias=True), torch.float64, training=training,
+                           seed=seed, gate=gate)
+    args, kwargs = make_inputs(case, torch.float32, requires_grad=False, gate=gate)
+    with torch.profiler.profile() as prof:
+        fastblock.mixed_conv_bn_relu(*args, training=training, backend="extension", **kwargs)
+    assert any(e.key == "fastblock_ext::expand_gated" for e in prof.key_averages()) == (gate == "sigmoid")
+
+
 def test_extension_chunked_samples(monkeypatch):
     """A 2-sample chunk budget forces the multi-chunk path (mixed kernels and weight gradients per chunk)."""
     per_sample_bytes = 8 * 6 * 5 * 5 * 4  # Cout * Cin * k * k * sizeof(float)
@@ -52,10 +72,11 @@ def test_extension_chunked_samples(monkeypatch):
                                                  (1, 16, True), (6, 6, False)])
 def test_extension_default_schedule(k, hw, expect_concat):
     """Unless a schedule is forced the op concatenates where (K-1) * output pixels < 144, and for K=1 (the
-    concatenation's expand_gated scope shows in the profile), and matches the reference either way."""
+    concatenation's expand_gated scope shows in the profile: sigmoid gates, never exactly 1), and matches the
+    reference either way."""
     case = Case(3, 4, 5, hw, hw, k=k)
     compare_with_reference("extension", case, torch.float32, training=True)
-    args, kwargs = make_inputs(case, torch.float32, requires_grad=False)
+    args, kwargs = make_inputs(case, torch.float32, requires_grad=False, gate="sigmoid")
     with torch.profiler.profile() as prof:
         fastblock.mixed_conv_bn_relu(*args, training=True, backend="extension", **kwargs)
     assert any(e.key == "fastblock_ext::expand_gated" for e in prof.key_averages()) == expect_concat

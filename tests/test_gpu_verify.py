@@ -24,6 +24,20 @@ def _run(tmp_path, *args):
                           timeout=1500)
 
 
+def test_the_worst_case_fits_eight_minutes():
+    """Every stage running into its box (and the kill grace after it) still ends within 8 minutes: the three
+    parallel lanes, then doctor, bench and train one at a time."""
+    import re
+
+    text = SCRIPT.read_text()
+    build, triton, ext, data, warm, doctor, bench, train = map(
+        int, re.search(r"^  boxes=\(([\d ]+)\)  #", text, re.M).group(1).split())
+    grace = int(re.search(r"--kill-after=(\d+)", text).group(1))
+    lanes = max(triton + grace, build + ext + 2 * grace, data + warm + 2 * grace)
+    worst = lanes + doctor + bench + train + 3 * grace
+    assert worst <= 470, worst  # the rest of the 480 s: the version line and the benchmark report
+
+
 def test_all_stages_smoke(tmp_path):
     from torchvision.io import write_png
 

@@ -635,3 +635,26 @@ def test_speed_run_settings_train_and_resume_from_old_configs(tmp_path, folder_d
     capsys.readouterr()
     _train(tmp_path, folder_data, "--epochs", "0.2", "--batch-size", "20", "--dirac", name="d")
     assert "dirac: model 'tiny' has no identity initialisation" in capsys.readouterr().out
+
+
+def test_whitening_bias_trains_for_its_epochs_only(tmp_path, folder_data):
+    out = _train(tmp_path, folder_data, "--model", "air-cpu-small", "--epochs", "2", "--batch-size", "50",
+                 "--whiten-bias-epochs", "1", "--stop-after", "1")
+    after_one = torch.load(out / "last.pt", weights_only=False)["model"]["whiten.bias"]
+    assert torch.count_nonzero(after_one) > 0  # it trained in the first epoch (it starts at zero)
+    assert train.main(["--resume", str(out), "--no-progress", "--cache-dir", str(tmp_path / "cache")]) == 0
+    final = torch.load(out / "last.pt", weights_only=False)["model"]
+    assert torch.equal(final["whiten.bias"], after_one)  # and stayed fixed in the second
+
+
+def test_gelu_after_the_whitening_separates_its_sign_pairs():
+    plain, gelu = build_model("air-cpu-wide-k1"), build_model("air-cpu-wide-k1-gelu")
+    x = torch.randn(2, 3, 32, 32)
+    for model in (plain, gelu):
+        model.fit_to_data(torch.randn(64, 3, 32, 32))
+    half = plain.whiten.out_channels // 2
+    linear = plain.whiten_act(plain.whiten(x))
+    torch.testing.assert_close(linear[:, half:] - plain.whiten.bias[half:, None, None],
+                               -(linear[:, :half] - plain.whiten.bias[:half, None, None]))
+    act = gelu.whiten_act(gelu.whiten(x))
+    assert isinstance(gelu.whiten_act, torch.nn.GELU) and (act > -0.2).all()

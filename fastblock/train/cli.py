@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     hp.add_argument("--rotate", type=float, help="random rotation range in degrees")
     hp.add_argument("--freeze-bn-weight", action=argparse.BooleanOptionalAction,
                     help="keep BatchNorm scales at 1 (only their biases train)")
+    hp.add_argument("--whiten-bias-epochs", type=float,
+                    help="models with a patch-whitening layer (air-*): its bias trains for this many epochs, then "
+                         "stays fixed (default: the whole run)")
     hp.add_argument("--dirac", action=argparse.BooleanOptionalAction,
                     help="identity-initialised convolutions (models with dirac_init_, e.g. the air-* networks)")
     hp.add_argument("--ema", type=float, help="EMA decay of the weights used for evaluation (0: off)")

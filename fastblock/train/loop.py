@@ -564,6 +564,7 @@ def _train(ctx) -> bool:
             if progress.gen_state is not None:  # resuming mid-epoch
                 gen.set_state(progress.gen_state)
             epoch_flips = ctx["flips"] ^ bool(epoch % 2)
+            _set_whiten_bias_trainable(ctx, epoch)
             loss_sum, correct, seen, epoch_time = progress.epoch_sums
             last_step = min(plan.steps_per_epoch, plan.total_steps - epoch * plan.steps_per_epoch)
             ctx["train_model"].train()
@@ -619,6 +620,14 @@ def _train(ctx) -> bool:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
     return False
+
+
+def _set_whiten_bias_trainable(ctx, epoch: int) -> None:
+    """--whiten-bias-epochs: the patch-whitening bias trains in the first epochs only (a parameter without a
+    gradient is left alone by the optimizer: no update, no weight decay)."""
+    limit, whiten = ctx["cfg"]["whiten_bias_epochs"], getattr(ctx["model"], "whiten", None)
+    if limit is not None and isinstance(getattr(whiten, "bias", None), nn.Parameter):
+        whiten.bias.requires_grad_(epoch < limit)
 
 
 def _replan_to_budget(ctx, epoch: int, steps_in_epoch: int, epoch_seconds: float) -> None:

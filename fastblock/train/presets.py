@@ -37,6 +37,8 @@ class Recipe:
     resized_crop: bool = False
     rotate: float = 0.0
     freeze_bn_weight: bool = False  # keep BatchNorm scales at 1 (train only their biases)
+    whiten_bias_epochs: Optional[float] = None  # patch-whitening models: its bias trains this many epochs, then
+                                                # stays fixed (None: the whole run)
     dirac: bool = False            # identity-initialised convolutions where the model offers it (dirac_init_)
     ema: float = 0.99              # decay of the averaged weights used for evaluation (0: off)
     ema_every: int = 5             # steps between EMA updates
