@@ -658,3 +658,18 @@ def test_gelu_after_the_whitening_separates_its_sign_pairs():
                                -(linear[:, :half] - plain.whiten.bias[:half, None, None]))
     act = gelu.whiten_act(gelu.whiten(x))
     assert isinstance(gelu.whiten_act, torch.nn.GELU) and (act > -0.2).all()
+
+
+def test_tta_views_are_symmetric_and_weighted():
+    from fastblock.train.loop import tta_views
+
+    x = torch.arange(2 * 3 * 5 * 4, dtype=torch.float32).view(2, 3, 5, 4)
+    assert [w for w, _ in tta_views(x, False)] == [1.0]
+    assert [w for w, _ in tta_views(x, True)] == [0.5, 0.5]
+    views = tta_views(x, "flip-translate")
+    assert sum(w for w, _ in views) == 1.0 and len(views) == 6
+    (_, plain), (_, mirror), (_, up_left), _, (_, down_right), _ = views
+    assert torch.equal(mirror, x.flip(3))
+    torch.testing.assert_close(up_left[:, :, 1:, 1:], x[:, :, :-1, :-1])      # content moved down-right by one
+    torch.testing.assert_close(down_right[:, :, :-1, :-1], x[:, :, 1:, 1:])   # and up-left by one
+    torch.testing.assert_close(up_left[:, :, 0, 1:], x[:, :, 1, :-1])         # reflect padding at the border

@@ -245,13 +245,20 @@ def augment(cfg, x: torch.Tensor, gen: torch.Generator, flips: Optional[torch.Te
     return x
 
 
-def tta_views(x: torch.Tensor, tta) -> list[torch.Tensor]:
+def tta_views(x: torch.Tensor, tta) -> list[tuple[float, torch.Tensor]]:
+    """(weight, view) pairs whose weighted logits are averaged. "flip-translate": the image and its mirror at half
+    the weight, and both shifted by one pixel up-left and down-right (reflect padding) at a quarter each --
+    symmetric shifts, the unshifted view weighted most (bench/RESULTS.md compares it with alternatives)."""
     if not tta:
-        return [x]
-    views = [x, x.flip(3)]
-    if tta == "flip-translate":  # and both shifted by one pixel (zero padding)
-        shifted = F.pad(x, (1, 0, 1, 0))[:, :, :-1, :-1]
-        views += [shifted, shifted.flip(3)]
+        return [(1.0, x)]
+    views = [(0.25, x), (0.25, x.flip(3))]
+    if tta == "flip-translate":
+        h, w = x.shape[2:]
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        for shifted in (padded[:, :, :h, :w], padded[:, :, 2:, 2:]):
+            views += [(0.125, shifted), (0.125, shifted.flip(3))]
+    else:
+        views = [(0.5, v) for _, v in views]
     return views
 
 
@@ -267,8 +274,7 @@ def evaluate(model, images, labels, mean, std, batch_size, amp_dtype, channels_l
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            views = tta_views(x, tta)
-            logits = sum(model(v).float() for v in views) / len(views)
+            logits = sum(weight * model(view).float() for weight, view in tta_views(x, tta))
         y = labels[sel]
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         pred = logits.argmax(1)

@@ -47,7 +47,7 @@ class Recipe:
     accum_steps: int = 1
     amp: str = "auto"              # auto | bf16 | fp16 | off
     channels_last: Union[bool, str] = "auto"
-    tta: Union[bool, str] = True   # True: flip views; "flip-translate": flips and 1-pixel translations
+    tta: Union[bool, str] = True   # True: flip views; "flip-translate": flips and +-1-pixel translations
     compile: bool = False
     cpu_pool_gib: float = 4.0      # CPU + extension: the allocation pool's cache for training steps (0: off)
 
@@ -60,18 +60,19 @@ def _recipe(description: str, **settings) -> Recipe:
 # converted to a mean (not summed) loss: the weights' decay per step is lr x weight_decay = 1e-3, the BatchNorm
 # biases train 64x faster, lookahead averages every 5 steps (bench/RESULTS.md has the runs behind it).
 SPEED_RUN = dict(
-    model="air-cpu-wide-k1", epochs=14, batch_size=512, lr=0.75, momentum=0.85, weight_decay=1.33e-3,
-    bn_bias_lr_scale=64.0, bn_momentum=0.4, warmup_fraction=0.23, warmup_start=0.2, min_lr_ratio=0.07, crop_pad=2, flip="alternate",
-    freeze_bn_weight=True, dirac=True, ema=0.95 ** 5, ema_every=5, lookahead=True, tta="flip-translate")
+    model="air-cpu-wide-k1-gelu", whiten_bias_epochs=3, epochs=18, batch_size=512, lr=0.75, momentum=0.85,
+    weight_decay=1.33e-3, bn_bias_lr_scale=64.0, bn_momentum=0.4, warmup_fraction=0.23, warmup_start=0.2,
+    min_lr_ratio=0.07, crop_pad=2, flip="alternate", freeze_bn_weight=True, dirac=True, ema=0.95 ** 5, ema_every=5,
+    lookahead=True, tta="flip-translate")
 
 PRESETS: dict[str, Recipe] = {
     "cpu": _recipe(
-        "default without a GPU: " + MODELS["air-cpu-wide-k1"].description + " (K=1: gated Blocks did not pay for "
-        "their cost on a CPU, bench/RESULTS.md; identity-initialised); batch "
-        "512, SGD-Nesterov lr 0.75 momentum 0.85, BatchNorm biases at 64x the lr, warm-up from 0.2 over 23% of the "
-        "run then linear decay to 0.07, label smoothing 0.2, frozen BatchNorm scales, lookahead, alternating flips "
-        "+ 2-pixel translations, flip-and-translate TTA; bf16 + channels_last on CPUs with bf16 matrix "
-        "instructions; 14 epochs", **SPEED_RUN),
+        "default without a GPU: " + MODELS["air-cpu-wide-k1-gelu"].description + " (K=1: gated Blocks did not "
+        "pay for their cost on a CPU, bench/RESULTS.md; identity-initialised; the whitening bias trains for 3 "
+        "epochs); batch 512, SGD-Nesterov lr 0.75 momentum 0.85, BatchNorm biases at 64x the lr, warm-up from 0.2 "
+        "over 23% of the run then linear decay to 0.07, label smoothing 0.2, frozen BatchNorm scales, lookahead, "
+        "alternating flips + 2-pixel translations, flip-and-translate TTA; bf16 + channels_last on CPUs with bf16 "
+        "matrix instructions; 18 epochs", **SPEED_RUN),
     "fast": _recipe(
         "default on a GPU: the cpu recipe scaled for a GPU -- " + MODELS["air-gpu"].description +
         " (gated: a GPU mixes the K kernels per sample at no extra convolution FLOPs); batch 1024 (lr 1.5: linear "
