@@ -250,6 +250,8 @@ MODELS = {
                                     _air((32, 128, 128), 1)),
     "air-cpu-small-k4": ModelRecipe("air-cpu-small with K=4 Blocks", _air((32, 128, 128), 4)),
     "air-gpu": ModelRecipe("the air-cpu layout widened for GPUs: 64-256-256, K=4", _air((64, 256, 256), 4)),
+    "air-gpu-gelu": ModelRecipe("air-gpu with a GELU after the patch whitening (as air-cpu-wide-k1-gelu)",
+                                _air((64, 256, 256), 4, whiten_gelu=True)),
     "tiny": ModelRecipe("2 small K=2 Blocks (16, 32 channels): smoke tests and CPU demos", _tiny),
     "resnet9-gated": ModelRecipe("compact gated-Block ResNet-9-like net (64-128-256-512, K=4, max-pools, "
                                  "residuals)", _fast),

@@ -74,10 +74,10 @@ PRESETS: dict[str, Recipe] = {
         "alternating flips + 2-pixel translations, flip-and-translate TTA; bf16 + channels_last on CPUs with bf16 "
         "matrix instructions; 18 epochs", **SPEED_RUN),
     "fast": _recipe(
-        "default on a GPU: the cpu recipe scaled for a GPU -- " + MODELS["air-gpu"].description +
+        "default on a GPU: the cpu recipe scaled for a GPU -- " + MODELS["air-gpu-gelu"].description +
         " (gated: a GPU mixes the K kernels per sample at no extra convolution FLOPs); batch 1024 (lr 1.5: linear "
         "scaling), bf16 autocast, channels_last, torch.compile; 16 epochs",
-        **dict(SPEED_RUN, model="air-gpu", epochs=16, batch_size=1024, lr=1.5, compile=True)),
+        **dict(SPEED_RUN, model="air-gpu-gelu", epochs=16, batch_size=1024, lr=1.5, compile=True)),
     "resnet9": _recipe(
         "a gated-Block ResNet-9: " + MODELS["resnet9-gated"].description + "; batch 512, SGD-Nesterov, warm-up + "
         "linear decay, label smoothing 0.2, EMA, flip TTA, crop+flip, bf16 + channels_last on GPUs",
