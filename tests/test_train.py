@@ -243,12 +243,13 @@ def test_augmentations_keep_shape_and_are_seeded():
 
 @pytest.mark.slow
 def test_torchrun_two_process_gloo(tmp_path, folder_data):
+    """Two ranks, with a parameter (the whitening bias) that stops training after the first epoch."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
            "fastblock.train", "--data-dir", str(folder_data), "--cache-dir", str(tmp_path / "cache"), "--no-progress",
-           "--preset", "tiny", "--epochs", "2", "--batch-size", "40", "--backend", "reference",
-           "--out", str(tmp_path / "ddp")]
+           "--preset", "tiny", "--model", "air-cpu-small", "--whiten-bias-epochs", "1", "--epochs", "2",
+           "--batch-size", "40", "--backend", "reference", "--out", str(tmp_path / "ddp")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "2 ranks" in proc.stdout

@@ -570,7 +570,7 @@ def _train(ctx) -> bool:
             if progress.gen_state is not None:  # resuming mid-epoch
                 gen.set_state(progress.gen_state)
             epoch_flips = ctx["flips"] ^ bool(epoch % 2)
-            _set_whiten_bias_trainable(ctx, epoch)
+            ctx["frozen"] = _frozen_params(ctx, epoch)
             loss_sum, correct, seen, epoch_time = progress.epoch_sums
             last_step = min(plan.steps_per_epoch, plan.total_steps - epoch * plan.steps_per_epoch)
             ctx["train_model"].train()
@@ -628,12 +628,15 @@ def _train(ctx) -> bool:
     return False
 
 
-def _set_whiten_bias_trainable(ctx, epoch: int) -> None:
-    """--whiten-bias-epochs: the patch-whitening bias trains in the first epochs only (a parameter without a
-    gradient is left alone by the optimizer: no update, no weight decay)."""
+def _frozen_params(ctx, epoch: int) -> list:
+    """Parameters that do not train this epoch: the patch-whitening bias after --whiten-bias-epochs. They keep
+    requires_grad (DistributedDataParallel expects the same parameters to get gradients every step, and compiled
+    graphs stay valid); their gradient is dropped before each optimizer step, which then leaves them alone (no
+    update, no momentum, no weight decay)."""
     limit, whiten = ctx["cfg"]["whiten_bias_epochs"], getattr(ctx["model"], "whiten", None)
-    if limit is not None and isinstance(getattr(whiten, "bias", None), nn.Parameter):
-        whiten.bias.requires_grad_(epoch < limit)
+    if limit is not None and epoch >= limit and isinstance(getattr(whiten, "bias", None), nn.Parameter):
+        return [whiten.bias]
+    return []
 
 
 def _replan_to_budget(ctx, epoch: int, steps_in_epoch: int, epoch_seconds: float) -> None:
@@ -683,6 +686,8 @@ def _train_step(ctx, batch, flips, gen, micro) -> tuple[float, float]:
             scaler.scale(loss * len(x) / len(batch)).backward()
             loss_sum += loss.item() * len(x)
             correct += (logits.argmax(1) == y).sum().item()
+        for p in ctx.get("frozen", ()):
+            p.grad = None
         scaler.step(opt)
         scaler.update()
     return loss_sum / len(batch), correct
