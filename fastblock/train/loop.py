@@ -629,14 +629,17 @@ def _train(ctx) -> bool:
 
 
 def _frozen_params(ctx, epoch: int) -> list:
-    """Parameters that do not train this epoch: the patch-whitening bias after --whiten-bias-epochs. They keep
-    requires_grad (DistributedDataParallel expects the same parameters to get gradients every step, and compiled
-    graphs stay valid); their gradient is dropped before each optimizer step, which then leaves them alone (no
-    update, no momentum, no weight decay)."""
+    """Parameters that do not train this epoch (the patch-whitening bias after --whiten-bias-epochs); their gradient
+    is dropped before each optimizer step, which then leaves them alone (no update, no momentum, no weight decay).
+    In one process they also stop requiring a gradient, which spares its computation; under
+    DistributedDataParallel they keep requiring it (it expects the same parameters to get gradients every step)."""
     limit, whiten = ctx["cfg"]["whiten_bias_epochs"], getattr(ctx["model"], "whiten", None)
-    if limit is not None and epoch >= limit and isinstance(getattr(whiten, "bias", None), nn.Parameter):
-        return [whiten.bias]
-    return []
+    if limit is None or not isinstance(getattr(whiten, "bias", None), nn.Parameter):
+        return []
+    frozen = epoch >= limit
+    if ctx["dist"].world == 1:
+        whiten.bias.requires_grad_(not frozen)
+    return [whiten.bias] if frozen else []
 
 
 def _replan_to_budget(ctx, epoch: int, steps_in_epoch: int, epoch_seconds: float) -> None:
