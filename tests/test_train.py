@@ -669,7 +669,7 @@ def test_tta_views_are_symmetric_and_weighted():
     assert [w for w, _ in tta_views(x, True)] == [0.5, 0.5]
     views = tta_views(x, "flip-translate")
     assert sum(w for w, _ in views) == 1.0 and len(views) == 6
-    (_, plain), (_, mirror), (_, up_left), _, (_, down_right), _ = views
+    _, (_, mirror), (_, up_left), _, (_, down_right), _ = views
     assert torch.equal(mirror, x.flip(3))
     torch.testing.assert_close(up_left[:, :, 1:, 1:], x[:, :, :-1, :-1])      # content moved down-right by one
     torch.testing.assert_close(down_right[:, :, :-1, :-1], x[:, :, 1:, 1:])   # and up-left by one

@@ -251,14 +251,13 @@ def tta_views(x: torch.Tensor, tta) -> list[tuple[float, torch.Tensor]]:
     symmetric shifts, the unshifted view weighted most (bench/RESULTS.md compares it with alternatives)."""
     if not tta:
         return [(1.0, x)]
+    if tta != "flip-translate":
+        return [(0.5, x), (0.5, x.flip(3))]
+    h, w = x.shape[2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
     views = [(0.25, x), (0.25, x.flip(3))]
-    if tta == "flip-translate":
-        h, w = x.shape[2:]
-        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
-        for shifted in (padded[:, :, :h, :w], padded[:, :, 2:, 2:]):
-            views += [(0.125, shifted), (0.125, shifted.flip(3))]
-    else:
-        views = [(0.5, v) for _, v in views]
+    for shifted in (padded[:, :, :h, :w], padded[:, :, 2:, 2:]):
+        views += [(0.125, shifted), (0.125, shifted.flip(3))]
     return views
 
 
