@@ -50,9 +50,11 @@ if os.environ.get("FASTBLOCK_BUILD_EXT", "0") == "1":
             "fastblock._C",
             sources,
             extra_compile_args={"cxx": build_flags.cxx_flags(True), "nvcc": build_flags.NVCC_FLAGS},
+            extra_link_args=build_flags.link_flags(),
         )
     else:
-        ext = CppExtension("fastblock._C", sources, extra_compile_args={"cxx": build_flags.cxx_flags(False)})
+        ext = CppExtension("fastblock._C", sources, extra_compile_args={"cxx": build_flags.cxx_flags(False)},
+                           extra_link_args=build_flags.link_flags())
     ext_modules.append(ext)
     cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
 

@@ -43,6 +43,7 @@ struct DeviceKernels {
   // K-fold concatenation schedule: out[n, k, c, :] = gates[n, k] * x[n, c, :]   (x [N, C, HW] -> out [N, K*C, HW])
   void (*expand_gated)(const at::Tensor& x, const at::Tensor& gates, at::Tensor& out);
   // and its backward: dx[n, c, :] = sum_k gates[n, k] * g[n, k, c, :],  dgates[n, k] = <x[n], g[n, k]>
+  // (CPU: an undefined dx computes dgates alone -- an ungated K=1 Block's dx is g itself)
   void (*reduce_gated)(const at::Tensor& x, const at::Tensor& g, const at::Tensor& gates, at::Tensor& dx,
                        at::Tensor& dgates);
   // The big-tensor kernels above also take channels-last tensors (then x, z, dy, dz, y, the concatenated input

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -527,7 +528,7 @@ void reduce_gated_cpu(const at::Tensor& x, const at::Tensor& g, const at::Tensor
     using data_t = scalar_t;
     using acc_t = at::opmath_type<data_t>;
     const data_t *xp = x.data_ptr<data_t>(), *gp = g.data_ptr<data_t>();
-    data_t* dxp = dx.data_ptr<data_t>();
+    data_t* dxp = dx.defined() ? dx.data_ptr<data_t>() : nullptr;  // undefined: dgates alone
     const acc_t* a = gates.data_ptr<acc_t>();
     acc_t* da = dgates.data_ptr<acc_t>();
     at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
@@ -553,6 +554,7 @@ void reduce_gated_cpu(const at::Tensor& x, const at::Tensor& g, const at::Tensor
           }
           da[i * k + kk] = combine_lanes(lanes);
         }
+        if (dxp == nullptr) continue;
         data_t* dst = dxp + i * len;
         for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<data_t>(row[j]);
       }
@@ -577,70 +579,122 @@ bool is_rows(const at::Tensor& t) {
   return true;
 }
 
-// Converts len values into buf (float32/float64 data is used in place) and back, vectorised for bf16/fp16.
+// Vectors of acc_t loaded from / stored to data_t memory: bf16/fp16 converted (round to nearest even on the way
+// out), float32/float64 as they are. kV = Vectorized<acc_t>::size() values per vector.
 template <typename data_t, typename acc_t>
-inline const acc_t* row_as_acc(const data_t* p, int64_t len, std::vector<acc_t>& buf) {
+inline at::vec::Vectorized<acc_t> load_acc(const data_t* p) {
   if constexpr (std::is_same_v<data_t, acc_t>) {
-    return p;
+    return at::vec::Vectorized<acc_t>::loadu(p);
   } else {
-    using Vec = at::vec::Vectorized<acc_t>;
-    acc_t* out = buf.data();
-    int64_t j = 0;
-    for (; j + Vec::size() <= len; j += Vec::size()) {
-      Vec v;
-      at::vec::load_to_float(p + j, v);
-      v.store(out + j);
-    }
-    for (; j < len; ++j) out[j] = static_cast<acc_t>(p[j]);
-    return out;
+    at::vec::Vectorized<acc_t> v;
+    at::vec::load_to_float(p, v);
+    return v;
   }
 }
 
+// Stores two vectors (2 kV values) at p and returns, in a and b, the values as stored (rounded to data_t), so that
+// sums of a stored tensor add what was stored.
 template <typename data_t, typename acc_t>
-inline acc_t* row_out(data_t* p, std::vector<acc_t>& buf) {
+inline void store_pair(data_t* p, at::vec::Vectorized<acc_t>& a, at::vec::Vectorized<acc_t>& b) {
   if constexpr (std::is_same_v<data_t, acc_t>) {
-    return p;
+    a.store(p);
+    b.store(p + at::vec::Vectorized<acc_t>::size());
   } else {
-    return buf.data();
+    const auto packed = at::vec::convert_from_float<data_t>(a, b);
+    packed.store(p);
+    std::tie(a, b) = at::vec::convert_to_float<data_t>(packed);
   }
 }
 
+// One vector (kV values) at p, as store_pair.
 template <typename data_t, typename acc_t>
-inline void row_store(const acc_t* src, data_t* dst, int64_t len) {
-  if constexpr (!std::is_same_v<data_t, acc_t>) {
-    using Vec = at::vec::Vectorized<acc_t>;
-    int64_t j = 0;
-    for (; j + 2 * Vec::size() <= len; j += 2 * Vec::size())
-      at::vec::convert_from_float<data_t>(Vec::loadu(src + j), Vec::loadu(src + j + Vec::size())).store(dst + j);
-    for (; j < len; ++j) dst[j] = static_cast<data_t>(src[j]);
+inline void store_one(data_t* p, at::vec::Vectorized<acc_t>& a) {
+  if constexpr (std::is_same_v<data_t, acc_t>) {
+    a.store(p);
+  } else {
+    const auto packed = at::vec::convert_from_float<data_t>(a, a);
+    packed.store(p, at::vec::Vectorized<acc_t>::size());
+    a = std::get<0>(at::vec::convert_to_float<data_t>(packed));
   }
 }
 
-// acc[j] += f(j) over one row, vectorised: f_vec(j) gives a Vec of terms, f_one(j) one term (the tail).
-template <typename acc_t, typename FVec, typename FOne>
-inline void row_accumulate(acc_t* acc, int64_t c, const FVec& f_vec, const FOne& f_one) {
+// Writes a row of c values: out[j..] = f_vec(j) (kV values) or f_one(j) (one value, the tail), as data_t; sink(j, v)
+// / sink_one(j, v) then see each value as stored.
+template <typename data_t, typename acc_t, typename FVec, typename FOne, typename Sink, typename SinkOne>
+inline void row_write(data_t* out, int64_t c, const FVec& f_vec, const FOne& f_one, const Sink& sink,
+                      const SinkOne& sink_one) {
   using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t kV = Vec::size();
   int64_t j = 0;
-  for (; j + Vec::size() <= c; j += Vec::size()) (Vec::loadu(acc + j) + f_vec(j)).store(acc + j);
-  for (; j < c; ++j) acc[j] += f_one(j);
+  for (; j + 2 * kV <= c; j += 2 * kV) {
+    Vec a = f_vec(j), b = f_vec(j + kV);
+    store_pair(out + j, a, b);
+    sink(j, a);
+    sink(j + kV, b);
+  }
+  for (; j + kV <= c; j += kV) {
+    Vec a = f_vec(j);
+    store_one(out + j, a);
+    sink(j, a);
+  }
+  for (; j < c; ++j) {
+    out[j] = static_cast<data_t>(f_one(j));
+    sink_one(j, static_cast<acc_t>(out[j]));
+  }
 }
 
-// Per-channel sums of f over all rows: sums[ch] (double), from per-block acc_t partials added in block order.
-template <typename acc_t, typename RowFn>
-std::vector<double> channel_sums(int64_t rows, int64_t c, const RowFn& add_row) {
+template <typename data_t, typename acc_t, typename FVec, typename FOne>
+inline void row_write(data_t* out, int64_t c, const FVec& f_vec, const FOne& f_one) {
+  row_write<data_t, acc_t>(out, c, f_vec, f_one, [](int64_t, const at::vec::Vectorized<acc_t>&) {},
+                           [](int64_t, acc_t) {});
+}
+
+// Per-channel sums of NS terms over all rows of a [rows, c] matrix: sums[s * c + ch] (double). Each fixed block of
+// kRowBlock rows is summed in acc_t, rows in order, a chunk of kChunk vectors of channels at a time with the sums
+// held in registers; blocks are then added in block order in double. add_vec(r, j, acc) adds row r's NS terms for
+// channels j..j+kV to acc[0..NS), add_one(r, j, acc) those of channel j alone.
+template <typename acc_t, int NS, typename AddVec, typename AddOne>
+std::vector<double> channel_sums(int64_t rows, int64_t c, const AddVec& add_vec, const AddOne& add_one) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t kV = Vec::size(), kChunk = 4;
   const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
-  std::vector<double> partial(static_cast<size_t>(blocks * c));
+  std::vector<double> partial(static_cast<size_t>(blocks * NS * c));
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> acc(static_cast<size_t>(c));
     for (int64_t b = b0; b < b1; ++b) {
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t r = b * kRowBlock; r < std::min(rows, (b + 1) * kRowBlock); ++r) add_row(r, acc.data());
-      for (int64_t j = 0; j < c; ++j) partial[static_cast<size_t>(b * c + j)] = static_cast<double>(acc[j]);
+      const int64_t r0 = b * kRowBlock, r1 = std::min(rows, r0 + kRowBlock);
+      double* out = partial.data() + b * NS * c;
+      auto flush = [&](const Vec* acc, int64_t j) {
+        for (int s = 0; s < NS; ++s) {
+          __at_align__ acc_t lanes[kV];
+          acc[s].store(lanes);
+          for (int64_t l = 0; l < kV; ++l) out[s * c + j + l] = static_cast<double>(lanes[l]);
+        }
+      };
+      int64_t j = 0;
+      for (; j + kChunk * kV <= c; j += kChunk * kV) {
+        Vec acc[kChunk][NS];
+        for (auto& chunk : acc)
+          for (auto& v : chunk) v = Vec(acc_t(0));
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t q = 0; q < kChunk; ++q) add_vec(r, j + q * kV, acc[q]);
+        for (int64_t q = 0; q < kChunk; ++q) flush(acc[q], j + q * kV);
+      }
+      for (; j + kV <= c; j += kV) {
+        Vec acc[NS];
+        for (auto& v : acc) v = Vec(acc_t(0));
+        for (int64_t r = r0; r < r1; ++r) add_vec(r, j, acc);
+        flush(acc, j);
+      }
+      for (; j < c; ++j) {
+        acc_t acc[NS] = {};
+        for (int64_t r = r0; r < r1; ++r) add_one(r, j, acc);
+        for (int s = 0; s < NS; ++s) out[s * c + j] = static_cast<double>(acc[s]);
+      }
     }
   });
-  std::vector<double> sums(static_cast<size_t>(c), 0.0);
+  std::vector<double> sums(static_cast<size_t>(NS * c), 0.0);
   for (int64_t b = 0; b < blocks; ++b)
-    for (int64_t j = 0; j < c; ++j) sums[static_cast<size_t>(j)] += partial[static_cast<size_t>(b * c + j)];
+    for (int64_t q = 0; q < NS * c; ++q) sums[static_cast<size_t>(q)] += partial[static_cast<size_t>(b * NS * c + q)];
   return sums;
 }
 
@@ -654,29 +708,21 @@ void bn_stats_rows(const at::Tensor& z, at::Tensor& mean, at::Tensor& invstd, at
     using Vec = at::vec::Vectorized<acc_t>;
     const data_t* zp = z.data_ptr<data_t>();
     // two passes, mean then squared deviations: no cancellation
-    const std::vector<double> sums = channel_sums<acc_t>(rows, c, [&](int64_t r, acc_t* acc) {
-      thread_local std::vector<acc_t> buf;
-      buf.resize(static_cast<size_t>(c));
-      const acc_t* v = row_as_acc(zp + r * c, c, buf);
-      row_accumulate(acc, c, [&](int64_t j) { return Vec::loadu(v + j); }, [&](int64_t j) { return v[j]; });
-    });
+    const std::vector<double> sums = channel_sums<acc_t, 1>(
+        rows, c, [&](int64_t r, int64_t j, Vec* acc) { acc[0] = acc[0] + load_acc<data_t, acc_t>(zp + r * c + j); },
+        [&](int64_t r, int64_t j, acc_t* acc) { acc[0] += static_cast<acc_t>(zp[r * c + j]); });
     std::vector<acc_t> mu(static_cast<size_t>(c));
     for (int64_t j = 0; j < c; ++j) mu[static_cast<size_t>(j)] = static_cast<acc_t>(sums[static_cast<size_t>(j)] / count);
-    const std::vector<double> m2 = channel_sums<acc_t>(rows, c, [&](int64_t r, acc_t* acc) {
-      thread_local std::vector<acc_t> buf;
-      buf.resize(static_cast<size_t>(c));
-      const acc_t* v = row_as_acc(zp + r * c, c, buf);
-      row_accumulate(
-          acc, c,
-          [&](int64_t j) {
-            const Vec d = Vec::loadu(v + j) - Vec::loadu(mu.data() + j);
-            return d * d;
-          },
-          [&](int64_t j) {
-            const acc_t d = v[j] - mu[static_cast<size_t>(j)];
-            return d * d;
-          });
-    });
+    const std::vector<double> m2 = channel_sums<acc_t, 1>(
+        rows, c,
+        [&](int64_t r, int64_t j, Vec* acc) {
+          const Vec d = load_acc<data_t, acc_t>(zp + r * c + j) - Vec::loadu(mu.data() + j);
+          acc[0] = at::vec::fmadd(d, d, acc[0]);
+        },
+        [&](int64_t r, int64_t j, acc_t* acc) {
+          const acc_t d = static_cast<acc_t>(zp[r * c + j]) - mu[static_cast<size_t>(j)];
+          acc[0] += d * d;
+        });
     for (int64_t ch = 0; ch < c; ++ch) {
       const double mean_c = sums[static_cast<size_t>(ch)] / count, m2_c = m2[static_cast<size_t>(ch)];
       FASTBLOCK_DISPATCH_ACC(mean.scalar_type(), "fastblock_bn_stats_rows_out", [&] {
@@ -713,20 +759,19 @@ void bn_relu_apply_rows(const at::Tensor& z, const at::Tensor& mean, const at::T
       shift[j] = be[j] - mu[j] * scale[j];
     }
     at::parallel_for(0, rows, kRowBlock, [&](int64_t r0, int64_t r1) {
-      std::vector<acc_t> zbuf(static_cast<size_t>(c)), obuf(static_cast<size_t>(c));
       const Vec zero(acc_t(0));
       for (int64_t r = r0; r < r1; ++r) {
-        const acc_t* src = row_as_acc(zp + r * c, c, zbuf);
-        acc_t* dst = row_out(yp + r * c, obuf);
-        int64_t j = 0;
-        for (; j + Vec::size() <= c; j += Vec::size())
-          at::vec::maximum(at::vec::fmadd(Vec::loadu(src + j), Vec::loadu(scale.data() + j),
-                                          Vec::loadu(shift.data() + j)), zero).store(dst + j);
-        for (; j < c; ++j) {
-          const acc_t v = src[j] * scale[j] + shift[j];
-          dst[j] = std::isnan(v) ? v : (v > acc_t(0) ? v : acc_t(0));  // NaN propagates, as in torch.relu
-        }
-        row_store(dst, yp + r * c, c);
+        const data_t* src = zp + r * c;
+        row_write<data_t, acc_t>(
+            yp + r * c, c,
+            [&](int64_t j) {  // at::vec::maximum propagates NaN, as torch.relu does
+              return at::vec::maximum(at::vec::fmadd(load_acc<data_t, acc_t>(src + j), Vec::loadu(scale.data() + j),
+                                                     Vec::loadu(shift.data() + j)), zero);
+            },
+            [&](int64_t j) {
+              const acc_t v = static_cast<acc_t>(src[j]) * scale[j] + shift[j];
+              return std::isnan(v) ? v : (v > acc_t(0) ? v : acc_t(0));
+            });
       }
     });
   });
@@ -743,29 +788,23 @@ void bn_relu_bwd_reduce_rows(const at::Tensor& dy, const at::Tensor& z, const at
     const data_t *zp = z.data_ptr<data_t>(), *dp = dy.data_ptr<data_t>();
     const acc_t *mu = mean.data_ptr<acc_t>(), *is = invstd.data_ptr<acc_t>();
     const acc_t *ga = gamma.data_ptr<acc_t>(), *be = beta.data_ptr<acc_t>();
-    // one pass computing both sums: acc holds [sum g (c values), sum g * xhat (c values)]
-    const std::vector<double> sums = channel_sums<acc_t>(rows, 2 * c, [&](int64_t r, acc_t* acc) {
-      thread_local std::vector<acc_t> zbuf, dbuf;
-      zbuf.resize(static_cast<size_t>(c));
-      dbuf.resize(static_cast<size_t>(c));
-      const acc_t* zr = row_as_acc(zp + r * c, c, zbuf);
-      const acc_t* dr = row_as_acc(dp + r * c, c, dbuf);
-      const Vec zero(acc_t(0));
-      int64_t j = 0;
-      for (; j + Vec::size() <= c; j += Vec::size()) {
-        const Vec xhat = (Vec::loadu(zr + j) - Vec::loadu(mu + j)) * Vec::loadu(is + j);
-        const Vec g = Vec::blendv(Vec::loadu(dr + j), zero,
-                                  (xhat * Vec::loadu(ga + j) + Vec::loadu(be + j)) <= zero);
-        (Vec::loadu(acc + j) + g).store(acc + j);
-        at::vec::fmadd(g, xhat, Vec::loadu(acc + c + j)).store(acc + c + j);
-      }
-      for (; j < c; ++j) {
-        const acc_t xhat = (zr[j] - mu[j]) * is[j];
-        const acc_t g = (xhat * ga[j] + be[j] <= acc_t(0)) ? acc_t(0) : dr[j];
-        acc[j] += g;
-        acc[c + j] += g * xhat;
-      }
-    });
+    const Vec zero(acc_t(0));
+    // one pass computing both sums: [sum g (c values), sum g * xhat (c values)]
+    const std::vector<double> sums = channel_sums<acc_t, 2>(
+        rows, c,
+        [&](int64_t r, int64_t j, Vec* acc) {
+          const Vec xhat = (load_acc<data_t, acc_t>(zp + r * c + j) - Vec::loadu(mu + j)) * Vec::loadu(is + j);
+          const Vec g = Vec::blendv(load_acc<data_t, acc_t>(dp + r * c + j), zero,
+                                    (xhat * Vec::loadu(ga + j) + Vec::loadu(be + j)) <= zero);
+          acc[0] = acc[0] + g;
+          acc[1] = at::vec::fmadd(g, xhat, acc[1]);
+        },
+        [&](int64_t r, int64_t j, acc_t* acc) {
+          const acc_t xhat = (static_cast<acc_t>(zp[r * c + j]) - mu[j]) * is[j];
+          const acc_t g = (xhat * ga[j] + be[j] <= acc_t(0)) ? acc_t(0) : static_cast<acc_t>(dp[r * c + j]);
+          acc[0] += g;
+          acc[1] += g * xhat;
+        });
     acc_t *sg = sum_g.data_ptr<acc_t>(), *sgx = sum_gx.data_ptr<acc_t>();
     for (int64_t j = 0; j < c; ++j) {
       sg[j] = static_cast<acc_t>(sums[static_cast<size_t>(j)]);
@@ -797,35 +836,31 @@ void bn_relu_bwd_dz_rows(const at::Tensor& dy, const at::Tensor& z, const at::Te
     }
     acc_t* sample_sum = dz_sum.data_ptr<acc_t>();
     at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<acc_t> zbuf(static_cast<size_t>(c)), dbuf(static_cast<size_t>(c)), obuf(static_cast<size_t>(c));
       const Vec zero(acc_t(0));
       for (int64_t i = i0; i < i1; ++i) {
         acc_t* total = sample_sum + i * c;
         std::fill(total, total + c, acc_t(0));
         for (int64_t r = i * hw; r < (i + 1) * hw; ++r) {
-          const acc_t* zr = row_as_acc(zp + r * c, c, zbuf);
-          const acc_t* dr = row_as_acc(dp + r * c, c, dbuf);
-          acc_t* o = row_out(out + r * c, obuf);
+          const data_t *zr = zp + r * c, *dr = dp + r * c;
           // dz = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat)); eval mode: gamma * invstd * g alone (no
-          // 0 * xhat term: a NaN z must not reach dz through it)
-          int64_t j = 0;
-          for (; j + Vec::size() <= c; j += Vec::size()) {
-            const Vec xhat = (Vec::loadu(zr + j) - Vec::loadu(mu + j)) * Vec::loadu(is + j);
-            const Vec g = Vec::blendv(Vec::loadu(dr + j), zero,
-                                      (xhat * Vec::loadu(ga + j) + Vec::loadu(be + j)) <= zero);
-            const Vec ks = Vec::loadu(kscale.data() + j);
-            (batch_stats ? ks * (g - Vec::loadu(mean_g.data() + j) - xhat * Vec::loadu(mean_gx.data() + j))
-                         : ks * g).store(o + j);
-          }
-          for (; j < c; ++j) {
-            const acc_t xhat = (zr[j] - mu[j]) * is[j];
-            const acc_t g = (xhat * ga[j] + be[j] <= acc_t(0)) ? acc_t(0) : dr[j];
-            o[j] = batch_stats ? kscale[j] * (g - mean_g[j] - xhat * mean_gx[j]) : kscale[j] * g;
-          }
-          row_store(o, out + r * c, c);  // round to data_t; sum what was stored
-          const acc_t* stored = row_as_acc(out + r * c, c, obuf);
-          row_accumulate(total, c, [&](int64_t q) { return Vec::loadu(stored + q); },
-                         [&](int64_t q) { return stored[q]; });
+          // 0 * xhat term: a NaN z must not reach dz through it). The per-sample sums add dz as stored.
+          row_write<data_t, acc_t>(
+              out + r * c, c,
+              [&](int64_t j) {
+                const Vec xhat = (load_acc<data_t, acc_t>(zr + j) - Vec::loadu(mu + j)) * Vec::loadu(is + j);
+                const Vec g = Vec::blendv(load_acc<data_t, acc_t>(dr + j), zero,
+                                          (xhat * Vec::loadu(ga + j) + Vec::loadu(be + j)) <= zero);
+                const Vec ks = Vec::loadu(kscale.data() + j);
+                return batch_stats ? ks * (g - Vec::loadu(mean_g.data() + j) - xhat * Vec::loadu(mean_gx.data() + j))
+                                   : ks * g;
+              },
+              [&](int64_t j) {
+                const acc_t xhat = (static_cast<acc_t>(zr[j]) - mu[j]) * is[j];
+                const acc_t g = (xhat * ga[j] + be[j] <= acc_t(0)) ? acc_t(0) : static_cast<acc_t>(dr[j]);
+                return batch_stats ? kscale[j] * (g - mean_g[j] - xhat * mean_gx[j]) : kscale[j] * g;
+              },
+              [&](int64_t j, const Vec& v) { (Vec::loadu(total + j) + v).store(total + j); },
+              [&](int64_t j, acc_t v) { total[j] += v; });
         }
       }
     });
@@ -837,28 +872,26 @@ void expand_gated_rows(const at::Tensor& x, const at::Tensor& gates, at::Tensor&
   FASTBLOCK_DISPATCH(x.scalar_type(), "fastblock_expand_gated_rows", [&] {
     using data_t = scalar_t;
     using acc_t = at::opmath_type<data_t>;
+    using Vec = at::vec::Vectorized<acc_t>;
     const data_t* xp = x.data_ptr<data_t>();
     data_t* op = out.data_ptr<data_t>();
     const acc_t* a = gates.data_ptr<acc_t>();
-    using Vec = at::vec::Vectorized<acc_t>;
     at::parallel_for(0, rows, kRowBlock, [&](int64_t r0, int64_t r1) {
-      std::vector<acc_t> xbuf(static_cast<size_t>(c)), obuf(static_cast<size_t>(c));
       for (int64_t r = r0; r < r1; ++r) {
-        const acc_t* src = row_as_acc(xp + r * c, c, xbuf);
+        const data_t* src = xp + r * c;
         for (int64_t kk = 0; kk < k; ++kk) {
           const acc_t g = a[(r / hw) * k + kk];
-          data_t* dst = op + (r * k + kk) * c;
-          acc_t* o = row_out(dst, obuf);
-          int64_t j = 0;
-          for (; j + Vec::size() <= c; j += Vec::size()) (Vec::loadu(src + j) * Vec(g)).store(o + j);
-          for (; j < c; ++j) o[j] = g * src[j];
-          row_store(o, dst, c);
+          row_write<data_t, acc_t>(
+              op + (r * k + kk) * c, c, [&](int64_t j) { return load_acc<data_t, acc_t>(src + j) * Vec(g); },
+              [&](int64_t j) { return g * static_cast<acc_t>(src[j]); });
         }
       }
     });
   });
 }
 
+// dx (when defined) = sum_k a_k g_k, and dgates[n, k] = <x_n, g_{n,k}>. An undefined dx (an ungated K=1 Block,
+// whose dx is g itself) computes dgates alone.
 void reduce_gated_rows(const at::Tensor& x, const at::Tensor& g, const at::Tensor& gates, at::Tensor& dx,
                        at::Tensor& dgates) {
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3), k = gates.size(1);
@@ -866,35 +899,52 @@ void reduce_gated_rows(const at::Tensor& x, const at::Tensor& g, const at::Tenso
     using data_t = scalar_t;
     using acc_t = at::opmath_type<data_t>;
     using Vec = at::vec::Vectorized<acc_t>;
+    constexpr int64_t kV = Vec::size();
     const data_t *xp = x.data_ptr<data_t>(), *gp = g.data_ptr<data_t>();
-    data_t* dxp = dx.data_ptr<data_t>();
+    data_t* dxp = dx.defined() ? dx.data_ptr<data_t>() : nullptr;
     const acc_t* a = gates.data_ptr<acc_t>();
     acc_t* da = dgates.data_ptr<acc_t>();
     at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<acc_t> xbuf(static_cast<size_t>(c)), gbuf(static_cast<size_t>(c)), row(static_cast<size_t>(c));
       std::vector<acc_t> dots(static_cast<size_t>(k * c));  // per (k, channel) partial <x, g_k> of this sample
       for (int64_t i = i0; i < i1; ++i) {
         std::fill(dots.begin(), dots.end(), acc_t(0));
+        const acc_t* ai = a + i * k;
         for (int64_t r = i * hw; r < (i + 1) * hw; ++r) {
-          const acc_t* xr = row_as_acc(xp + r * c, c, xbuf);
-          acc_t* dst = row_out(dxp + r * c, row);
-          std::fill(dst, dst + c, acc_t(0));
-          for (int64_t kk = 0; kk < k; ++kk) {
-            const acc_t* gr = row_as_acc(gp + (r * k + kk) * c, c, gbuf);
-            const Vec ak(a[i * k + kk]);
-            acc_t* dot = dots.data() + kk * c;
-            int64_t j = 0;
-            for (; j + Vec::size() <= c; j += Vec::size()) {
-              const Vec gv = Vec::loadu(gr + j);
-              at::vec::fmadd(ak, gv, Vec::loadu(dst + j)).store(dst + j);
-              at::vec::fmadd(gv, Vec::loadu(xr + j), Vec::loadu(dot + j)).store(dot + j);
+          const data_t* xr = xp + r * c;
+          const data_t* gr = gp + r * k * c;
+          auto dot_vec = [&](int64_t kk, int64_t j, const Vec& gv) {
+            acc_t* dot = dots.data() + kk * c + j;
+            at::vec::fmadd(gv, load_acc<data_t, acc_t>(xr + j), Vec::loadu(dot)).store(dot);
+          };
+          auto dot_one = [&](int64_t kk, int64_t j, acc_t gv) { dots[kk * c + j] += gv * static_cast<acc_t>(xr[j]); };
+          if (dxp == nullptr) {
+            for (int64_t kk = 0; kk < k; ++kk) {
+              int64_t j = 0;
+              for (; j + kV <= c; j += kV) dot_vec(kk, j, load_acc<data_t, acc_t>(gr + kk * c + j));
+              for (; j < c; ++j) dot_one(kk, j, static_cast<acc_t>(gr[kk * c + j]));
             }
-            for (; j < c; ++j) {
-              dst[j] += a[i * k + kk] * gr[j];
-              dot[j] += gr[j] * xr[j];
-            }
+            continue;
           }
-          row_store(dst, dxp + r * c, c);
+          row_write<data_t, acc_t>(
+              dxp + r * c, c,
+              [&](int64_t j) {
+                Vec sum(acc_t(0));
+                for (int64_t kk = 0; kk < k; ++kk) {
+                  const Vec gv = load_acc<data_t, acc_t>(gr + kk * c + j);
+                  sum = at::vec::fmadd(Vec(ai[kk]), gv, sum);
+                  dot_vec(kk, j, gv);
+                }
+                return sum;
+              },
+              [&](int64_t j) {
+                acc_t sum = 0;
+                for (int64_t kk = 0; kk < k; ++kk) {
+                  const acc_t gv = static_cast<acc_t>(gr[kk * c + j]);
+                  sum += ai[kk] * gv;
+                  dot_one(kk, j, gv);
+                }
+                return sum;
+              });
         }
         for (int64_t kk = 0; kk < k; ++kk) {
           acc_t lanes[kLanes] = {};

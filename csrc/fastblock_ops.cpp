@@ -15,10 +15,13 @@
 #include <torch/library.h>
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 
 #include <algorithm>
 #include <cstdlib>
+#include <mutex>
+#include <set>
 #include <string>
 
 #include "fastblock.h"
@@ -189,9 +192,11 @@ void gated_conv_backward(const DeviceKernels& kern, const at::Tensor& dz, const 
     const auto x_cat = gated_input(kern, xc, gates_acc);
     auto grads = at::convolution_backward(dz, x_cat, concat_kernels(weight), c10::nullopt, {stride, stride},
                                           {pad_h, pad_w}, {1, 1}, false, {0, 0}, 1, {true, true, false});
-    dx = at::empty_like(xc);
     const auto dx_cat = std::get<0>(grads).contiguous(layout);
+    const bool ungated = x_cat.is_same(xc);  // K=1, gates all 1: dx is dx_cat itself, only dgates to compute
+    dx = ungated ? at::Tensor() : at::empty_like(xc);
     { FASTBLOCK_PROFILE("reduce_gated"); kern.reduce_gated(xc, dx_cat, gates_acc, dx, dgates); }
+    if (ungated) dx = dx_cat;
     // [Cout, K, per_out] -> [K, Cout, per_out]: one strided copy straight into dW (the gradient of a
     // channels-last convolution may come channels-last: made contiguous first)
     dw_acc.view({k, cout, per_out}).copy_(std::get<1>(grads).contiguous().view({cout, k, per_out}).transpose(0, 1));
@@ -335,6 +340,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 namespace {
 
+// How many threads the CPU kernels' parallel loops (at::parallel_for) run on: 1 when the extension was built
+// without OpenMP, whatever torch's own thread count.
+int64_t cpu_threads() {
+  std::mutex mutex;
+  std::set<int> seen;
+  at::parallel_for(0, 64 * at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    std::lock_guard<std::mutex> lock(mutex);
+    seen.insert(at::get_thread_num());
+  });
+  return static_cast<int64_t>(seen.size());
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& x, const at::Tensor& gates, const at::Tensor& weight, const at::Tensor& bias,
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const c10::optional<at::Tensor>& running_mean,
@@ -373,6 +390,7 @@ TORCH_LIBRARY(fastblock_ext, m) {
   m.def("cpu_pool_set_limit(int bytes) -> ()", &fastblock::cpu_pool_set_limit);
   m.def("cpu_pool_enter() -> ()", &fastblock::cpu_pool_enter);
   m.def("cpu_pool_exit() -> ()", &fastblock::cpu_pool_exit);
+  m.def("cpu_threads() -> int", &fastblock::cpu_threads);
 }
 
 TORCH_LIBRARY_IMPL(fastblock_ext, CPU, m) {

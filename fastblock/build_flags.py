@@ -1,8 +1,9 @@
 """Sources and compiler flags of the C++/CUDA extension, shared by the JIT build (fastblock/extension.py) and
-setup.py's ahead-of-time build (which loads this file by path, so it must only import os and torch)."""
+setup.py's ahead-of-time build (which loads this file by path, so it must only import os, sys and torch)."""
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -31,6 +32,24 @@ def isa_level() -> str:
     return "AVX2" if level in ("AVX2", "AVX512") else "DEFAULT"
 
 
+def openmp() -> bool:
+    """Whether to compile with OpenMP: at::parallel_for is a header template that runs its loop on one thread
+    unless the extension itself is compiled with -fopenmp (torch's own build setting does not carry over). On when
+    torch's ATen uses OpenMP and the compiler is GCC-compatible on Linux; the extension then shares torch's loaded
+    OpenMP runtime (same soname) and its thread count. FASTBLOCK_EXT_OPENMP=0 turns it off."""
+    if os.environ.get("FASTBLOCK_EXT_OPENMP", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(torch.backends.openmp.is_available())
+    except Exception:
+        return False
+
+
 def cxx_flags(with_cuda: bool) -> list[str]:
     """Host compiler flags; the C++ standard is left to torch (C++17 up to torch 2.9, C++20 after)."""
-    return ["-O3", *ISA_FLAGS.get(isa_level(), []), *(["-DFASTBLOCK_WITH_CUDA"] if with_cuda else [])]
+    return ["-O3", *ISA_FLAGS.get(isa_level(), []), *(["-fopenmp"] if openmp() else []),
+            *(["-DFASTBLOCK_WITH_CUDA"] if with_cuda else [])]
+
+
+def link_flags() -> list[str]:
+    return ["-fopenmp"] if openmp() else []

@@ -28,7 +28,7 @@ import torch
 
 from .backend_utils import (BackendStatus, empty_like_layout, fake_backward_outputs, fake_forward_outputs,
                             forced_schedule)
-from .build_flags import CHECKED_CUDA_ARCHS, CPU_SOURCES, CUDA_SOURCES, NVCC_FLAGS, cxx_flags, isa_level
+from .build_flags import CHECKED_CUDA_ARCHS, CPU_SOURCES, CUDA_SOURCES, NVCC_FLAGS, cxx_flags, isa_level, link_flags, openmp
 
 
 def _find_csrc(package_dir: Path) -> Path:
@@ -80,7 +80,9 @@ def _first_lines(text: str, n: int = 6) -> str:
 
 
 def _build_name(with_cuda: bool) -> str:
-    return ("fastblock_ext_cuda" if with_cuda else "fastblock_ext_cpu") + f"_{isa_level().lower()}"
+    # the CPU code's build options are part of the name: a shared build cache never loads another build's code
+    return (("fastblock_ext_cuda" if with_cuda else "fastblock_ext_cpu") + f"_{isa_level().lower()}"
+            + ("_omp" if openmp() else ""))
 
 
 def build_needed() -> bool:
@@ -130,7 +132,7 @@ def load() -> tuple[bool, str]:
 
         log = io.StringIO()
         with redirect_stdout(log), redirect_stderr(log):
-            cpp_extension.load(name=name, sources=sources, extra_cflags=flags,
+            cpp_extension.load(name=name, sources=sources, extra_cflags=flags, extra_ldflags=link_flags(),
                                extra_cuda_cflags=NVCC_FLAGS if with_cuda else None,
                                with_cuda=with_cuda, is_python_module=False, verbose=False)
     except Exception as exc:  # compiler errors come back as RuntimeError / CalledProcessError
@@ -139,7 +141,8 @@ def load() -> tuple[bool, str]:
             detail = detail.decode(errors="replace")
         return False, f"extension failed to build: {_first_lines(detail)}"
     _register_fake()
-    return True, f"JIT-built {name} ({'C++ + CUDA' if with_cuda else 'C++ only'}, CPU code for {isa})"
+    threads = "OpenMP" if openmp() else "one thread"
+    return True, f"JIT-built {name} ({'C++ + CUDA' if with_cuda else 'C++ only'}, CPU code for {isa}, {threads})"
 
 
 def _register_fake() -> None:
@@ -210,6 +213,12 @@ def cpu_pool_stats() -> dict[str, int]:
     found in the cache) and ``limit_bytes`` (all 0 while it is off)."""
     keys = ("cached_bytes", "live_blocks", "hits", "misses", "limit_bytes")
     return dict(zip(keys, _loaded_ops().cpu_pool_stats(), strict=True))
+
+
+def cpu_threads() -> int:
+    """How many threads the extension's CPU kernels run their parallel loops on (torch's thread count when the
+    extension was built with OpenMP, else 1)."""
+    return int(_loaded_ops().cpu_threads())
 
 
 def cpu_pool_empty_cache() -> None:

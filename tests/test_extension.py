@@ -455,3 +455,46 @@ def test_ptxas_report_parsing():
     table = extension.parse_ptxas(log)
     assert table["sm_90"] == [dict(kernel="_Z1aPf", registers=40, stack=16, spill_stores=8, spill_loads=4)]
     assert table["sm_100"][0]["registers"] == 20 and table["sm_100"][0]["spill_stores"] == 0
+
+
+@pytest.fixture
+def torch_threads():
+    """Sets torch's intra-op thread count for a test and restores it after."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs at least two intra-op threads")
+def test_extension_cpu_kernels_run_on_torchs_threads(torch_threads):
+    """at::parallel_for is a header template: compiled without -fopenmp it runs every CPU kernel on one thread,
+    whatever torch's thread count (as the extension did until its build added OpenMP)."""
+    from fastblock.build_flags import openmp
+
+    if not openmp():
+        pytest.skip("torch without OpenMP, or not Linux: the extension is built without it")
+    threads = torch.get_num_threads()
+    assert extension.cpu_threads() == threads
+    torch_threads(1)
+    assert extension.cpu_threads() == 1
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_extension_cpu_results_do_not_depend_on_the_thread_count(channels_last, dtype, torch_threads):
+    """Every reduction adds fixed blocks in a fixed order: one thread and two give the same bits. The shape has
+    several 128-row blocks per channel (the row kernels' unit of work) and several samples per thread."""
+    case = Case(6, 24, 40, 9, 9, k=2, channels_last=channels_last)
+    tolerance = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}
+    args, kwargs = make_inputs(case, dtype, seed=stable_seed(case, "threads") % 1009)
+    results = []
+    for threads in (1, 2):
+        torch_threads(threads)
+        results.append(run_op("extension", args, kwargs, training=True))
+    (y1, grads1, rm1, rv1), (y2, grads2, rm2, rv2) = results
+    assert torch.equal(y1, y2) and torch.equal(rm1, rm2) and torch.equal(rv1, rv2)
+    for name, one in grads1.items():
+        if name == "weight":  # torch's convolution weight gradient (oneDNN) splits its reduction by thread
+            torch.testing.assert_close(one, grads2[name], **tolerance[dtype])
+        else:
+            assert torch.equal(one, grads2[name]), f"d{name} differs between one thread and two"
