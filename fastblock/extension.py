@@ -28,7 +28,8 @@ import torch
 
 from .backend_utils import (BackendStatus, empty_like_layout, fake_backward_outputs, fake_forward_outputs,
                             forced_schedule)
-from .build_flags import CHECKED_CUDA_ARCHS, CPU_SOURCES, CUDA_SOURCES, NVCC_FLAGS, cxx_flags, isa_level, link_flags, openmp
+from .build_flags import (CHECKED_CUDA_ARCHS, CPU_SOURCES, CUDA_SOURCES, NVCC_FLAGS, cxx_flags, isa_level, link_flags,
+                          openmp)
 
 
 def _find_csrc(package_dir: Path) -> Path:
