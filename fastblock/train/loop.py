@@ -6,6 +6,7 @@ generator's state is saved -- draws exactly what the uninterrupted run would hav
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -14,6 +15,7 @@ import os
 import platform
 import random
 import signal
+import statistics
 import time
 from pathlib import Path
 from typing import Optional
@@ -555,6 +557,12 @@ def _train(ctx) -> bool:
     checkpoint_every = 60.0 * args.checkpoint_minutes if args.checkpoint_minutes else float("inf")
     last_save = time.perf_counter()
     probe: list[float] = []
+    # --time-budget: a step that would end past the budget is not started (the epoch-end re-plans fit the steps to
+    # the time left at the last epoch's pace; this catches a machine that slows down within the final epoch).
+    # One process only: ranks timing their own steps could stop at different steps.
+    budget_s = args.time_budget * 60 if args.time_budget and not args.resume and dist.world == 1 else None
+    recent_steps: collections.deque = collections.deque(maxlen=5)  # seconds of the last steps
+    first_step_done = False
     stop_epoch = math.ceil(plan.total_steps / plan.steps_per_epoch)
     if args.stop_after:
         stop_epoch = min(stop_epoch, args.stop_after)
@@ -576,6 +584,10 @@ def _train(ctx) -> bool:
             bar = tqdm(range(progress.step_in_epoch, last_step), desc=f"epoch {epoch + 1}", leave=False,
                        disable=not dist.main or args.no_progress, unit="step", mininterval=progress_interval())
             for step in bar:
+                if budget_s is not None and recent_steps and \
+                        progress.train_seconds + statistics.median(recent_steps) > budget_s:
+                    _stop_at_budget(ctx, epoch * plan.steps_per_epoch + step)
+                    break
                 t0 = time.perf_counter()
                 batch = perm[step * global_batch:(step + 1) * global_batch]
                 batch = batch[dist.rank * local_batch:(dist.rank + 1) * local_batch]
@@ -586,6 +598,9 @@ def _train(ctx) -> bool:
                 loss_sum, correct, seen = loss_sum + loss_step * len(batch), correct + correct_step, seen + len(batch)
                 epoch_time += dt
                 progress.train_seconds += dt
+                if first_step_done:  # the first step builds and warms up: not the pace of the others
+                    recent_steps.append(dt)
+                first_step_done = True
                 global_step = epoch * plan.steps_per_epoch + step
                 progress.steps.append(dict(step=global_step + 1, epoch=round(global_step / plan.steps_per_epoch + 1 /
                                                                                 plan.steps_per_epoch, 4),
@@ -606,7 +621,10 @@ def _train(ctx) -> bool:
                     last_save = time.perf_counter()
                 if global_step + 1 >= plan.total_steps:  # the probe re-planned a --time-budget run mid-epoch
                     break
+            bar.close()
             last_step = progress.step_in_epoch
+            if last_step == 0:  # the budget ran out at an epoch's first step: nothing of it to report
+                break
             _replan_to_budget(ctx, epoch, last_step, epoch_time)
             stop_epoch = math.ceil(plan.total_steps / plan.steps_per_epoch)
             if args.stop_after:
@@ -657,6 +675,16 @@ def _replan_to_budget(ctx, epoch: int, steps_in_epoch: int, epoch_seconds: float
                    f"(planned: {plan.total_steps - done})")
         plan.total_steps = total
         cfg["epochs"] = round(total / plan.steps_per_epoch, 3)
+
+
+def _stop_at_budget(ctx, steps_done: int) -> None:
+    """--time-budget: the next step would end past the budget; the run ends after steps_done steps."""
+    plan, cfg = ctx["plan"], ctx["cfg"]
+    if steps_done < plan.total_steps:
+        ctx["say"](f"time budget: {ctx['progress'].train_seconds / 60:.2f} of {ctx['args'].time_budget:g} min "
+                   f"used; stopping {plan.total_steps - steps_done} steps before the plan's end")
+        plan.total_steps = steps_done
+        cfg["epochs"] = round(steps_done / plan.steps_per_epoch, 3)
 
 
 def _on_main_thread() -> bool:
