@@ -257,6 +257,23 @@ def test_torchrun_two_process_gloo(tmp_path, folder_data):
     assert len((tmp_path / "ddp" / "metrics.csv").read_text().splitlines()) == 3
 
 
+@pytest.mark.slow
+def test_torchrun_time_budget_plans_the_same_steps_on_every_rank(tmp_path, folder_data):
+    """--time-budget under two ranks: each times its own steps, and a plan fitted to one rank's timings alone
+    would leave the other waiting in a collective for a step that never comes. The ranks plan from their mean."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "fastblock.train", "--data-dir", str(folder_data), "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+           "--preset", "tiny", "--time-budget", "0.1", "--batch-size", "8", "--backend", "reference",
+           "--out", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "time budget 0.1 min" in proc.stdout
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["train_seconds"] < 6 + 5, summary  # the budget, give or take an epoch of 8-image steps
+
+
 def test_unavailable_backend_is_a_clear_error(tmp_path, folder_data, capsys, monkeypatch):
     from fastblock import backends
 

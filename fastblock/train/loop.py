@@ -667,14 +667,21 @@ def _replan_to_budget(ctx, epoch: int, steps_in_epoch: int, epoch_seconds: float
     done = epoch * plan.steps_per_epoch + steps_in_epoch
     if not args.time_budget or args.resume or steps_in_epoch == 0 or done >= plan.total_steps:
         return
+    epoch_seconds, spent = _rank_mean(ctx, [epoch_seconds, progress.train_seconds])
     pace = epoch_seconds / steps_in_epoch
-    left = max(0.0, args.time_budget * 60 - progress.train_seconds)
+    left = max(0.0, args.time_budget * 60 - spent)
     total = done + int(left / pace)
     if abs(total - plan.total_steps) > 0.01 * plan.total_steps:
         ctx["say"](f"time budget: {left / 60:.1f} min left at {pace:.2f} s/step: {total - done} more steps "
                    f"(planned: {plan.total_steps - done})")
         plan.total_steps = total
         cfg["epochs"] = round(total / plan.steps_per_epoch, 3)
+
+
+def _rank_mean(ctx, values: list[float]) -> list[float]:
+    """The mean over ranks of each value: every rank then plans the same steps from its own timings."""
+    world = ctx["dist"].world
+    return [v / world for v in ctx["dist"].all_sum(values, ctx["device"])]
 
 
 def _stop_at_budget(ctx, steps_done: int) -> None:
@@ -747,7 +754,8 @@ def _probe(ctx, probe: list, dt: float, global_step: int) -> None:
     probe.append(float("nan"))  # done
     if args.time_budget and global_step < plan.total_steps and not args.resume:
         # the time already spent counts: a first step that compiled the model for a minute is part of the budget
-        left = max(0.0, args.time_budget * 60 - progress.train_seconds)
+        per_step, spent = _rank_mean(ctx, [per_step, progress.train_seconds])
+        left = max(0.0, args.time_budget * 60 - spent)
         plan.total_steps = global_step + 1 + int(left / per_step)
         ctx["cfg"]["epochs"] = round(plan.total_steps / plan.steps_per_epoch, 3)
         say(f"time budget {args.time_budget:g} min at {per_step:.2f} s/step: {plan.total_steps} steps "
