@@ -14,6 +14,7 @@
 #include <cmath>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "fastblock.h"
@@ -531,32 +532,40 @@ void reduce_gated_cpu(const at::Tensor& x, const at::Tensor& g, const at::Tensor
     data_t* dxp = dx.defined() ? dx.data_ptr<data_t>() : nullptr;  // undefined: dgates alone
     const acc_t* a = gates.data_ptr<acc_t>();
     acc_t* da = dgates.data_ptr<acc_t>();
-    at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<acc_t> row(static_cast<size_t>(len));
-      for (int64_t i = i0; i < i1; ++i) {
-        const data_t* xi = xp + i * len;
-        std::fill(row.begin(), row.end(), acc_t(0));
-        for (int64_t kk = 0; kk < k; ++kk) {
-          const data_t* gk = gp + (i * k + kk) * len;
-          const acc_t ak = a[i * k + kk];
-          acc_t lanes[kLanes] = {};
-          int64_t j = 0;
-          for (; j + kLanes <= len; j += kLanes)
-            for (int64_t l = 0; l < kLanes; ++l) {
-              const acc_t gv = static_cast<acc_t>(gk[j + l]);
-              row[j + l] += ak * gv;
-              lanes[l] += gv * static_cast<acc_t>(xi[j + l]);
-            }
-          for (; j < len; ++j) {
-            const acc_t gv = static_cast<acc_t>(gk[j]);
-            row[j] += ak * gv;
-            lanes[0] += gv * static_cast<acc_t>(xi[j]);
+    // with_dx: also sum a_k g_k into row (a compile-time choice, so the dgates-only loop carries no row work)
+    auto sample = [&](int64_t i, std::vector<acc_t>& row, auto with_dx) {
+      const data_t* xi = xp + i * len;
+      if constexpr (decltype(with_dx)::value) std::fill(row.begin(), row.end(), acc_t(0));
+      for (int64_t kk = 0; kk < k; ++kk) {
+        const data_t* gk = gp + (i * k + kk) * len;
+        const acc_t ak = a[i * k + kk];
+        acc_t lanes[kLanes] = {};
+        int64_t j = 0;
+        for (; j + kLanes <= len; j += kLanes)
+          for (int64_t l = 0; l < kLanes; ++l) {
+            const acc_t gv = static_cast<acc_t>(gk[j + l]);
+            if constexpr (decltype(with_dx)::value) row[j + l] += ak * gv;
+            lanes[l] += gv * static_cast<acc_t>(xi[j + l]);
           }
-          da[i * k + kk] = combine_lanes(lanes);
+        for (; j < len; ++j) {
+          const acc_t gv = static_cast<acc_t>(gk[j]);
+          if constexpr (decltype(with_dx)::value) row[j] += ak * gv;
+          lanes[0] += gv * static_cast<acc_t>(xi[j]);
         }
-        if (dxp == nullptr) continue;
+        da[i * k + kk] = combine_lanes(lanes);
+      }
+      if constexpr (decltype(with_dx)::value) {
         data_t* dst = dxp + i * len;
         for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<data_t>(row[j]);
+      }
+    };
+    at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<acc_t> row(dxp != nullptr ? static_cast<size_t>(len) : 0);
+      for (int64_t i = i0; i < i1; ++i) {
+        if (dxp != nullptr)
+          sample(i, row, std::true_type{});
+        else
+          sample(i, row, std::false_type{});
       }
     });
   });
@@ -591,6 +600,26 @@ inline at::vec::Vectorized<acc_t> load_acc(const data_t* p) {
     return v;
   }
 }
+
+// The channels-last BN+ReLU backward's start at channel j of a row (the NCHW kernels' note above): xhat and
+// g = dy masked by the ReLU, from z, dy and the per-channel mean, invstd, gamma and beta.
+template <typename data_t, typename acc_t>
+struct ReluGradRow {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const acc_t *mu, *is, *ga, *be;
+
+  std::pair<Vec, Vec> vec(const data_t* z, const data_t* dy, int64_t j) const {  // kV channels from j
+    const Vec xhat = (load_acc<data_t, acc_t>(z + j) - Vec::loadu(mu + j)) * Vec::loadu(is + j);
+    const Vec g = Vec::blendv(load_acc<data_t, acc_t>(dy + j), Vec(acc_t(0)),
+                              (xhat * Vec::loadu(ga + j) + Vec::loadu(be + j)) <= Vec(acc_t(0)));
+    return {xhat, g};
+  }
+
+  std::pair<acc_t, acc_t> one(const data_t* z, const data_t* dy, int64_t j) const {
+    const acc_t xhat = (static_cast<acc_t>(z[j]) - mu[j]) * is[j];
+    return {xhat, (xhat * ga[j] + be[j] <= acc_t(0)) ? acc_t(0) : static_cast<acc_t>(dy[j])};
+  }
+};
 
 // Stores two vectors (2 kV values) at p and returns, in a and b, the values as stored (rounded to data_t), so that
 // sums of a stored tensor add what was stored.
@@ -786,22 +815,18 @@ void bn_relu_bwd_reduce_rows(const at::Tensor& dy, const at::Tensor& z, const at
     using acc_t = at::opmath_type<data_t>;
     using Vec = at::vec::Vectorized<acc_t>;
     const data_t *zp = z.data_ptr<data_t>(), *dp = dy.data_ptr<data_t>();
-    const acc_t *mu = mean.data_ptr<acc_t>(), *is = invstd.data_ptr<acc_t>();
-    const acc_t *ga = gamma.data_ptr<acc_t>(), *be = beta.data_ptr<acc_t>();
-    const Vec zero(acc_t(0));
+    const ReluGradRow<data_t, acc_t> relu_grad{mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(),
+                                               gamma.data_ptr<acc_t>(), beta.data_ptr<acc_t>()};
     // one pass computing both sums: [sum g (c values), sum g * xhat (c values)]
     const std::vector<double> sums = channel_sums<acc_t, 2>(
         rows, c,
         [&](int64_t r, int64_t j, Vec* acc) {
-          const Vec xhat = (load_acc<data_t, acc_t>(zp + r * c + j) - Vec::loadu(mu + j)) * Vec::loadu(is + j);
-          const Vec g = Vec::blendv(load_acc<data_t, acc_t>(dp + r * c + j), zero,
-                                    (xhat * Vec::loadu(ga + j) + Vec::loadu(be + j)) <= zero);
+          const auto [xhat, g] = relu_grad.vec(zp + r * c, dp + r * c, j);
           acc[0] = acc[0] + g;
           acc[1] = at::vec::fmadd(g, xhat, acc[1]);
         },
         [&](int64_t r, int64_t j, acc_t* acc) {
-          const acc_t xhat = (static_cast<acc_t>(zp[r * c + j]) - mu[j]) * is[j];
-          const acc_t g = (xhat * ga[j] + be[j] <= acc_t(0)) ? acc_t(0) : static_cast<acc_t>(dp[r * c + j]);
+          const auto [xhat, g] = relu_grad.one(zp + r * c, dp + r * c, j);
           acc[0] += g;
           acc[1] += g * xhat;
         });
@@ -825,9 +850,9 @@ void bn_relu_bwd_dz_rows(const at::Tensor& dy, const at::Tensor& z, const at::Te
     using Vec = at::vec::Vectorized<acc_t>;
     const data_t *zp = z.data_ptr<data_t>(), *dp = dy.data_ptr<data_t>();
     data_t* out = dz.data_ptr<data_t>();
-    const acc_t *mu = mean.data_ptr<acc_t>(), *is = invstd.data_ptr<acc_t>();
-    const acc_t *ga = gamma.data_ptr<acc_t>(), *be = beta.data_ptr<acc_t>();
+    const acc_t *is = invstd.data_ptr<acc_t>(), *ga = gamma.data_ptr<acc_t>();
     const acc_t *sg = sum_g.data_ptr<acc_t>(), *sgx = sum_gx.data_ptr<acc_t>();
+    const ReluGradRow<data_t, acc_t> relu_grad{mean.data_ptr<acc_t>(), is, ga, beta.data_ptr<acc_t>()};
     std::vector<acc_t> kscale(static_cast<size_t>(c)), mean_g(static_cast<size_t>(c)), mean_gx(static_cast<size_t>(c));
     for (int64_t j = 0; j < c; ++j) {
       kscale[j] = ga[j] * is[j];
@@ -836,7 +861,6 @@ void bn_relu_bwd_dz_rows(const at::Tensor& dy, const at::Tensor& z, const at::Te
     }
     acc_t* sample_sum = dz_sum.data_ptr<acc_t>();
     at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
-      const Vec zero(acc_t(0));
       for (int64_t i = i0; i < i1; ++i) {
         acc_t* total = sample_sum + i * c;
         std::fill(total, total + c, acc_t(0));
@@ -847,16 +871,13 @@ void bn_relu_bwd_dz_rows(const at::Tensor& dy, const at::Tensor& z, const at::Te
           row_write<data_t, acc_t>(
               out + r * c, c,
               [&](int64_t j) {
-                const Vec xhat = (load_acc<data_t, acc_t>(zr + j) - Vec::loadu(mu + j)) * Vec::loadu(is + j);
-                const Vec g = Vec::blendv(load_acc<data_t, acc_t>(dr + j), zero,
-                                          (xhat * Vec::loadu(ga + j) + Vec::loadu(be + j)) <= zero);
+                const auto [xhat, g] = relu_grad.vec(zr, dr, j);
                 const Vec ks = Vec::loadu(kscale.data() + j);
                 return batch_stats ? ks * (g - Vec::loadu(mean_g.data() + j) - xhat * Vec::loadu(mean_gx.data() + j))
                                    : ks * g;
               },
               [&](int64_t j) {
-                const acc_t xhat = (static_cast<acc_t>(zr[j]) - mu[j]) * is[j];
-                const acc_t g = (xhat * ga[j] + be[j] <= acc_t(0)) ? acc_t(0) : static_cast<acc_t>(dr[j]);
+                const auto [xhat, g] = relu_grad.one(zr, dr, j);
                 return batch_stats ? kscale[j] * (g - mean_g[j] - xhat * mean_gx[j]) : kscale[j] * g;
               },
               [&](int64_t j, const Vec& v) { (Vec::loadu(total + j) + v).store(total + j); },
