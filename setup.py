@@ -36,7 +36,8 @@ if os.environ.get("FASTBLOCK_BUILD_EXT", "0") == "1":
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
 
-    spec = importlib.util.spec_from_file_location("fastblock_build_flags", os.path.join(HERE, "fastblock", "build_flags.py"))
+    spec = importlib.util.spec_from_file_location("fastblock_build_flags",
+                                                  os.path.join(HERE, "fastblock", "build_flags.py"))
     build_flags = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build_flags)
     want_cuda = os.environ.get("FASTBLOCK_BUILD_CUDA")

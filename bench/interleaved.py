@@ -64,7 +64,8 @@ def main(argv=None) -> int:
     shape = Shape(args.n, args.c, args.hw, args.k)
     res = run(shape, args.mode, providers, args.rounds, args.device, getattr(torch, args.dtype), args.settle)
     print(f"{args.mode} {shape} {args.dtype} on {args.device} ({torch.get_num_threads()} threads), "
-          f"{args.rounds} interleaved rounds (settle {args.settle}); speed-up vs {providers[0]} per round: median [10th-90th percentile]")
+          f"{args.rounds} interleaved rounds (settle {args.settle}); speed-up vs {providers[0]} per round: "
+          "median [10th-90th percentile]")
     for p, r in res.items():
         q = r["ratios"]
         lo, hi = q[len(q) // 10], q[(len(q) * 9) // 10]

@@ -54,12 +54,14 @@ def table(groups: dict[str, list[dict]], markdown: bool) -> str:
     if markdown:
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     else:
-        lines.append(f"{head[0]:32s} {head[1]:10s} {head[2]:>10s} {head[3]:>12s} {head[4]:>18s} {head[5]:>16s} {head[6]:>9s}")
+        lines.append(f"{head[0]:32s} {head[1]:10s} {head[2]:>10s} {head[3]:>12s} {head[4]:>18s} {head[5]:>16s} "
+                     f"{head[6]:>9s}")
     for group, members in groups.items():
         for r in sorted(members, key=lambda r: r["median_s"]):
             tf = _fmt(r["tflops"], ".2f") + (f" ({100 * r['tflops'] / r['peak_tflops']:.0f}%)"
                                              if r["tflops"] and r["peak_tflops"] else "")
-            gb = _fmt(r["gbs"], ".1f") + (f" ({100 * r['gbs'] / r['peak_gbs']:.0f}%)" if r["gbs"] and r["peak_gbs"] else "")
+            gb = _fmt(r["gbs"], ".1f") + (f" ({100 * r['gbs'] / r['peak_gbs']:.0f}%)"
+                                          if r["gbs"] and r["peak_gbs"] else "")
             cells = [group, r["provider"], _fmt(r["median_s"] * 1e3, ".3f"),
                      _fmt(r["speedup"], ".2f") + "x" if r["speedup"] else "-", tf, gb,
                      _fmt(r["mem_mb"], ".0f") if r["images_per_s"] is None else f"{r['images_per_s']:.0f} img/s"]

@@ -195,7 +195,8 @@ def _load_folder(root: Path, cache_dir: Path, progress: bool) -> Cifar:
 
 def _extract_archive(archive: Path, cache_dir: Path) -> Path:
     st = archive.stat()
-    dest = cache_dir / f"extracted-{hashlib.sha1(f'{archive.resolve()}|{st.st_size}|{st.st_mtime_ns}'.encode()).hexdigest()[:12]}"
+    key = hashlib.sha1(f"{archive.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    dest = cache_dir / f"extracted-{key}"
     marker = dest / ".complete"
     if not marker.exists():
         tmp = dest.with_suffix(".tmp")

@@ -113,7 +113,8 @@ def load() -> tuple[bool, str]:
     except ImportError:
         pass
     if not all((CSRC / s).exists() for s in CPU_SOURCES):
-        return False, f"sources not found in {CSRC} (install from a source checkout, or build with FASTBLOCK_BUILD_EXT=1)"
+        return False, (f"sources not found in {CSRC} (install from a source checkout, or build with "
+                       "FASTBLOCK_BUILD_EXT=1)")
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         return False, "no C++ compiler found (install g++), see README 'Environment variables'"
     try:

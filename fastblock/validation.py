@@ -58,7 +58,8 @@ def check_inputs(
     n, cin, h, w = x.shape
     k, cout, wcin, kh, kw = weight.shape
     if gates.shape[0] != n:
-        raise ValueError(f"gates has {gates.shape[0]} rows but x has batch size {n} (gates {_shape(gates)}, x {_shape(x)})")
+        raise ValueError(f"gates has {gates.shape[0]} rows but x has batch size {n} "
+                         f"(gates {_shape(gates)}, x {_shape(x)})")
     if gates.shape[1] != k:
         raise ValueError(
             f"K mismatch: gates {_shape(gates)} has {gates.shape[1]} gate(s) per sample but weight {_shape(weight)} "

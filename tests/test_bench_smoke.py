@@ -30,6 +30,7 @@ def test_interleaved_ab_tool():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "3 interleaved rounds" in proc.stdout
     assert "1.00x" in proc.stdout and "dynconv" in proc.stdout
-    bad = subprocess.run([sys.executable, "-m", "bench.interleaved", "--device", "cpu", "--providers", "reference,triton"],
+    bad = subprocess.run([sys.executable, "-m", "bench.interleaved", "--device", "cpu",
+                          "--providers", "reference,triton"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "not available" in bad.stderr

@@ -483,7 +483,8 @@ def test_interrupt_saves_a_resumable_checkpoint(tmp_path, folder_data, monkeypat
     out = capsys.readouterr().out
     assert f"--resume {tmp_path / 'part'}" in out and "Traceback" not in out
     monkeypatch.setattr(loop, "_train_step", real_step)
-    assert train.main(["--resume", str(tmp_path / "part"), "--no-progress", "--cache-dir", str(tmp_path / "cache")]) == 0
+    resume = ["--resume", str(tmp_path / "part"), "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    assert train.main(resume) == 0
     a = torch.load(full / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "part" / "last.pt", weights_only=True)
     for key in a["model"]:

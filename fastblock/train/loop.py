@@ -810,7 +810,8 @@ def _save(ctx, best: bool) -> None:
     ema, plateau = ctx["ema"], ctx["plateau"]
     eval_model = ema.module if ema is not None else ctx["model"]
     ckpt = {"model": ctx["model"].state_dict(), "optimizer": ctx["opt"].state_dict(),
-            "scheduler": ctx["scheduler"].state_dict() if ctx["scheduler"] is not None else None, "ema": ema.state_dict() if ema is not None else None,
+            "scheduler": ctx["scheduler"].state_dict() if ctx["scheduler"] is not None else None,
+            "ema": ema.state_dict() if ema is not None else None,
             "plateau": plateau.state_dict() if plateau is not None else None, "scaler": ctx["scaler"].state_dict(),
             "rng": rng_state(ctx["device"].type), "progress": dataclasses.asdict(progress),
             "plan": dataclasses.asdict(ctx["plan"]), "config": cfg}

@@ -56,9 +56,10 @@ def _recipe(description: str, **settings) -> Recipe:
     return Recipe(description=description, **settings)
 
 
-# The speed-run recipe of the cpu preset (at batch 512; the fast preset scales it). Its hyperparameters follow the public airbench speed-runs' published values
-# converted to a mean (not summed) loss: the weights' decay per step is lr x weight_decay = 1e-3, the BatchNorm
-# biases train 64x faster, lookahead averages every 5 steps (bench/RESULTS.md has the runs behind it).
+# The speed-run recipe of the cpu preset (at batch 512; the fast preset scales it). Its hyperparameters follow the
+# public airbench speed-runs' published values converted to a mean (not summed) loss: the weights' decay per step
+# is lr x weight_decay = 1e-3, the BatchNorm biases train 64x faster, lookahead averages every 5 steps
+# (bench/RESULTS.md has the runs behind it).
 SPEED_RUN = dict(
     model="air-cpu-wide-k1-gelu", whiten_bias_epochs=3, epochs=18, batch_size=512, lr=0.75, momentum=0.85,
     weight_decay=1.33e-3, bn_bias_lr_scale=64.0, bn_momentum=0.4, warmup_fraction=0.23, warmup_start=0.2,

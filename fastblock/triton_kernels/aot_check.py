@@ -191,9 +191,10 @@ def check(launch: Launch, arch: int, allow_spills: bool = False) -> dict:
 
 
 def _data_dtype(launch: Launch) -> str:
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
     for a in launch.args:
-        if isinstance(a, torch.Tensor) and a.dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-            return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}[a.dtype]
+        if isinstance(a, torch.Tensor) and a.dtype in names:
+            return names[a.dtype]
     return "?"
 
 
