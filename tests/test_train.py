@@ -374,7 +374,7 @@ def test_time_budget_counts_a_slow_first_step(tmp_path, folder_data, monkeypatch
     budget_s = 3.0  # all within the first epoch (100 steps of 2 images), before any end-of-epoch re-plan
     out = _train(tmp_path, folder_data, "--time-budget", str(budget_s / 60), "--batch-size", "2")
     # the plan, from the times the run recorded (not from wall-clock bounds: a busy machine stretches steps)
-    seconds = [float(line.split(",")[4]) for line in (out / "steps.csv").read_text().splitlines()[1:]]
+    seconds = _step_seconds(out)
     probe_end = 1 + loop.PROBE_STEPS
     per_step = sorted(b - a for a, b in zip(seconds[:probe_end - 1], seconds[1:probe_end]))[loop.PROBE_STEPS // 2]
     planned = int(re.search(r"time budget \S+ min at \S+ s/step: (\d+) steps", capsys.readouterr().out).group(1))
@@ -427,10 +427,16 @@ def test_time_budget_holds_when_the_machine_slows_down_in_the_last_epoch(tmp_pat
     _assert_within_budget(out, budget_s, calls["n"])
 
 
+def _step_seconds(out) -> list[float]:
+    """steps.csv's cumulative training seconds, one per step."""
+    column = train.STEP_FIELDS.index("train_seconds")
+    return [float(line.split(",")[column]) for line in (out / "steps.csv").read_text().splitlines()[1:]]
+
+
 def _assert_within_budget(out, budget_s: float, steps_run: int) -> None:
     """Training time within the budget give or take the last step, and the checkpoint's plan is the steps run."""
     summary = json.loads((out / "summary.json").read_text())
-    seconds = [float(line.split(",")[4]) for line in (out / "steps.csv").read_text().splitlines()[1:]]
+    seconds = _step_seconds(out)
     longest_step = max(b - a for a, b in zip(seconds, seconds[1:]))
     assert summary["train_seconds"] <= budget_s + longest_step, (summary, seconds)
     assert len(seconds) == steps_run == torch.load(out / "last.pt", weights_only=True)["plan"]["total_steps"]

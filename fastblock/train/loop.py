@@ -562,7 +562,6 @@ def _train(ctx) -> bool:
     # One process only: ranks timing their own steps could stop at different steps.
     budget_s = args.time_budget * 60 if args.time_budget and not args.resume and dist.world == 1 else None
     recent_steps: collections.deque = collections.deque(maxlen=5)  # seconds of the last steps
-    first_step_done = False
     stop_epoch = math.ceil(plan.total_steps / plan.steps_per_epoch)
     if args.stop_after:
         stop_epoch = min(stop_epoch, args.stop_after)
@@ -598,14 +597,13 @@ def _train(ctx) -> bool:
                 loss_sum, correct, seen = loss_sum + loss_step * len(batch), correct + correct_step, seen + len(batch)
                 epoch_time += dt
                 progress.train_seconds += dt
-                if first_step_done:  # the first step builds and warms up: not the pace of the others
-                    recent_steps.append(dt)
-                first_step_done = True
                 global_step = epoch * plan.steps_per_epoch + step
                 progress.steps.append(dict(step=global_step + 1, epoch=round(global_step / plan.steps_per_epoch + 1 /
                                                                                 plan.steps_per_epoch, 4),
                                            lr=ctx["opt"].param_groups[0]["lr"], loss=round(loss_step, 5),
                                            train_seconds=round(progress.train_seconds, 3)))
+                if len(progress.steps) > 1:  # as the probe: the first step (warm-up, builds) is not the pace
+                    recent_steps.append(dt)
                 if ctx["scheduler"] is not None:
                     ctx["scheduler"].step()
                 _maybe_update_ema(ctx, global_step)
@@ -663,7 +661,7 @@ def _replan_to_budget(ctx, epoch: int, steps_in_epoch: int, epoch_seconds: float
     """--time-budget: after each epoch the steps still to run are fitted again to the time left, at the pace of the
     epoch just trained, so a run on a machine whose speed drifts still ends within its budget (the learning-rate
     schedule follows the new length)."""
-    args, plan, progress, cfg = ctx["args"], ctx["plan"], ctx["progress"], ctx["cfg"]
+    args, plan, progress = ctx["args"], ctx["plan"], ctx["progress"]
     done = epoch * plan.steps_per_epoch + steps_in_epoch
     if not args.time_budget or args.resume or steps_in_epoch == 0 or done >= plan.total_steps:
         return
@@ -674,8 +672,7 @@ def _replan_to_budget(ctx, epoch: int, steps_in_epoch: int, epoch_seconds: float
     if abs(total - plan.total_steps) > 0.01 * plan.total_steps:
         ctx["say"](f"time budget: {left / 60:.1f} min left at {pace:.2f} s/step: {total - done} more steps "
                    f"(planned: {plan.total_steps - done})")
-        plan.total_steps = total
-        cfg["epochs"] = round(total / plan.steps_per_epoch, 3)
+        _set_total_steps(ctx, total)
 
 
 def _rank_mean(ctx, values: list[float]) -> list[float]:
@@ -686,12 +683,15 @@ def _rank_mean(ctx, values: list[float]) -> list[float]:
 
 def _stop_at_budget(ctx, steps_done: int) -> None:
     """--time-budget: the next step would end past the budget; the run ends after steps_done steps."""
-    plan, cfg = ctx["plan"], ctx["cfg"]
-    if steps_done < plan.total_steps:
-        ctx["say"](f"time budget: {ctx['progress'].train_seconds / 60:.2f} of {ctx['args'].time_budget:g} min "
-                   f"used; stopping {plan.total_steps - steps_done} steps before the plan's end")
-        plan.total_steps = steps_done
-        cfg["epochs"] = round(steps_done / plan.steps_per_epoch, 3)
+    ctx["say"](f"time budget: {ctx['progress'].train_seconds / 60:.2f} of {ctx['args'].time_budget:g} min used; "
+               f"stopping {ctx['plan'].total_steps - steps_done} steps before the plan's end")
+    _set_total_steps(ctx, steps_done)
+
+
+def _set_total_steps(ctx, total: int) -> None:
+    """A --time-budget re-plan: the run's length in steps, and the epochs config.json records for it."""
+    ctx["plan"].total_steps = total
+    ctx["cfg"]["epochs"] = round(total / ctx["plan"].steps_per_epoch, 3)
 
 
 def _on_main_thread() -> bool:
@@ -756,8 +756,7 @@ def _probe(ctx, probe: list, dt: float, global_step: int) -> None:
         # the time already spent counts: a first step that compiled the model for a minute is part of the budget
         per_step, spent = _rank_mean(ctx, [per_step, progress.train_seconds])
         left = max(0.0, args.time_budget * 60 - spent)
-        plan.total_steps = global_step + 1 + int(left / per_step)
-        ctx["cfg"]["epochs"] = round(plan.total_steps / plan.steps_per_epoch, 3)
+        _set_total_steps(ctx, global_step + 1 + int(left / per_step))
         say(f"time budget {args.time_budget:g} min at {per_step:.2f} s/step: {plan.total_steps} steps "
             f"({ctx['cfg']['epochs']:g} epochs); the schedule spans them")
     remaining = (plan.total_steps - global_step - 1) * per_step
