@@ -60,8 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     hp.add_argument("--batch-size", type=int, help="global batch size (split across ranks)")
     hp.add_argument("--accum-steps", type=int, help="gradient accumulation steps per optimizer step")
     hp.add_argument("--lr", type=float, help="peak learning rate")
-    hp.add_argument("--optimizer", choices=["sgd", "adam", "adamw", "rmsprop"])
+    hp.add_argument("--optimizer", choices=["sgd", "muon", "adam", "adamw", "rmsprop"],
+                    help="muon: Muon for the Blocks' convolution filters, SGD for every other parameter")
     hp.add_argument("--momentum", type=float)
+    hp.add_argument("--muon-lr", type=float, help="--optimizer muon: the filters' peak learning rate")
+    hp.add_argument("--muon-momentum", type=float, help="--optimizer muon: the filters' momentum")
     hp.add_argument("--nesterov", action=argparse.BooleanOptionalAction)
     hp.add_argument("--weight-decay", type=float, help="not applied to BatchNorm parameters and biases")
     hp.add_argument("--bn-bias-lr-scale", type=float,

@@ -30,6 +30,8 @@ from ..backends import available_backends, resolve_backend
 from ..data import (Cifar, DataError, atomic_torch_save, balanced_subset, cutout, load_cifar10, progress_interval,
                     random_affine, random_crop, random_flip, split_validation)
 from ..models import build_model, count_flops
+from ..modules import Block
+from .optim import MuonSGD
 from .presets import SETTINGS, default_preset, recipe_defaults, resolve_preset
 from .records import confusion_report, plot_curves, write_metrics, write_steps
 
@@ -99,6 +101,15 @@ def make_optimizer(cfg, model):
     groups = param_groups(model, cfg["weight_decay"], cfg["bn_bias_lr_scale"])
     for g in groups:
         g["lr"] = cfg["lr"] * g.pop("lr_scale", 1.0)
+    if cfg["optimizer"] == "muon":  # the Blocks' filters move to a Muon group of their own
+        filters = [m.weight for m in model.modules() if isinstance(m, Block) and m.weight.requires_grad]
+        ids = {id(p) for p in filters}
+        for g in groups:
+            g["params"] = [p for p in g["params"] if id(p) not in ids]
+        groups.append({"params": filters, "lr": cfg["muon_lr"], "momentum": cfg["muon_momentum"],
+                       "weight_decay": 0.0, "muon": True})
+        return MuonSGD(groups, lr=cfg["lr"], momentum=cfg["momentum"],
+                       nesterov=bool(cfg["nesterov"]) and cfg["momentum"] > 0)
     if cfg["optimizer"] == "sgd":
         return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"],
                                nesterov=bool(cfg["nesterov"]) and cfg["momentum"] > 0)

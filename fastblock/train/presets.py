@@ -17,9 +17,11 @@ class Recipe:
     model: str = "air-cpu"
     epochs: float = 10             # may be fractional: the last epoch is then partial
     batch_size: int = 512
-    optimizer: str = "sgd"         # sgd | adam | adamw | rmsprop
+    optimizer: str = "sgd"         # sgd | muon (Muon for the Blocks' filters, SGD for the rest) | adam | adamw | rmsprop
     lr: float = 0.2
     momentum: float = 0.9
+    muon_lr: float = 0.24          # optimizer muon: the filters' lr (the angle a step turns them by; schedule as lr)
+    muon_momentum: float = 0.6
     nesterov: bool = True
     weight_decay: float = 5e-4     # not applied to BatchNorm parameters and biases (but see bn_bias_lr_scale)
     bn_bias_lr_scale: float = 1.0  # BatchNorm biases: lr x this, weight decay / this (the weights' decay per step)
