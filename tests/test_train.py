@@ -110,8 +110,10 @@ def test_batches_format_and_val_split(tmp_path, batches_data):
     _train(tmp_path, batches_data, "--epochs", "1", "--batch-size", "20", "--val-split", "0.2")
 
 
-def test_resume_is_identical_to_uninterrupted(tmp_path, folder_data):
-    common = ["--epochs", "3", "--batch-size", "32", "--seed", "5", "--cutout", "8", "--ema", "0.9"]
+@pytest.mark.parametrize("optimizer", ["sgd", "muon"])
+def test_resume_is_identical_to_uninterrupted(tmp_path, folder_data, optimizer):
+    common = ["--epochs", "3", "--batch-size", "32", "--seed", "5", "--cutout", "8", "--ema", "0.9",
+              "--optimizer", optimizer]
     full = _train(tmp_path, folder_data, *common, name="full")
     part = _train(tmp_path, folder_data, *common, "--stop-after", "2", name="part")  # as if killed after epoch 2
     assert len((part / "metrics.csv").read_text().splitlines()) == 3
