@@ -38,7 +38,8 @@ class MuonSGD(torch.optim.SGD):
     ``muon=True``: their parameters are filter banks ([K, Cout, ...] or [Cout, ...]) followed by a normalisation
     layer. For those, each step: momentum buffer b <- momentum * b + grad; the update u = grad + momentum * b
     (Nesterov) or b, orthogonalised bank by bank; the bank rescaled to norm sqrt(Cout); then bank -= lr * u.
-    Weight decay does not apply to them (the rescaling fixes their norm).
+    Weight decay does not apply to them (the rescaling fixes their norm). In a Block of mixed kernel sizes the taps
+    outside a smaller kernel move too, without effect (the Block masks them out), and count in its bank's norm.
 
     One optimizer for both kinds keeps LambdaLR, GradScaler and checkpoints unchanged: the learning-rate schedule
     scales every group's lr alike, and state_dict holds every momentum buffer."""
