@@ -108,11 +108,10 @@ def make_optimizer(cfg, model):
             g["params"] = [p for p in g["params"] if id(p) not in ids]
         groups.append({"params": filters, "lr": cfg["muon_lr"], "momentum": cfg["muon_momentum"],
                        "weight_decay": 0.0, "muon": True})
-        return MuonSGD(groups, lr=cfg["lr"], momentum=cfg["momentum"],
-                       nesterov=bool(cfg["nesterov"]) and cfg["momentum"] > 0)
-    if cfg["optimizer"] == "sgd":
-        return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"],
-                               nesterov=bool(cfg["nesterov"]) and cfg["momentum"] > 0)
+    if cfg["optimizer"] in ("sgd", "muon"):
+        sgd = MuonSGD if cfg["optimizer"] == "muon" else torch.optim.SGD
+        return sgd(groups, lr=cfg["lr"], momentum=cfg["momentum"],
+                   nesterov=bool(cfg["nesterov"]) and cfg["momentum"] > 0)
     if cfg["optimizer"] == "adam":
         return torch.optim.Adam(groups, lr=cfg["lr"])
     if cfg["optimizer"] == "adamw":
