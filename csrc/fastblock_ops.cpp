@@ -178,6 +178,45 @@ at::Tensor gated_conv(const DeviceKernels& kern, const at::Tensor& xc, const at:
   return pieces.size() == 1 ? pieces[0].contiguous() : at::cat(pieces, 0);
 }
 
+// CPU weight gradients of small outputs (Ho*Wo <= kGemmWeightGradMaxPixels) as one matrix product,
+//   dW[o, c, i, j] = sum_{n,p,q} dz[n, o, p, q] * x_padded[n, c, p*stride + i, q*stride + j]
+//                  = dz^T [Cout, N*Ho*Wo] x patches [N*Ho*Wo, kh*kw*Cin],
+// with the patches gathered channels-last, a chunk of samples at a time (chunk_bytes() of patches at most), summed
+// in the statistics dtype. oneDNN's weight-gradient kernels parallelise badly over so few output pixels (256->256 channels
+// at 3x3, bf16 on an AMX CPU: 70 ms against 12 ms this way; at 15x15 oneDNN is faster: bench/RESULTS.md).
+constexpr int64_t kGemmWeightGradMaxPixels = 16;
+
+bool use_gemm_weight_grad(const at::Tensor& x, int64_t ho, int64_t wo) {
+  return x.device().is_cpu() && ho * wo <= kGemmWeightGradMaxPixels;
+}
+
+at::Tensor weight_grad_gemm(const at::Tensor& dz, const at::Tensor& x, int64_t kh, int64_t kw, int64_t stride,
+                            int64_t pad_h, int64_t pad_w, at::ScalarType acc_dtype) {
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  const int64_t cout = dz.size(1), ho = dz.size(2), wo = dz.size(3);
+  const int64_t patch_bytes = ho * wo * kh * kw * c * x.element_size();
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(n, chunk_bytes(x.device()) / patch_bytes));
+  at::Tensor dw;
+  for (int64_t n0 = 0; n0 < n; n0 += chunk) {
+    const int64_t s = std::min(chunk, n - n0);
+    auto padded = (pad_h || pad_w) ? at::zeros({s, h + 2 * pad_h, w + 2 * pad_w, c}, x.options())
+                                   : at::empty({s, h, w, c}, x.options());
+    padded.narrow(1, pad_h, h).narrow(2, pad_w, w).copy_(x.narrow(0, n0, s).permute({0, 2, 3, 1}));
+    const auto st = padded.strides();
+    const auto patches =
+        padded.as_strided({s, ho, wo, kh, kw, c}, {st[0], st[1] * stride, st[2] * stride, st[1], st[2], st[3]})
+            .reshape({s * ho * wo, kh * kw * c});
+    const auto dz_rows = dz.narrow(0, n0, s).permute({0, 2, 3, 1}).reshape({s * ho * wo, cout});
+    auto part = dz_rows.t().mm(patches);
+    if (dw.defined()) {
+      dw.add_(part);
+    } else {
+      dw = part.to(acc_dtype);
+    }
+  }
+  return dw.view({cout, kh, kw, c}).permute({0, 3, 1, 2});  // [Cout, Cin, kh, kw]
+}
+
 // Convolution part of the backward: dx, dW (acc dtype, [K, F]) and the conv part of da, for either schedule.
 void gated_conv_backward(const DeviceKernels& kern, const at::Tensor& dz, const at::Tensor& xc,
                          const at::Tensor& gates_acc, const at::Tensor& weight, int64_t stride, int64_t pad_h,
@@ -190,8 +229,9 @@ void gated_conv_backward(const DeviceKernels& kern, const at::Tensor& dz, const 
   if (concat) {
     const auto layout = xc.suggest_memory_format();
     const auto x_cat = gated_input(kern, xc, gates_acc);
+    const bool gemm_dw = use_gemm_weight_grad(xc, ho, wo);
     auto grads = at::convolution_backward(dz, x_cat, concat_kernels(weight), c10::nullopt, {stride, stride},
-                                          {pad_h, pad_w}, {1, 1}, false, {0, 0}, 1, {true, true, false});
+                                          {pad_h, pad_w}, {1, 1}, false, {0, 0}, 1, {true, !gemm_dw, false});
     const auto dx_cat = std::get<0>(grads).contiguous(layout);
     const bool ungated = x_cat.is_same(xc);  // K=1, gates all 1: dx is dx_cat itself, only dgates to compute
     dx = ungated ? at::Tensor() : at::empty_like(xc);
@@ -199,7 +239,14 @@ void gated_conv_backward(const DeviceKernels& kern, const at::Tensor& dz, const 
     if (ungated) dx = dx_cat;
     // [Cout, K, per_out] -> [K, Cout, per_out]: one strided copy straight into dW (the gradient of a
     // channels-last convolution may come channels-last: made contiguous first)
-    dw_acc.view({k, cout, per_out}).copy_(std::get<1>(grads).contiguous().view({cout, k, per_out}).transpose(0, 1));
+    at::Tensor dw_cat;
+    if (gemm_dw) {
+      FASTBLOCK_PROFILE("weight_grad_gemm");
+      dw_cat = weight_grad_gemm(dz, x_cat, kh, kw, stride, pad_h, pad_w, dw_acc.scalar_type());
+    } else {
+      dw_cat = std::get<1>(grads);
+    }
+    dw_acc.view({k, cout, per_out}).copy_(dw_cat.contiguous().view({cout, k, per_out}).transpose(0, 1));
     return;
   }
   // Per-sample weight gradients G, never all at once: folded chunk by chunk into dW_k and da.

@@ -68,6 +68,43 @@ def test_extension_chunked_samples(monkeypatch):
     compare_with_reference("extension", Case(5, 6, 8, 5, 6, k=2, ksize=5, stride=2), torch.float64, training=False)
 
 
+# CPU weight gradients of outputs up to 16 pixels are one matrix product over gathered patches instead of oneDNN's
+# kernel: both sides of the limit (4x4 and 5x4 outputs), stride 2 (7x7 -> 4x4), a 5x5 kernel, a 1x1 kernel (no
+# padding), K=1 and K=3, NCHW and channels-last.
+GEMM_WEIGHT_GRAD_SHAPES = [
+    Case(3, 5, 7, 4, 4, k=2, channels_last=True),
+    Case(3, 5, 7, 5, 4, k=2, channels_last=True),
+    Case(2, 6, 4, 7, 7, k=3, stride=2),
+    Case(2, 4, 9, 4, 3, k=1, ksize=5, channels_last=True),
+    Case(4, 7, 5, 3, 3, k=2, ksize=1, bias=False),
+]
+
+
+@pytest.mark.parametrize("case", GEMM_WEIGHT_GRAD_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_extension_small_output_weight_grad(case, dtype):
+    """The matrix-product weight gradient matches the reference, and only small outputs take it (its profiler
+    scope shows)."""
+    compare_with_reference("extension", case, dtype, training=True, seed=stable_seed(case) % 983)
+    args, kwargs = make_inputs(case, dtype)
+    with torch.profiler.profile() as prof:
+        y = fastblock.mixed_conv_bn_relu(*args, training=True, backend="extension", **kwargs)
+        y.sum().backward()
+    pad = case.ksize // 2  # as make_inputs pads
+    ho = (case.h + 2 * pad - case.ksize) // case.stride + 1
+    wo = (case.w + 2 * pad - case.ksize) // case.stride + 1
+    took_gemm = any(e.key == "fastblock_ext::weight_grad_gemm" for e in prof.key_averages())
+    assert took_gemm == (ho * wo <= 16), (ho, wo)
+
+
+def test_extension_small_output_weight_grad_chunked(monkeypatch):
+    """A chunk budget of about one sample's patches sums the weight gradient over several chunks."""
+    case = Case(5, 6, 8, 4, 4, k=2, channels_last=True)
+    monkeypatch.setenv("FASTBLOCK_EXT_CHUNK_BYTES", str(16 * 9 * 2 * 6 * 8))  # pixels * taps * K*Cin * float64
+    compare_with_reference("extension", case, torch.float64, training=True)
+    gradcheck_backend("extension", case, training=True)
+
+
 @pytest.mark.parametrize("k,hw,expect_concat", [(4, 6, True), (4, 8, False), (2, 8, True), (2, 12, False),
                                                  (1, 16, True), (6, 6, False)])
 def test_extension_default_schedule(k, hw, expect_concat):
