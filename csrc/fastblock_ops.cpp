@@ -181,9 +181,10 @@ at::Tensor gated_conv(const DeviceKernels& kern, const at::Tensor& xc, const at:
 // CPU weight gradients of small outputs (Ho*Wo <= kGemmWeightGradMaxPixels) as one matrix product,
 //   dW[o, c, i, j] = sum_{n,p,q} dz[n, o, p, q] * x_padded[n, c, p*stride + i, q*stride + j]
 //                  = dz^T [Cout, N*Ho*Wo] x patches [N*Ho*Wo, kh*kw*Cin],
-// with the patches gathered channels-last, a chunk of samples at a time (chunk_bytes() of patches at most), summed
-// in the statistics dtype. oneDNN's weight-gradient kernels parallelise badly over so few output pixels (256->256 channels
-// at 3x3, bf16 on an AMX CPU: 70 ms against 12 ms this way; at 15x15 oneDNN is faster: bench/RESULTS.md).
+// with the patches gathered channels-last, a chunk of samples at a time (samples_per_chunk: chunk_bytes() of
+// patches at most), summed in the statistics dtype. oneDNN's weight-gradient kernels parallelise badly over so few
+// output pixels (a 256->256 backward at 3x3, batch 2000, bf16 on an AMX CPU: 319 ms against 133 ms with the input
+// gradient from oneDNN and the weight gradient this way; at 7x7 and 15x15 oneDNN is faster: bench/RESULTS.md).
 constexpr int64_t kGemmWeightGradMaxPixels = 16;
 
 bool use_gemm_weight_grad(const at::Tensor& x, int64_t ho, int64_t wo) {
@@ -194,8 +195,8 @@ at::Tensor weight_grad_gemm(const at::Tensor& dz, const at::Tensor& x, int64_t k
                             int64_t pad_h, int64_t pad_w, at::ScalarType acc_dtype) {
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
   const int64_t cout = dz.size(1), ho = dz.size(2), wo = dz.size(3);
-  const int64_t patch_bytes = ho * wo * kh * kw * c * x.element_size();
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(n, chunk_bytes(x.device()) / patch_bytes));
+  const int64_t patch_elems = ho * wo * kh * kw * c;  // one sample's patches
+  const int64_t chunk = samples_per_chunk(n, patch_elems, x.element_size(), patch_elems, x.device());
   at::Tensor dw;
   for (int64_t n0 = 0; n0 < n; n0 += chunk) {
     const int64_t s = std::min(chunk, n - n0);
