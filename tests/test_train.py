@@ -640,8 +640,58 @@ def test_warmup_as_a_fraction_of_the_run_from_a_start_factor():
     assert factors[0] == pytest.approx(0.2 + 0.8 / 25) and factors[24] == pytest.approx(1.0)
     assert max(factors) == pytest.approx(1.0) and factors.index(max(factors)) in (24, 25)
     assert factors[-1] == pytest.approx(0.07 + 0.93 / 75)
-    plan.total_steps = 200  # a re-planned run: the warm-up follows its new length
-    assert train.lr_factor(cfg, plan, 49) == pytest.approx(1.0)
+    longer = Plan(steps_per_epoch=10, total_steps=200)  # the warm-up follows the run's length
+    assert train.lr_factor(cfg, longer, 49) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("new_total", [60, 160])
+def test_replan_goes_on_from_the_current_learning_rate(schedule, new_total):
+    """A --time-budget re-plan after 40 of 100 steps to a shorter or longer run: the rate at step 40 stays where
+    it was (no jump), the rest of the schedule is spread over the steps left (linear: a straight line from there
+    to the floor at the new last step), and a plan rebuilt from the checkpoint's dict continues identically."""
+    import dataclasses
+
+    from fastblock.train.loop import Plan
+
+    cfg = dict(train.resolve_preset("tiny"), schedule=schedule, warmup_epochs=1.0, min_lr_ratio=0.05)
+    plan = Plan(steps_per_epoch=10, total_steps=100)
+    before = [train.lr_factor(cfg, plan, s) for s in range(41)]
+    plan.replan(new_total, 40)
+    after = [train.lr_factor(cfg, plan, s) for s in range(40, new_total)]
+    assert after[0] == before[40]
+    assert all(b < a for a, b in zip(after, after[1:]))
+    assert train.lr_factor(cfg, plan, new_total) == pytest.approx(0.05)  # the floor, at the run's new end
+    if schedule == "linear":
+        step = (before[40] - 0.05) / (new_total - 40)
+        assert [a - b for a, b in zip(after, after[1:])] == pytest.approx([step] * (new_total - 41))
+    resumed = Plan(**dataclasses.asdict(plan))
+    assert [train.lr_factor(cfg, resumed, s) for s in range(40, new_total)] == after
+    # a second re-plan bends the schedule again, from where the first left it
+    mid = train.lr_factor(cfg, plan, 50)
+    plan.replan(new_total + 20, 50)
+    assert train.lr_factor(cfg, plan, 50) == pytest.approx(mid, abs=1e-12)
+    assert train.lr_factor(cfg, plan, new_total + 20) == pytest.approx(0.05)
+
+
+def test_time_budget_replans_keep_the_learning_rate_continuous(tmp_path, folder_data, monkeypatch, capsys):
+    """Steps that get 3x faster after the first epoch: the epoch-end re-plan fits more steps, and the learning rate
+    goes on falling from where it was (a re-plan that re-spans the decay over the longer run makes it jump up)."""
+    from fastblock.train import loop
+
+    real_step, calls = loop._train_step, {"n": 0}
+
+    def speeding_step(*args, **kwargs):
+        calls["n"] += 1
+        time.sleep(0.06 if calls["n"] <= 10 else 0.02)  # 10 steps = the first epoch (200 images, batch 20)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_train_step", speeding_step)
+    out = _train(tmp_path, folder_data, "--time-budget", str(2.4 / 60), "--batch-size", "20")
+    assert "more steps (planned:" in capsys.readouterr().out
+    column = train.STEP_FIELDS.index("lr")
+    lrs = [float(line.split(",")[column]) for line in (out / "steps.csv").read_text().splitlines()[1:]]
+    assert len(lrs) > 12 and all(b <= a for a, b in zip(lrs, lrs[1:])), lrs
 
 
 def test_lookahead_continues_from_the_average():

@@ -121,32 +121,54 @@ def make_optimizer(cfg, model):
 
 @dataclasses.dataclass
 class Plan:
-    """Step counts of the run; total_steps may be re-planned (--time-budget, --resume --epochs)."""
+    """Step counts of the run. total_steps may be re-planned (--time-budget); the learning-rate schedule keeps the
+    length in steps it was laid out over, and a re-plan maps the steps still to run onto what is left of it: the
+    rate goes on from where it stands instead of jumping to where the new length would have put it."""
 
     steps_per_epoch: int
     total_steps: int
+    schedule_steps: int = 0       # the schedule's length (0: total_steps)
+    replan_step: int = 0          # the step of the last re-plan ...
+    replan_position: float = 0.0  # ... and where in the schedule it stood
+
+    def __post_init__(self):
+        self.schedule_steps = self.schedule_steps or self.total_steps
+
+    def position(self, step: float) -> float:
+        """Where the run's step ``step`` falls in the schedule (in the schedule's steps)."""
+        left = self.total_steps - self.replan_step
+        if left <= 0:
+            return float(self.schedule_steps)
+        return self.replan_position + (step - self.replan_step) * (self.schedule_steps - self.replan_position) / left
+
+    def replan(self, total_steps: int, steps_done: int) -> None:
+        """The run now ends after total_steps steps; the schedule continues from where steps_done left it."""
+        self.replan_position = self.position(steps_done)
+        self.replan_step = steps_done
+        self.total_steps = total_steps
 
 
 def warmup_steps(cfg, plan: Plan) -> float:
     if cfg["warmup_fraction"]:
-        return cfg["warmup_fraction"] * plan.total_steps
+        return cfg["warmup_fraction"] * plan.schedule_steps
     return cfg["warmup_epochs"] * plan.steps_per_epoch
 
 
 def lr_factor(cfg, plan: Plan, step: int) -> float:
     """Warm-up from ``warmup_start`` to 1, then linear / cosine / constant down to ``min_lr_ratio`` (plateau:
-    constant here, reduced per epoch on the eval loss)."""
+    constant here, reduced per epoch on the eval loss), over the schedule's steps (Plan.position)."""
+    pos, length = plan.position(step), plan.schedule_steps
     warm = warmup_steps(cfg, plan)
-    if warm > 0 and step < warm:
+    if warm > 0 and pos < warm:
         start = cfg["warmup_start"]
-        return start + (1 - start) * (step + 1) / warm
+        return start + (1 - start) * (pos + 1) / warm
     floor = cfg["min_lr_ratio"]
     if cfg["schedule"] == "linear":
-        frac = (step - warm) / max(1.0, plan.total_steps - warm)
+        frac = (pos - warm) / max(1.0, length - warm)
         return floor + (1 - floor) * max(0.0, 1 - frac)
     if cfg["schedule"] == "cosine":
-        period = (cfg["t_max"] * plan.steps_per_epoch if cfg["t_max"] else plan.total_steps) - warm
-        frac = min(1.0, (step - warm) / max(1.0, period))
+        period = (cfg["t_max"] * plan.steps_per_epoch if cfg["t_max"] else length) - warm
+        frac = min(1.0, (pos - warm) / max(1.0, period))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac))
     return 1.0
 
@@ -165,7 +187,7 @@ def make_ema(model: nn.Module, decay: float, warmup: bool) -> AveragedModel:
 def lookahead_decay(cfg, plan: Plan, step: int) -> float:
     """Lookahead's decay after ``step`` steps: ``ema`` x (fraction of the run done)^3 -- next to no averaging while
     the learning rate is high, the full decay at the end."""
-    return cfg["ema"] * min(1.0, step / plan.total_steps) ** 3
+    return cfg["ema"] * min(1.0, plan.position(step) / plan.schedule_steps) ** 3
 
 
 @torch.no_grad()
@@ -469,8 +491,10 @@ def run(args, say) -> int:
     local_batch = max(1, global_batch // dist.world)
     steps_per_epoch = max(1, len(train_y) // global_batch)
     plan = Plan(steps_per_epoch, max(1, round(cfg["epochs"] * steps_per_epoch)))
-    if state is not None and not (args.epochs is not None):
-        plan.total_steps = state["plan"]["total_steps"]
+    if state is not None:
+        saved = Plan(**state["plan"])  # with the re-plans of a --time-budget run
+        if args.epochs is None or saved.total_steps == plan.total_steps:
+            plan = saved  # (a run extended by --epochs gets a new schedule over its new length instead)
     if cfg["schedule"] == "plateau":  # the learning rate follows the evaluation loss, not the step
         scheduler = None
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=5)
@@ -669,8 +693,8 @@ def _frozen_params(ctx, epoch: int) -> list:
 
 def _replan_to_budget(ctx, epoch: int, steps_in_epoch: int, epoch_seconds: float) -> None:
     """--time-budget: after each epoch the steps still to run are fitted again to the time left, at the pace of the
-    epoch just trained, so a run on a machine whose speed drifts still ends within its budget (the learning-rate
-    schedule follows the new length)."""
+    epoch just trained, so a run on a machine whose speed drifts still ends within its budget (the learning rate
+    goes on from its current value through the rest of its schedule, spread over the new number of steps)."""
     args, plan, progress = ctx["args"], ctx["plan"], ctx["progress"]
     done = epoch * plan.steps_per_epoch + steps_in_epoch
     if not args.time_budget or args.resume or steps_in_epoch == 0 or done >= plan.total_steps:
@@ -682,7 +706,7 @@ def _replan_to_budget(ctx, epoch: int, steps_in_epoch: int, epoch_seconds: float
     if abs(total - plan.total_steps) > 0.01 * plan.total_steps:
         ctx["say"](f"time budget: {left / 60:.1f} min left at {pace:.2f} s/step: {total - done} more steps "
                    f"(planned: {plan.total_steps - done})")
-        _set_total_steps(ctx, total)
+        _replan(ctx, total, done)
 
 
 def _rank_mean(ctx, values: list[float]) -> list[float]:
@@ -695,12 +719,13 @@ def _stop_at_budget(ctx, steps_done: int) -> None:
     """--time-budget: the next step would end past the budget; the run ends after steps_done steps."""
     ctx["say"](f"time budget: {ctx['progress'].train_seconds / 60:.2f} of {ctx['args'].time_budget:g} min used; "
                f"stopping {ctx['plan'].total_steps - steps_done} steps before the plan's end")
-    _set_total_steps(ctx, steps_done)
+    _replan(ctx, steps_done, steps_done)
 
 
-def _set_total_steps(ctx, total: int) -> None:
-    """A --time-budget re-plan: the run's length in steps, and the epochs config.json records for it."""
-    ctx["plan"].total_steps = total
+def _replan(ctx, total: int, steps_done: int) -> None:
+    """A --time-budget re-plan: the run's length in steps (the schedule goes on from where it stands, Plan.replan),
+    and the epochs config.json records for it."""
+    ctx["plan"].replan(total, steps_done)
     ctx["cfg"]["epochs"] = round(total / ctx["plan"].steps_per_epoch, 3)
 
 
@@ -766,7 +791,7 @@ def _probe(ctx, probe: list, dt: float, global_step: int) -> None:
         # the time already spent counts: a first step that compiled the model for a minute is part of the budget
         per_step, spent = _rank_mean(ctx, [per_step, progress.train_seconds])
         left = max(0.0, args.time_budget * 60 - spent)
-        _set_total_steps(ctx, global_step + 1 + int(left / per_step))
+        _replan(ctx, global_step + 1 + int(left / per_step), global_step + 1)
         say(f"time budget {args.time_budget:g} min at {per_step:.2f} s/step: {plan.total_steps} steps "
             f"({ctx['cfg']['epochs']:g} epochs); the schedule spans them")
     remaining = (plan.total_steps - global_step - 1) * per_step
