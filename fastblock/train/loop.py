@@ -593,8 +593,7 @@ def _train(ctx) -> bool:
     probe: list[float] = []
     # --time-budget: a step that would end past the budget is not started (the epoch-end re-plans fit the steps to
     # the time left at the last epoch's pace; this catches a machine that slows down within the final epoch).
-    # One process only: ranks timing their own steps could stop at different steps.
-    budget_s = args.time_budget * 60 if args.time_budget and not args.resume and dist.world == 1 else None
+    budget_s = args.time_budget * 60 if args.time_budget and not args.resume else None
     recent_steps: collections.deque = collections.deque(maxlen=5)  # seconds of the last steps
     stop_epoch = math.ceil(plan.total_steps / plan.steps_per_epoch)
     if args.stop_after:
@@ -617,8 +616,9 @@ def _train(ctx) -> bool:
             bar = tqdm(range(progress.step_in_epoch, last_step), desc=f"epoch {epoch + 1}", leave=False,
                        disable=not dist.main or args.no_progress, unit="step", mininterval=progress_interval())
             for step in bar:
-                if budget_s is not None and recent_steps and \
-                        progress.train_seconds + statistics.median(recent_steps) > budget_s:
+                if budget_s is not None and recent_steps and dist.all_sum(
+                        [float(progress.train_seconds + statistics.median(recent_steps) > budget_s)], device)[0]:
+                    # (when any rank would run past it: all ranks stop at the same step)
                     _stop_at_budget(ctx, epoch * plan.steps_per_epoch + step)
                     break
                 t0 = time.perf_counter()
