@@ -263,7 +263,8 @@ def test_torchrun_two_process_gloo(tmp_path, folder_data):
 def test_torchrun_time_budget_plans_the_same_steps_on_every_rank(tmp_path, folder_data):
     """--time-budget under two ranks: each times its own steps, and a plan (or a decision to stop mid-epoch) from
     one rank's timings alone would leave the other waiting in a collective for a step that never comes. The ranks
-    plan and stop on their mean timings, and training ends within the budget give or take the last step."""
+    plan on their mean timings and stop together when any would run past the budget, which training then ends
+    within, give or take the last step."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
@@ -360,13 +361,7 @@ def test_time_budget_plans_the_steps(tmp_path, folder_data, monkeypatch, capsys)
     probe's 6 steps fit, and the run ends after about 12 steps, not after the preset's 3 epochs (30 steps)."""
     from fastblock.train import loop
 
-    real_step = loop._train_step
-
-    def timed_step(*args, **kwargs):
-        time.sleep(0.05)
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "_train_step", timed_step)
+    _sleep_in_steps(monkeypatch, lambda n: 0.05)
     out = _train(tmp_path, folder_data, "--time-budget", str(0.6 / 60), "--batch-size", "20")
     assert "time budget" in capsys.readouterr().out
     config = torch.load(out / "last.pt", weights_only=True)
@@ -378,15 +373,8 @@ def test_time_budget_counts_a_slow_first_step(tmp_path, folder_data, monkeypatch
     time: the probe plans only the steps that fit in what is left."""
     from fastblock.train import loop
 
-    real_step, calls = loop._train_step, {"n": 0}
-
-    def slow_first_step(*args, **kwargs):
-        calls["n"] += 1
-        # later steps: the sleep dominates the few ms of the real step, whose time moves with the machine's load
-        time.sleep(2.0 if calls["n"] == 1 else 0.05)
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "_train_step", slow_first_step)
+    # later steps: the sleep dominates the few ms of the real step, whose time moves with the machine's load
+    calls = _sleep_in_steps(monkeypatch, lambda n: 2.0 if n == 1 else 0.05)
     budget_s = 3.0  # all within the first epoch (100 steps of 2 images), before any end-of-epoch re-plan
     out = _train(tmp_path, folder_data, "--time-budget", str(budget_s / 60), "--batch-size", "2")
     # the plan, from the times the run recorded (not from wall-clock bounds: a busy machine stretches steps)
@@ -406,16 +394,7 @@ def test_time_budget_holds_when_the_machine_slows_down(tmp_path, folder_data, mo
     """Steps that get 3x slower after the first epoch (a VM whose speed drifts): the steps left are re-fitted at
     each epoch end, a step that would end past the budget is not started, and training ends within the budget
     (give or take the last step) instead of 3x past it."""
-    from fastblock.train import loop
-
-    real_step, calls = loop._train_step, {"n": 0}
-
-    def drifting_step(*args, **kwargs):
-        calls["n"] += 1
-        time.sleep(0.02 if calls["n"] <= 10 else 0.06)  # 10 steps = the first epoch (200 images, batch 20)
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "_train_step", drifting_step)
+    calls = _sleep_in_steps(monkeypatch, lambda n: 0.02 if n <= 10 else 0.06)  # 10 steps = the first epoch
     budget_s = 2.4
     out = _train(tmp_path, folder_data, "--time-budget", str(budget_s / 60), "--batch-size", "20")
     assert "more steps (planned:" in capsys.readouterr().out
@@ -426,16 +405,7 @@ def test_time_budget_holds_when_the_machine_slows_down_in_the_last_epoch(tmp_pat
                                                                           capsys):
     """Steps that get ~10x slower in the epoch where the time runs out: no epoch end comes to re-plan, so the run
     stops at the step that would end past the budget (a whole epoch of slow steps without that check)."""
-    from fastblock.train import loop
-
-    real_step, calls = loop._train_step, {"n": 0}
-
-    def drifting_step(*args, **kwargs):
-        calls["n"] += 1
-        time.sleep(0.02 if calls["n"] <= 30 else 0.4)  # epoch 4 (steps 31-40) runs slowly
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "_train_step", drifting_step)
+    calls = _sleep_in_steps(monkeypatch, lambda n: 0.02 if n <= 30 else 0.4)  # epoch 4 (steps 31-40) runs slowly
     budget_s = 3.0  # ~1 s is spent after 3 epochs: only a few of epoch 4's steps fit
     out = _train(tmp_path, folder_data, "--time-budget", str(budget_s / 60), "--batch-size", "20")
     assert "steps before the plan's end" in capsys.readouterr().out
@@ -443,10 +413,31 @@ def test_time_budget_holds_when_the_machine_slows_down_in_the_last_epoch(tmp_pat
     _assert_within_budget(out, budget_s, calls["n"])
 
 
+def _step_column(out, field: str) -> list[float]:
+    """One column of steps.csv, one value per step."""
+    column = train.STEP_FIELDS.index(field)
+    return [float(line.split(",")[column]) for line in (out / "steps.csv").read_text().splitlines()[1:]]
+
+
 def _step_seconds(out) -> list[float]:
     """steps.csv's cumulative training seconds, one per step."""
-    column = train.STEP_FIELDS.index("train_seconds")
-    return [float(line.split(",")[column]) for line in (out / "steps.csv").read_text().splitlines()[1:]]
+    return _step_column(out, "train_seconds")
+
+
+def _sleep_in_steps(monkeypatch, seconds) -> dict:
+    """Training steps that first sleep seconds(n) for the n-th call (from 1): the test's timing is the sleep's, not
+    the machine's load. Returns the call counter ({"n": calls so far})."""
+    from fastblock.train import loop
+
+    real_step, calls = loop._train_step, {"n": 0}
+
+    def sleeping_step(*args, **kwargs):
+        calls["n"] += 1
+        time.sleep(seconds(calls["n"]))
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_train_step", sleeping_step)
+    return calls
 
 
 def _assert_within_budget(out, budget_s: float, steps_run: int) -> None:
@@ -691,20 +682,10 @@ def test_replan_goes_on_from_the_current_learning_rate(schedule, new_total):
 def test_time_budget_replans_keep_the_learning_rate_continuous(tmp_path, folder_data, monkeypatch, capsys):
     """Steps that get 3x faster after the first epoch: the epoch-end re-plan fits more steps, and the learning rate
     goes on falling from where it was (a re-plan that re-spans the decay over the longer run makes it jump up)."""
-    from fastblock.train import loop
-
-    real_step, calls = loop._train_step, {"n": 0}
-
-    def speeding_step(*args, **kwargs):
-        calls["n"] += 1
-        time.sleep(0.06 if calls["n"] <= 10 else 0.02)  # 10 steps = the first epoch (200 images, batch 20)
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "_train_step", speeding_step)
+    _sleep_in_steps(monkeypatch, lambda n: 0.06 if n <= 10 else 0.02)  # 10 steps = the first epoch
     out = _train(tmp_path, folder_data, "--time-budget", str(2.4 / 60), "--batch-size", "20")
     assert "more steps (planned:" in capsys.readouterr().out
-    column = train.STEP_FIELDS.index("lr")
-    lrs = [float(line.split(",")[column]) for line in (out / "steps.csv").read_text().splitlines()[1:]]
+    lrs = _step_column(out, "lr")
     assert len(lrs) > 12 and all(b <= a for a, b in zip(lrs, lrs[1:])), lrs
 
 
