@@ -90,6 +90,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd, bool use_batch_stats, int64_t stride,
     int64_t pad_h, int64_t pad_w, int64_t schedule);
 
+// 2x2 / stride-2 max-pooling of CPU tensors (max_pool_cpu.cpp): (output, uint8 window position of each maximum --
+// an empty tensor without with_argmax) and the input gradient from the output gradient and those positions.
+std::tuple<at::Tensor, at::Tensor> max_pool2x2_forward_cpu(const at::Tensor& x, bool with_argmax);
+at::Tensor max_pool2x2_backward_cpu(const at::Tensor& grad_out, const at::Tensor& argmax, int64_t height,
+                                    int64_t width);
+
 // The `schedule` argument of the ops: the shape rule picks (kScheduleAuto), or a forced one (tests).
 constexpr int64_t kScheduleAuto = -1, kScheduleMix = 0, kScheduleConcat = 1;
 

@@ -420,6 +420,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                        use_batch_stats, stride, pad_h, pad_w, schedule);
 }
 
+std::tuple<at::Tensor, at::Tensor> max_pool2x2_cpu(const at::Tensor& x, bool with_argmax) {
+  PoolScope pooled;
+  return max_pool2x2_forward_cpu(x, with_argmax);
+}
+
+at::Tensor max_pool2x2_backward_cpu_op(const at::Tensor& grad_out, const at::Tensor& argmax, int64_t height,
+                                       int64_t width) {
+  PoolScope pooled;
+  return max_pool2x2_backward_cpu(grad_out, argmax, height, width);
+}
+
 }  // namespace
 }  // namespace fastblock
 
@@ -432,6 +443,9 @@ TORCH_LIBRARY(fastblock_ext, m) {
       "backward(Tensor dy, Tensor x, Tensor gates, Tensor weight, Tensor bias, Tensor bn_weight, Tensor bn_bias, "
       "Tensor z, Tensor mean, Tensor invstd, bool use_batch_stats, int stride, int pad_h, int pad_w, int schedule=-1) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // 2x2 / stride-2 max-pooling with one-byte window positions (max_pool_cpu.cpp; CPU only).
+  m.def("max_pool2x2(Tensor x, bool with_argmax) -> (Tensor, Tensor)");
+  m.def("max_pool2x2_backward(Tensor grad_out, Tensor argmax, int height, int width) -> Tensor");
   // The CPU ops' opt-in allocation pool (cpu_pool.cpp): inspect, empty, limit (> 0 switches it on).
   m.def("cpu_pool_stats() -> int[]", &fastblock::cpu_pool_stats);
   m.def("cpu_pool_empty_cache() -> ()", &fastblock::cpu_pool_empty_cache);
@@ -444,4 +458,6 @@ TORCH_LIBRARY(fastblock_ext, m) {
 TORCH_LIBRARY_IMPL(fastblock_ext, CPU, m) {
   m.impl("forward", &fastblock::forward_cpu);
   m.impl("backward", &fastblock::backward_cpu);
+  m.impl("max_pool2x2", &fastblock::max_pool2x2_cpu);
+  m.impl("max_pool2x2_backward", &fastblock::max_pool2x2_backward_cpu_op);
 }

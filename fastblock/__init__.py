@@ -8,8 +8,8 @@ Backends: "triton" (fused Triton kernels), "extension" (the C++/CUDA extension i
 from .backend_utils import BackendStatus, force_schedule
 from .backends import (Backend, available_backends, backend_names, get_backend, register_backend, resolve_backend,
                        unregister_backend)
-from .modules import Block
-from .ops import mixed_conv_bn_relu
+from .modules import Block, MaxPool2x2
+from .ops import max_pool2x2, mixed_conv_bn_relu
 from .reference import mixed_conv_bn_relu_reference
 
 __version__ = "0.1.0"
@@ -18,10 +18,12 @@ __all__ = [
     "Backend",
     "BackendStatus",
     "Block",
+    "MaxPool2x2",
     "available_backends",
     "backend_names",
     "force_schedule",
     "get_backend",
+    "max_pool2x2",
     "mixed_conv_bn_relu",
     "mixed_conv_bn_relu_reference",
     "register_backend",

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-CPU_SOURCES = ["fastblock_ops.cpp", "fastblock_cpu.cpp", "cpu_pool.cpp"]  # in csrc/
+CPU_SOURCES = ["fastblock_ops.cpp", "fastblock_cpu.cpp", "cpu_pool.cpp", "max_pool_cpu.cpp"]  # in csrc/
 CUDA_SOURCES = ["fastblock_cuda.cu"]
 NVCC_FLAGS = ["-O3", "-DFASTBLOCK_WITH_CUDA"]
 # GPU architectures the CUDA compile check builds for (A100, RTX 30xx, RTX 40xx/L4, H100/H200, B200, RTX 50xx);

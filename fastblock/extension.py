@@ -162,6 +162,16 @@ def _register_fake() -> None:
              schedule=-1):
         return fake_backward_outputs(x, gates, weight, bias, bn_weight, bn_bias)
 
+    @torch.library.register_fake("fastblock_ext::max_pool2x2")
+    def _pool(x, with_argmax):
+        shape = (x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2)
+        argmax = empty_like_layout(x, shape, torch.uint8) if with_argmax else x.new_empty((0,), dtype=torch.uint8)
+        return empty_like_layout(x, shape), argmax
+
+    @torch.library.register_fake("fastblock_ext::max_pool2x2_backward")
+    def _pool_bwd(grad_out, argmax, height, width):
+        return empty_like_layout(argmax, (*argmax.shape[:2], height, width), grad_out.dtype)
+
     _register_fake.done = True
 
 
@@ -200,6 +210,17 @@ def forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_va
 def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w):
     return torch.ops.fastblock_ext.backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd,
                                             use_batch_stats, stride, pad_h, pad_w, _SCHEDULE_CODES[forced_schedule()])
+
+
+def max_pool2x2(x: torch.Tensor, with_argmax: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """2x2 / stride-2 max-pooling of a 4-d CPU tensor (csrc/max_pool_cpu.cpp): (output, the uint8 position 0..3 of
+    each window's maximum, or an empty tensor without ``with_argmax``), laid out like x."""
+    return torch.ops.fastblock_ext.max_pool2x2(x, with_argmax)
+
+
+def max_pool2x2_backward(grad_out: torch.Tensor, argmax: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The input gradient [N, C, height, width]: each window's output gradient at its maximum, 0 elsewhere."""
+    return torch.ops.fastblock_ext.max_pool2x2_backward(grad_out, argmax, height, width)
 
 
 def _loaded_ops():

@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .modules import Block
+from .modules import Block, MaxPool2x2
 
 
 @dataclass
@@ -50,7 +50,7 @@ class BlockNet(nn.Module):
                           stride=spec.stride, gate=spec.gate, gate_hidden=spec.gate_hidden, backend=backend)
             body.append(Residual(block, width, spec.out_channels, spec.stride) if spec.residual else block)
             if spec.pool == "max":
-                body.append(nn.MaxPool2d(2))
+                body.append(MaxPool2x2(backend))
             elif spec.pool == "avg":
                 body.append(nn.AvgPool2d(2))
             if spec.dropout:
@@ -154,7 +154,7 @@ class AirBlockNet(nn.Module):
 
         for stage, out in enumerate(widths):
             if downsample == "pool":  # Block, then 2x2 max-pool
-                layers += [block(width, out, ks[2 * stage]), nn.MaxPool2d(2)]
+                layers += [block(width, out, ks[2 * stage]), MaxPool2x2(backend)]
             else:  # a stride-2 Block: a quarter of the FLOPs and BatchNorm work
                 layers += [block(width, out, ks[2 * stage], stride=2)]
             layers += [block(out, out, ks[2 * stage + 1])]

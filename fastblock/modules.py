@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backends import accepted_names
-from .ops import autocast_enabled, mixed_conv_bn_relu
+from .ops import autocast_enabled, max_pool2x2, mixed_conv_bn_relu
 
 GATES = ("softmax", "sigmoid", "relu", "none")
 
@@ -174,3 +174,20 @@ class Block(nn.Module):
                 f"stride={self.stride}, gate={self.gate!r}"
                 + (f", temperature={self.temperature}" if self.gate == "softmax" and self.temperature != 1 else "")
                 + f", backend={self.backend!r}")
+
+
+class MaxPool2x2(nn.Module):
+    """``nn.MaxPool2d(2)`` -- same outputs and gradients -- through ``fastblock.ops.max_pool2x2``: on CPU tensors the
+    extension's kernel when ``backend`` ("auto", or a backend name as for ``Block``) resolves to the extension."""
+
+    def __init__(self, backend: str = "auto"):
+        super().__init__()
+        if backend not in accepted_names():
+            raise ValueError(f"backend must be one of {accepted_names()}, got {backend!r}")
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return max_pool2x2(x, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"

@@ -10,6 +10,9 @@
   running-statistics update is a declared mutation (``mutates_args``), not a hidden side effect. In eager mode
   the autograd.Function calls the backend functions directly (same kernels, without the custom-op layer's
   Python overhead).
+* ``max_pool2x2`` is ``F.max_pool2d(x, 2)`` -- the pooling between the speed-run networks' Blocks -- run by the
+  extension's CPU kernel where it applies: it keeps one byte per output for the backward where ATen keeps an int64
+  index, and its backward writes the input gradient once instead of zero-filling it and scattering into it.
 * Double backward (``create_graph=True``: gradient penalties, Hessian-vector products) through a fused backend
   recomputes the Block's graph in plain PyTorch from the saved inputs and differentiates that, so second-order
   terms are exact; first-order backward always runs the fused kernels.
@@ -262,3 +265,56 @@ def _validate_and_dispatch(x, gates, weight, bias, bn_weight, bn_bias, running_m
         x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
         use_batch_stats, float(momentum), float(eps), int(stride), pad_h, pad_w, save, name,
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2x2 max-pooling
+# ----------------------------------------------------------------------------------------------------------------
+_POOLED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def max_pool2x2(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``F.max_pool2d(x, 2)`` with the same values and gradients (the first maximum of a window in row-major order
+    takes its gradient, a NaN wins over numbers): on a 4-d CPU tensor the extension's kernel when ``backend``
+    resolves to the extension, else ``F.max_pool2d`` itself (GPU tensors, the reference and Triton backends,
+    torch.compile, anything the kernel does not take)."""
+    if _pool_in_extension(x, backend):
+        return _MaxPool2x2.apply(x)
+    return F.max_pool2d(x, 2)
+
+
+def _pool_in_extension(x, backend: str) -> bool:
+    if (type(x) is not torch.Tensor or x.device.type != "cpu" or x.dim() != 4 or x.dtype not in _POOLED_DTYPES
+            or x.shape[2] < 2 or x.shape[3] < 2 or torch.compiler.is_compiling()):
+        return False
+    return resolve_backend(backend, x.device) == "extension"
+
+
+class _MaxPool2x2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        from . import extension
+
+        y, argmax = extension.max_pool2x2(x, ctx.needs_input_grad[0])
+        ctx.save_for_backward(argmax)
+        ctx.input_size = (x.shape[2], x.shape[3])
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (argmax,) = ctx.saved_tensors
+        height, width = ctx.input_size
+        if torch.is_grad_enabled():  # create_graph=True: the routing, differentiable w.r.t. grad
+            return _route_to_maxima(grad, argmax, height, width)
+        from . import extension
+
+        return extension.max_pool2x2_backward(grad, argmax, height, width)
+
+
+def _route_to_maxima(grad, argmax, height, width):
+    """Each window's gradient at the position ``argmax`` names, 0 elsewhere, in differentiable PyTorch."""
+    n, c, oh, ow = grad.shape
+    picked = F.one_hot(argmax.long(), 4).bool()  # [N, C, OH, OW, 4]
+    routed = torch.where(picked, grad.unsqueeze(-1), grad.new_zeros(()))
+    routed = routed.view(n, c, oh, ow, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, 2 * oh, 2 * ow)
+    return F.pad(routed, (0, width - 2 * ow, 0, height - 2 * oh))
