@@ -88,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const DeviceKernels& kern, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gates,
     const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
     const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd, bool use_batch_stats, int64_t stride,
-    int64_t pad_h, int64_t pad_w, int64_t schedule);
+    int64_t pad_h, int64_t pad_w, int64_t schedule, bool need_dx = true, bool need_dgates = true);
 
 // 2x2 / stride-2 max-pooling of CPU tensors (max_pool_cpu.cpp): (output, uint8 window position of each maximum --
 // an empty tensor without with_argmax) and the input gradient from the output gradient and those positions.

@@ -439,10 +439,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gates, const at::Tensor& weight,
     const at::Tensor& bias, const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& z,
     const at::Tensor& mean, const at::Tensor& invstd, bool use_batch_stats, int64_t stride, int64_t pad_h,
-    int64_t pad_w, int64_t schedule) {
+    int64_t pad_w, int64_t schedule, bool need_dx, bool need_dgates) {
   const c10::cuda::CUDAGuard guard(x.device());
   return backward_impl(cuda_kernels(), dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd,
-                       use_batch_stats, stride, pad_h, pad_w, schedule);
+                       use_batch_stats, stride, pad_h, pad_w, schedule, need_dx, need_dgates);
 }
 
 }  // namespace

@@ -219,9 +219,12 @@ at::Tensor weight_grad_gemm(const at::Tensor& dz, const at::Tensor& x, int64_t k
 }
 
 // Convolution part of the backward: dx, dW (acc dtype, [K, F]) and the conv part of da, for either schedule.
+// Without need_dx, dx stays undefined (the convolution's input gradient is not computed where nothing else needs
+// it); without need_dgates, the concatenation schedule leaves dgates unwritten.
 void gated_conv_backward(const DeviceKernels& kern, const at::Tensor& dz, const at::Tensor& xc,
                          const at::Tensor& gates_acc, const at::Tensor& weight, int64_t stride, int64_t pad_h,
-                         int64_t pad_w, bool concat, at::Tensor& dx, at::Tensor& dw_acc, at::Tensor& dgates) {
+                         int64_t pad_w, bool concat, bool need_dx, bool need_dgates, at::Tensor& dx,
+                         at::Tensor& dw_acc, at::Tensor& dgates) {
   const int64_t n = xc.size(0), cin = xc.size(1), h = xc.size(2), w = xc.size(3);
   const int64_t k = weight.size(0), cout = weight.size(1), kh = weight.size(3), kw = weight.size(4);
   const int64_t ho = dz.size(2), wo = dz.size(3);
@@ -231,13 +234,23 @@ void gated_conv_backward(const DeviceKernels& kern, const at::Tensor& dz, const 
     const auto layout = xc.suggest_memory_format();
     const auto x_cat = gated_input(kern, xc, gates_acc);
     const bool gemm_dw = use_gemm_weight_grad(xc, ho, wo);
-    auto grads = at::convolution_backward(dz, x_cat, concat_kernels(weight), c10::nullopt, {stride, stride},
-                                          {pad_h, pad_w}, {1, 1}, false, {0, 0}, 1, {true, !gemm_dw, false});
-    const auto dx_cat = std::get<0>(grads).contiguous(layout);
-    const bool ungated = x_cat.is_same(xc);  // K=1, gates all 1: dx is dx_cat itself, only dgates to compute
-    dx = ungated ? at::Tensor() : at::empty_like(xc);
-    { FASTBLOCK_PROFILE("reduce_gated"); kern.reduce_gated(xc, dx_cat, gates_acc, dx, dgates); }
-    if (ungated) dx = dx_cat;
+    const bool need_dx_cat = need_dx || need_dgates;  // da[n, k] = <x[n], dx_cat[n, k]>
+    std::tuple<at::Tensor, at::Tensor, at::Tensor> grads;
+    if (need_dx_cat || !gemm_dw) {
+      grads = at::convolution_backward(dz, x_cat, concat_kernels(weight), c10::nullopt, {stride, stride},
+                                       {pad_h, pad_w}, {1, 1}, false, {0, 0}, 1, {need_dx_cat, !gemm_dw, false});
+    }
+    if (need_dx_cat) {
+      const auto dx_cat = std::get<0>(grads).contiguous(layout);
+      const bool ungated = x_cat.is_same(xc);  // K=1, gates all 1: dx is dx_cat itself, only dgates to compute
+      // The CPU kernel computes dgates alone when given no dx; the CUDA one always writes both.
+      dx = ungated || (!need_dx && xc.is_cpu()) ? at::Tensor() : at::empty_like(xc);
+      if (need_dgates || !ungated) {  // a gated dx is this reduction too (it then writes dgates anyway)
+        FASTBLOCK_PROFILE("reduce_gated");
+        kern.reduce_gated(xc, dx_cat, gates_acc, dx, dgates);
+      }
+      if (ungated) dx = dx_cat;
+    }
     // [Cout, K, per_out] -> [K, Cout, per_out]: one strided copy straight into dW (the gradient of a
     // channels-last convolution may come channels-last: made contiguous first)
     at::Tensor dw_cat;
@@ -253,7 +266,7 @@ void gated_conv_backward(const DeviceKernels& kern, const at::Tensor& dz, const 
   // Per-sample weight gradients G, never all at once: folded chunk by chunk into dW_k and da.
   const int64_t activation_elems = std::max(cin * h * w, cout * ho * wo);
   const int64_t chunk = samples_per_chunk(n, f, weight.element_size(), activation_elems, xc.device());
-  if (chunk < n) dx = at::empty_like(xc);
+  if (need_dx && chunk < n) dx = at::empty_like(xc);
   for (int64_t n0 = 0; n0 < n; n0 += chunk) {
     const int64_t s = std::min(chunk, n - n0);
     auto g_chunk = gates_acc.narrow(0, n0, s);
@@ -262,10 +275,10 @@ void gated_conv_backward(const DeviceKernels& kern, const at::Tensor& dz, const 
     auto grads = at::convolution_backward(
         dz.narrow(0, n0, s).reshape({1, s * cout, ho, wo}), xc.narrow(0, n0, s).reshape({1, s * cin, h, w}),
         w_mix.view({s * cout, cin, kh, kw}), c10::nullopt, {stride, stride}, {pad_h, pad_w}, {1, 1}, false, {0, 0},
-        s, {true, true, false});
-    if (chunk >= n) {
+        s, {need_dx, true, false});
+    if (need_dx && chunk >= n) {
       dx = std::get<0>(grads).view({s, cin, h, w});  // one chunk: no copy
-    } else {
+    } else if (need_dx) {
       dx.narrow(0, n0, s).copy_(std::get<0>(grads).view({s, cin, h, w}));
     }
     auto g_weight = std::get<1>(grads).contiguous().view({s, f});
@@ -343,7 +356,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const DeviceKernels& kern, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gates,
     const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
     const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd, bool use_batch_stats, int64_t stride,
-    int64_t pad_h, int64_t pad_w, int64_t schedule) {
+    int64_t pad_h, int64_t pad_w, int64_t schedule, bool need_dx, bool need_dgates) {
   check_common(x, gates, weight, bias, bn_weight, bn_bias, stride, pad_h, pad_w);
   TORCH_CHECK(z.dim() == 4 && dy.sizes() == z.sizes(), "fastblock: dy ", dy.sizes(), " must match z ", z.sizes());
   const auto sdt = stats_dtype(x);
@@ -371,15 +384,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // the mixing schedule accumulates dW chunk by chunk; the concatenation schedule writes it once
   auto dw_acc = concat ? at::empty({k, f}, x.options().dtype(sdt)) : at::zeros({k, f}, x.options().dtype(sdt));
   auto dgates = at::empty({n, k}, x.options().dtype(sdt));
-  gated_conv_backward(kern, dz, xc, gates_acc, weight, stride, pad_h, pad_w, concat, dx, dw_acc, dgates);
+  gated_conv_backward(kern, dz, xc, gates_acc, weight, stride, pad_h, pad_w, concat, need_dx, need_dgates, dx, dw_acc,
+                      dgates);
   // Bias terms, the same fold with G = dz_sum: db_k = sum_n a[n,k] s_n, da[n,k] += <b_k, s_n>.
   auto db_acc = at::zeros({k, cout}, x.options().dtype(sdt));
   auto dgates_bias = at::empty({n, k}, x.options().dtype(sdt));
   { FASTBLOCK_PROFILE("fold_weight_grad"); kern.fold_weight_grad(gates_acc, dz_sum, bias.to(sdt).contiguous(), db_acc, dgates_bias); }
   dgates.add_(dgates_bias);
 
-  return {dx.contiguous(fmt),
-          dgates.to(gates.scalar_type()),
+  // Gradients not asked for come back as empty tensors.
+  return {need_dx ? dx.contiguous(fmt) : at::empty({0}, x.options()),
+          need_dgates ? dgates.to(gates.scalar_type()) : at::empty({0}, gates.options()),
           dw_acc.view(weight.sizes()).to(weight.scalar_type()),
           db_acc.to(bias.scalar_type()),
           sum_gx.to(bn_weight.scalar_type()),
@@ -414,10 +429,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gates, const at::Tensor& weight,
     const at::Tensor& bias, const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& z,
     const at::Tensor& mean, const at::Tensor& invstd, bool use_batch_stats, int64_t stride, int64_t pad_h,
-    int64_t pad_w, int64_t schedule) {
+    int64_t pad_w, int64_t schedule, bool need_dx, bool need_dgates) {
   PoolScope pooled;
   return backward_impl(cpu_kernels(), dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd,
-                       use_batch_stats, stride, pad_h, pad_w, schedule);
+                       use_batch_stats, stride, pad_h, pad_w, schedule, need_dx, need_dgates);
 }
 
 std::tuple<at::Tensor, at::Tensor> max_pool2x2_cpu(const at::Tensor& x, bool with_argmax) {
@@ -441,8 +456,8 @@ TORCH_LIBRARY(fastblock_ext, m) {
       "int stride, int pad_h, int pad_w, bool save_for_backward, int schedule=-1) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "backward(Tensor dy, Tensor x, Tensor gates, Tensor weight, Tensor bias, Tensor bn_weight, Tensor bn_bias, "
-      "Tensor z, Tensor mean, Tensor invstd, bool use_batch_stats, int stride, int pad_h, int pad_w, int schedule=-1) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor z, Tensor mean, Tensor invstd, bool use_batch_stats, int stride, int pad_h, int pad_w, int schedule=-1, "
+      "bool need_dx=True, bool need_dgates=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // 2x2 / stride-2 max-pooling with one-byte window positions (max_pool_cpu.cpp; CPU only).
   m.def("max_pool2x2(Tensor x, bool with_argmax) -> (Tensor, Tensor)");
   m.def("max_pool2x2_backward(Tensor grad_out, Tensor argmax, int height, int width) -> Tensor");

@@ -63,15 +63,17 @@ def fake_forward_outputs(x, weight, stride, pad_h, pad_w, save_for_backward, sav
     return y, z, x.new_empty((shape[1],), dtype=sdt), x.new_empty((shape[1],), dtype=sdt)
 
 
-def fake_backward_outputs(x, gates, weight, bias, bn_weight, bn_bias):
+def fake_backward_outputs(x, gates, weight, bias, bn_weight, bn_bias, need_dx=True, need_dgates=True):
     """(dx, dgates, dweight, dbias, dbn_weight, dbn_bias) as every backend's backward returns them: dx laid out
     like x, the others contiguous whatever their input's strides (a Block moved to channels_last holds its
-    weight with channels-last strides; its gradient still comes back contiguous)."""
+    weight with channels-last strides; its gradient still comes back contiguous); dx / dgates empty when not
+    asked for."""
     def fresh(t):
         return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
-    return (empty_like_layout(x, x.shape), fresh(gates), fresh(weight), fresh(bias), fresh(bn_weight),
-            fresh(bn_bias))
+    dx = empty_like_layout(x, x.shape) if need_dx else x.new_empty((0,))
+    dgates = fresh(gates) if need_dgates else gates.new_empty((0,))
+    return dx, dgates, fresh(weight), fresh(bias), fresh(bn_weight), fresh(bn_bias)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -159,8 +159,8 @@ def _register_fake() -> None:
 
     @torch.library.register_fake("fastblock_ext::backward")
     def _bwd(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w,
-             schedule=-1):
-        return fake_backward_outputs(x, gates, weight, bias, bn_weight, bn_bias)
+             schedule=-1, need_dx=True, need_dgates=True):
+        return fake_backward_outputs(x, gates, weight, bias, bn_weight, bn_bias, need_dx, need_dgates)
 
     @torch.library.register_fake("fastblock_ext::max_pool2x2")
     def _pool(x, with_argmax):
@@ -207,9 +207,11 @@ def forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_va
                                            _SCHEDULE_CODES[forced_schedule()])
 
 
-def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w):
+def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w,
+             need_dx=True, need_dgates=True):
     return torch.ops.fastblock_ext.backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd,
-                                            use_batch_stats, stride, pad_h, pad_w, _SCHEDULE_CODES[forced_schedule()])
+                                            use_batch_stats, stride, pad_h, pad_w, _SCHEDULE_CODES[forced_schedule()],
+                                            need_dx, need_dgates)
 
 
 def max_pool2x2(x: torch.Tensor, with_argmax: bool) -> tuple[torch.Tensor, torch.Tensor]:

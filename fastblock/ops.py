@@ -81,17 +81,20 @@ def _fused_backward(
     stride: int,
     pad_h: int,
     pad_w: int,
+    need_dx: bool,
+    need_dgates: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return get_backend(backend).module().backward(
-        dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w
+        dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w,
+        need_dx, need_dgates,
     )
 
 
 @_fused_backward.register_fake
 def _fused_backward_fake(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd,
-                         use_batch_stats, stride, pad_h, pad_w, backend):
-    return fake_backward_outputs(x, gates, weight, bias, bn_weight, bn_bias)
+                         use_batch_stats, stride, pad_h, pad_w, need_dx, need_dgates, backend):
+    return fake_backward_outputs(x, gates, weight, bias, bn_weight, bn_bias, need_dx, need_dgates)
 
 
 # Tests set this to run the custom ops in eager mode too.
@@ -142,12 +145,17 @@ class _FusedMixedConvBnRelu(torch.autograd.Function):
         if z.numel() == 0:
             raise RuntimeError("fastblock: backward through a forward that ran without saving for backward")
         dy = dy.contiguous(memory_format=memory_format(z))
-        args = (dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w)
+        # Only the gradients autograd wants: an input that needs none (the first Block's, behind frozen layers)
+        # skips the convolution's input gradient, ungated gates (a K=1 Block's constant 1) their reduction.
+        need_dx, need_dgates = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        args = (dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w,
+                need_dx, need_dgates)
         if _through_custom_ops(dy):
             grads = _fused_backward(*args, backend)
         else:
             grads = get_backend(backend).module().backward(*args)
-        return (*grads, None, None, None, None, None, None, None, None, None, None)
+        dx, dgates = (grads[0] if need_dx else None), (grads[1] if need_dgates else None)
+        return (dx, dgates, *grads[2:], None, None, None, None, None, None, None, None, None, None)
 
 
 def _differentiable_backward(dy, x, gates, weight, bias, bn_weight, bn_bias, mean, invstd,

@@ -190,7 +190,8 @@ def forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_va
 
 
 @_on_tensor_device
-def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w):
+def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w,
+             need_dx=True, need_dgates=True):
     import triton
 
     _check_weight_size(weight)
@@ -234,16 +235,18 @@ def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, us
     dbeta = sum_g.to(bn_bias.dtype)
 
     # --- dx: transposed implicit GEMM -----------------------------------------------------------------------
-    cfg = _conv_config(h * w, cin, x.dtype, interp, _device_arch(x))
-    w_t = weight.permute(0, 3, 4, 1, 2).contiguous()  # [K, KH, KW, Cout, Cin]: Cin contiguous for the B tile
-    dx = empty_like_layout(x, x.shape)
-    grid = (_row_tiles(n, h * w, cfg["BLOCK_M"], cfg["MIX"]), triton.cdiv(cin, cfg["BLOCK_N"]))
-    conv.mixed_conv_dx_kernel[grid](
-        dz, gates, w_t, dx, n, cin, h, w, cout, ho, wo, *dz.stride(), *dx.stride(), stride, pad_h, pad_w,
-        KH=kh, KW=kw, NUM_CONVS=num_convs, MIX=cfg["MIX"], ACC_DTYPE=acc, DOT_PRECISION=_dot_precision(x.dtype),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    dx = x.new_empty((0,))  # not asked for: not computed
+    if need_dx:
+        cfg = _conv_config(h * w, cin, x.dtype, interp, _device_arch(x))
+        w_t = weight.permute(0, 3, 4, 1, 2).contiguous()  # [K, KH, KW, Cout, Cin]: Cin contiguous for the B tile
+        dx = empty_like_layout(x, x.shape)
+        grid = (_row_tiles(n, h * w, cfg["BLOCK_M"], cfg["MIX"]), triton.cdiv(cin, cfg["BLOCK_N"]))
+        conv.mixed_conv_dx_kernel[grid](
+            dz, gates, w_t, dx, n, cin, h, w, cout, ho, wo, *dz.stride(), *dx.stride(), stride, pad_h, pad_w,
+            KH=kh, KW=kw, NUM_CONVS=num_convs, MIX=cfg["MIX"], ACC_DTYPE=acc,
+            DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
 
     # --- dW, db, da: per-sample weight gradients folded in registers ---------------------------------------
     red = kh * kw * cin
@@ -270,5 +273,6 @@ def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, us
     # Fixed-order sums of the small partial buffers (deterministic).
     dweight = dw_part.sum(0).view(num_convs, cout, kh, kw, cin).permute(0, 1, 4, 2, 3).to(weight.dtype).contiguous()
     dbias = db_part.sum(0).to(bias.dtype)
-    dgates = (da_part.sum(1) + dab_part.sum(1)).to(gates.dtype)
+    # (the same kernel folds da with dW: only returning it is skipped)
+    dgates = (da_part.sum(1) + dab_part.sum(1)).to(gates.dtype) if need_dgates else gates.new_empty((0,))
     return dx, dgates, dweight, dbias, dgamma, dbeta

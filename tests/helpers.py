@@ -136,13 +136,17 @@ def assert_close(name, actual, expected, dtype, scale_by_max=False):
 
 
 def compare_with_reference(backend: str, case: Case, dtype=torch.float32, device="cpu", training=True, seed=0,
-                           reference_dtype=None, gate: str = "softmax"):
+                           reference_dtype=None, gate: str = "softmax", frozen: tuple[str, ...] = ()):
     """Forward, all six gradients and the running statistics of ``backend`` against the reference.
 
     The reference runs in ``reference_dtype`` (default: float64 for low precision, else the same dtype) and is
     cast back, so low-precision backends are judged against the exact answer, not against another rounding.
+    ``frozen``: arguments ("x", "gates", ...) that do not require grad -- they must get no gradient.
     """
     args, kwargs = make_inputs(case, dtype, device, seed, gate=gate)
+    names = ["x", "gates", "weight", "bias", "bn_weight", "bn_bias"]
+    for name in frozen:
+        args[names.index(name)].requires_grad_(False)
     ref_dtype = reference_dtype or (torch.float64 if dtype in (torch.bfloat16, torch.float16) else dtype)
     ref_args = [None if a is None else a.detach().to(ref_dtype if a.dtype == dtype else
                                                     (torch.float64 if ref_dtype == torch.float64 else a.dtype))

@@ -85,7 +85,7 @@ def test_a_fourth_backend_is_one_module_and_one_registry_entry():
         return y, (z if save_for_backward else x.new_empty((0,))), mean, invstd
 
     def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride,
-                 pad_h, pad_w):
+                 pad_h, pad_w, need_dx=True, need_dgates=True):
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(True) for t in (x, gates, weight, bias, bn_weight, bn_bias)]
             zz = gated_conv_reference(*leaves[:4], stride, (pad_h, pad_w))
@@ -93,7 +93,8 @@ def test_a_fourth_backend_is_one_module_and_one_registry_entry():
                 normed = F.batch_norm(zz, None, None, leaves[4], leaves[5], training=True, eps=1e-5)
             else:
                 normed = (zz - mean[:, None, None]) * (invstd * leaves[4])[:, None, None] + leaves[5][:, None, None]
-            return torch.autograd.grad(F.relu(normed), leaves, dy)
+            dx, dgates, *rest = torch.autograd.grad(F.relu(normed), leaves, dy)
+        return (dx if need_dx else x.new_empty((0,)), dgates if need_dgates else gates.new_empty((0,)), *rest)
 
     toy = types.SimpleNamespace(status=lambda device_type: fastblock.BackendStatus(True, "toy: the reference"),
                                 forward=forward, backward=backward)
@@ -229,7 +230,9 @@ def test_auto_passes_over_triton_on_pre_ampere_gpus(monkeypatch):
 
 @pytest.mark.parametrize("backend", [n for n in fastblock.backend_names() if fastblock.get_backend(n).fused])
 @pytest.mark.parametrize("layout", ["contiguous", "permuted"])
-def test_backward_op_passes_opcheck(backend, layout):
+@pytest.mark.parametrize("needs", [(True, True), (False, True), (True, False), (False, False)],
+                         ids=["all", "no_dx", "no_dgates", "neither"])
+def test_backward_op_passes_opcheck(backend, layout, needs):
     """torch.library.opcheck of the backward op: its fake kernel declares the strides the real one returns, also
     for parameters held in other dense layouts (Block.to(memory_format=torch.channels_last) gives the weight
     channels-last strides; under torch.compile a mismatch fails the compiled backward's stride assertion)."""
@@ -248,5 +251,5 @@ def test_backward_op_passes_opcheck(backend, layout):
                                                                     backend)
     dy = torch.randn_like(y)
     torch.library.opcheck(torch.ops.fastblock.mixed_conv_bn_relu_bwd.default,
-                          (dy, x, gates, weight, bias, gw, gb, z, mean, invstd, True, 1, 1, 1, backend),
+                          (dy, x, gates, weight, bias, gw, gb, z, mean, invstd, True, 1, 1, 1, *needs, backend),
                           test_utils=("test_schema", "test_faketensor"))

@@ -60,6 +60,26 @@ def test_extension_ungated_k1(gate, channels_last, training):
     assert any(e.key == "fastblock_ext::expand_gated" for e in prof.key_averages()) == (gate == "sigmoid")
 
 
+@pytest.mark.parametrize("frozen", [("x",), ("gates",), ("x", "gates")], ids="+".join)
+@pytest.mark.parametrize("case", [Case(3, 5, 6, 7, 6, k=2), Case(2, 4, 5, 6, 5, k=1, bias=False, channels_last=True),
+                                  Case(3, 4, 6, 5, 5, k=3, stride=2, channels_last=True)], ids=str)
+def test_extension_skips_gradients_nobody_wants(case, frozen, schedule):
+    """An input or gates that do not require grad get none, the other gradients stay exact; the concatenation
+    schedule runs its reduction (reduce_gated) only for what is wanted of it: dgates, or a gated Block's dx."""
+    seed = stable_seed(case, frozen) % 991
+    for dtype in (torch.float32, torch.float64):
+        compare_with_reference("extension", case, dtype, training=True, seed=seed, frozen=frozen)
+    args, kwargs = make_inputs(case, torch.float32, seed=seed)
+    for i in (0, 1):
+        args[i].requires_grad_(("x", "gates")[i] not in frozen)
+    with torch.profiler.profile() as prof:
+        fastblock.mixed_conv_bn_relu(*args, training=True, backend="extension", **kwargs).sum().backward()
+    reduced = any(e.key == "fastblock_ext::reduce_gated" for e in prof.key_averages())
+    if schedule == "concat":  # the reduction gives dgates, and a gated dx (K=1 softmax gates are 1: ungated)
+        need_dx, need_dgates = "x" not in frozen, "gates" not in frozen
+        assert reduced == (need_dgates or (need_dx and case.k > 1))
+
+
 def test_extension_chunked_samples(monkeypatch):
     """A 2-sample chunk budget forces the multi-chunk path (mixed kernels and weight gradients per chunk)."""
     per_sample_bytes = 8 * 6 * 5 * 5 * 4  # Cout * Cin * k * k * sizeof(float)

@@ -29,6 +29,14 @@ def test_triton_matches_reference_fp64(case, training, schedule):
     compare_with_reference("triton", case, torch.float64, training=training, seed=7)
 
 
+@pytest.mark.parametrize("frozen", [("x",), ("gates",), ("x", "gates")], ids="+".join)
+def test_triton_skips_gradients_nobody_wants(frozen, schedule):
+    """An input or gates that do not require grad get none (the dx kernel is not launched for x); the other
+    gradients stay exact."""
+    compare_with_reference("triton", Case(2, 3, 4, 5, 4, k=2), torch.float32, seed=stable_seed(frozen) % 997,
+                           frozen=frozen)
+
+
 @pytest.mark.parametrize("case", [Case(2, 2, 3, 4, 3, k=2), Case(3, 2, 2, 3, 5, k=1, stride=2, channels_last=True)],
                          ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
