@@ -21,6 +21,13 @@ from .ops import autocast_enabled, max_pool2x2, mixed_conv_bn_relu
 GATES = ("softmax", "sigmoid", "relu", "none")
 
 
+def _checked_backend(value: str) -> str:
+    """A module's ``backend`` setting: "auto" or a backend name or alias, else ValueError."""
+    if value not in accepted_names():
+        raise ValueError(f"backend must be one of {accepted_names()}, got {value!r}")
+    return value
+
+
 class Block(nn.Module):
     """Gated sum of K convolutions, then BatchNorm and ReLU, computed by one fused op.
 
@@ -130,9 +137,7 @@ class Block(nn.Module):
 
     @backend.setter
     def backend(self, value: str) -> None:
-        if value not in accepted_names():
-            raise ValueError(f"backend must be one of {accepted_names()}, got {value!r}")
-        self._backend = value
+        self._backend = _checked_backend(value)
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """The [N, K] per-sample gate a = g(Linear(SpatialAvgPool(x)))."""
@@ -182,9 +187,7 @@ class MaxPool2x2(nn.Module):
 
     def __init__(self, backend: str = "auto"):
         super().__init__()
-        if backend not in accepted_names():
-            raise ValueError(f"backend must be one of {accepted_names()}, got {backend!r}")
-        self.backend = backend
+        self.backend = _checked_backend(backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return max_pool2x2(x, self.backend)

@@ -301,9 +301,7 @@ def _pool_in_extension(x, backend: str) -> bool:
 class _MaxPool2x2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        from . import extension
-
-        y, argmax = extension.max_pool2x2(x, ctx.needs_input_grad[0])
+        y, argmax = get_backend("extension").module().max_pool2x2(x, ctx.needs_input_grad[0])
         ctx.save_for_backward(argmax)
         ctx.input_size = (x.shape[2], x.shape[3])
         return y
@@ -314,9 +312,7 @@ class _MaxPool2x2(torch.autograd.Function):
         height, width = ctx.input_size
         if torch.is_grad_enabled():  # create_graph=True: the routing, differentiable w.r.t. grad
             return _route_to_maxima(grad, argmax, height, width)
-        from . import extension
-
-        return extension.max_pool2x2_backward(grad, argmax, height, width)
+        return get_backend("extension").module().max_pool2x2_backward(grad, argmax, height, width)
 
 
 def _route_to_maxima(grad, argmax, height, width):

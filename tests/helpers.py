@@ -85,6 +85,10 @@ def make_inputs(case: Case, dtype=torch.float32, device="cpu", seed: int = 0, re
     return tensors + stats, kwargs
 
 
+# The op's differentiable arguments, in make_inputs' order.
+ARG_NAMES = ("x", "gates", "weight", "bias", "bn_weight", "bn_bias")
+
+
 def _clone(args):
     return [None if a is None else a.detach().clone().requires_grad_(a.requires_grad) for a in args]
 
@@ -120,7 +124,7 @@ def run_op(backend: Optional[str], args, kwargs, training: bool, momentum: float
         dy = dy * dy_keep.to("cpu", torch.float64)
     y.backward(dy.to(y.dtype).to(y.device))
     grads = {name: (None if a is None or a.grad is None else a.grad)
-             for name, a in zip(["x", "gates", "weight", "bias", "bn_weight", "bn_bias"], args[:6])}
+             for name, a in zip(ARG_NAMES, args[:6])}
     return y.detach(), grads, args[6], args[7]
 
 
@@ -144,9 +148,8 @@ def compare_with_reference(backend: str, case: Case, dtype=torch.float32, device
     ``frozen``: arguments ("x", "gates", ...) that do not require grad -- they must get no gradient.
     """
     args, kwargs = make_inputs(case, dtype, device, seed, gate=gate)
-    names = ["x", "gates", "weight", "bias", "bn_weight", "bn_bias"]
     for name in frozen:
-        args[names.index(name)].requires_grad_(False)
+        args[ARG_NAMES.index(name)].requires_grad_(False)
     ref_dtype = reference_dtype or (torch.float64 if dtype in (torch.bfloat16, torch.float16) else dtype)
     ref_args = [None if a is None else a.detach().to(ref_dtype if a.dtype == dtype else
                                                     (torch.float64 if ref_dtype == torch.float64 else a.dtype))

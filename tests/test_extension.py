@@ -9,8 +9,8 @@ import torch
 
 import fastblock
 from fastblock import extension
-from helpers import (SHAPES, Case, check_fake_tensor_mode, compare_low_precision, compare_with_reference,
-                     gradcheck_backend, make_inputs, run_op, stable_seed)
+from helpers import (ARG_NAMES, SHAPES, Case, check_fake_tensor_mode, compare_low_precision,
+                     compare_with_reference, gradcheck_backend, make_inputs, run_op, stable_seed)
 
 _STATUS = fastblock.available_backends("cpu")["extension"]
 pytestmark = pytest.mark.skipif(not _STATUS.available, reason=f"extension unavailable: {_STATUS.reason}")
@@ -70,8 +70,8 @@ def test_extension_skips_gradients_nobody_wants(case, frozen, schedule):
     for dtype in (torch.float32, torch.float64):
         compare_with_reference("extension", case, dtype, training=True, seed=seed, frozen=frozen)
     args, kwargs = make_inputs(case, torch.float32, seed=seed)
-    for i in (0, 1):
-        args[i].requires_grad_(("x", "gates")[i] not in frozen)
+    for name in frozen:
+        args[ARG_NAMES.index(name)].requires_grad_(False)
     with torch.profiler.profile() as prof:
         fastblock.mixed_conv_bn_relu(*args, training=True, backend="extension", **kwargs).sum().backward()
     reduced = any(e.key == "fastblock_ext::reduce_gated" for e in prof.key_averages())
