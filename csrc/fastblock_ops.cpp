@@ -276,10 +276,13 @@ void gated_conv_backward(const DeviceKernels& kern, const at::Tensor& dz, const 
         dz.narrow(0, n0, s).reshape({1, s * cout, ho, wo}), xc.narrow(0, n0, s).reshape({1, s * cin, h, w}),
         w_mix.view({s * cout, cin, kh, kw}), c10::nullopt, {stride, stride}, {pad_h, pad_w}, {1, 1}, false, {0, 0},
         s, {need_dx, true, false});
-    if (need_dx && chunk >= n) {
-      dx = std::get<0>(grads).view({s, cin, h, w});  // one chunk: no copy
-    } else if (need_dx) {
-      dx.narrow(0, n0, s).copy_(std::get<0>(grads).view({s, cin, h, w}));
+    if (need_dx) {
+      auto dx_chunk = std::get<0>(grads).view({s, cin, h, w});
+      if (chunk >= n) {
+        dx = dx_chunk;  // one chunk: no copy
+      } else {
+        dx.narrow(0, n0, s).copy_(dx_chunk);
+      }
     }
     auto g_weight = std::get<1>(grads).contiguous().view({s, f});
     auto dg_chunk = dgates.narrow(0, n0, s);

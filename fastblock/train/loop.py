@@ -591,8 +591,9 @@ def _train(ctx) -> bool:
     checkpoint_every = 60.0 * args.checkpoint_minutes if args.checkpoint_minutes else float("inf")
     last_save = time.perf_counter()
     probe: list[float] = []
-    # --time-budget: a step that would end past the budget is not started (the epoch-end re-plans fit the steps to
-    # the time left at the last epoch's pace; this catches a machine that slows down within the final epoch).
+    # --time-budget: the epoch-end re-plans fit the steps to the time left at the last epoch's pace; within the
+    # epoch where the time runs out the steps are re-fitted as they go (the decay then ends at the budget), and a
+    # step that would end past the budget is not started.
     budget_s = args.time_budget * 60 if args.time_budget and not args.resume else None
     recent_steps: collections.deque = collections.deque(maxlen=5)  # seconds of the last steps
     stop_epoch = math.ceil(plan.total_steps / plan.steps_per_epoch)
@@ -613,14 +614,25 @@ def _train(ctx) -> bool:
             loss_sum, correct, seen, epoch_time = progress.epoch_sums
             last_step = min(plan.steps_per_epoch, plan.total_steps - epoch * plan.steps_per_epoch)
             ctx["train_model"].train()
-            bar = tqdm(range(progress.step_in_epoch, last_step), desc=f"epoch {epoch + 1}", leave=False,
-                       disable=not dist.main or args.no_progress, unit="step", mininterval=progress_interval())
+            # a budget run may re-fit its final epoch up to the epoch's end (the loop stops where the plan does)
+            first_step = progress.step_in_epoch
+            bar = tqdm(range(first_step, plan.steps_per_epoch if budget_s else last_step), desc=f"epoch {epoch + 1}",
+                       leave=False, total=last_step - first_step, disable=not dist.main or args.no_progress,
+                       unit="step", mininterval=progress_interval())
+            refitted = False
             for step in bar:
-                if budget_s is not None and recent_steps and dist.all_sum(
-                        [float(progress.train_seconds + statistics.median(recent_steps) > budget_s)], device)[0]:
-                    # (when any rank would run past it: all ranks stop at the same step)
-                    _stop_at_budget(ctx, epoch * plan.steps_per_epoch + step)
-                    break
+                if budget_s is not None and recent_steps:
+                    pace, spent = statistics.median(recent_steps), progress.train_seconds
+                    over, pace, spent = dist.all_sum([float(spent + pace > budget_s), pace / dist.world,
+                                                      spent / dist.world], device)  # (pace, spent: rank means)
+                    if over:  # (when any rank would run past it: all ranks stop at the same step)
+                        _stop_at_budget(ctx, epoch * plan.steps_per_epoch + step)
+                        break
+                    if _refit_final_epoch(ctx, epoch, epoch * plan.steps_per_epoch + step, pace, spent,
+                                          announce=not refitted):
+                        refitted = True
+                        bar.total = plan.total_steps - epoch * plan.steps_per_epoch - first_step
+                        bar.refresh()
                 t0 = time.perf_counter()
                 batch = perm[step * global_batch:(step + 1) * global_batch]
                 batch = batch[dist.rank * local_batch:(dist.rank + 1) * local_batch]
@@ -707,6 +719,26 @@ def _replan_to_budget(ctx, epoch: int, steps_in_epoch: int, epoch_seconds: float
         ctx["say"](f"time budget: {left / 60:.1f} min left at {pace:.2f} s/step: {total - done} more steps "
                    f"(planned: {plan.total_steps - done})")
         _replan(ctx, total, done)
+
+
+def _refit_final_epoch(ctx, epoch: int, done: int, pace: float, spent: float, announce: bool) -> bool:
+    """--time-budget, before each step of the epoch in which the time runs out (as planned, or at the recent pace):
+    the steps left are fitted to the time left at the pace of the last few steps (``pace``, ``spent``: means over
+    ranks), up to the epoch's end, so that the learning-rate decay finishes at the budget instead of being cut off
+    when the machine slows down, or ending early when it speeds up. Returns whether it re-planned."""
+    plan = ctx["plan"]
+    epoch_end = (epoch + 1) * plan.steps_per_epoch
+    fit = done + int(max(0.0, ctx["args"].time_budget * 60 - spent) / pace)
+    if fit <= done or (plan.total_steps > epoch_end and fit >= epoch_end):
+        return False  # no step fits (the budget check stops the run), or the time does not run out this epoch
+    total = min(fit, epoch_end)
+    if total == plan.total_steps:
+        return False
+    if announce:
+        ctx["say"](f"time budget: the final epoch runs at {pace:.2f} s/step; its steps are re-fitted to the time "
+                   f"left as it goes (now {total - done} more steps, planned: {plan.total_steps - done})")
+    _replan(ctx, total, done)
+    return True
 
 
 def _rank_mean(ctx, values: list[float]) -> list[float]:
