@@ -424,7 +424,7 @@ def test_time_budget_stops_before_a_step_that_would_end_past_it(tmp_path, folder
     calls = _sleep_in_steps(monkeypatch, lambda n: 0.02 if n <= 30 else 2.5)
     budget_s = 3.0  # ~1 s is spent after 3 epochs: step 31 uses up the rest
     out = _train(tmp_path, folder_data, "--time-budget", str(budget_s / 60), "--batch-size", "20")
-    assert "steps before the plan's end" in capsys.readouterr().out
+    assert "before the plan's end" in capsys.readouterr().out
     assert calls["n"] < 40
     _assert_within_budget(out, budget_s, calls["n"])
 

@@ -623,12 +623,13 @@ def _train(ctx) -> bool:
             for step in bar:
                 if budget_s is not None and recent_steps:
                     pace, spent = statistics.median(recent_steps), progress.train_seconds
-                    over, pace, spent = dist.all_sum([float(spent + pace > budget_s), pace / dist.world,
-                                                      spent / dist.world], device)  # (pace, spent: rank means)
+                    # (rank means of the slowest recent step and of the time spent: every rank re-fits alike)
+                    over, slowest, spent = dist.all_sum([float(spent + pace > budget_s), max(recent_steps) / dist.world,
+                                                         spent / dist.world], device)
                     if over:  # (when any rank would run past it: all ranks stop at the same step)
                         _stop_at_budget(ctx, epoch * plan.steps_per_epoch + step)
                         break
-                    if _refit_final_epoch(ctx, epoch, epoch * plan.steps_per_epoch + step, pace, spent,
+                    if _refit_final_epoch(ctx, epoch, epoch * plan.steps_per_epoch + step, slowest, spent,
                                           announce=not refitted):
                         refitted = True
                         bar.total = plan.total_steps - epoch * plan.steps_per_epoch - first_step
@@ -723,9 +724,10 @@ def _replan_to_budget(ctx, epoch: int, steps_in_epoch: int, epoch_seconds: float
 
 def _refit_final_epoch(ctx, epoch: int, done: int, pace: float, spent: float, announce: bool) -> bool:
     """--time-budget, before each step of the epoch in which the time runs out (as planned, or at the recent pace):
-    the steps left are fitted to the time left at the pace of the last few steps (``pace``, ``spent``: means over
-    ranks), up to the epoch's end, so that the learning-rate decay finishes at the budget instead of being cut off
-    when the machine slows down, or ending early when it speeds up. Returns whether it re-planned."""
+    the steps left are fitted to the time left at ``pace``, the slowest of the last few steps (a step slower than
+    the planned pace would otherwise leave no time for the plan's last step), up to the epoch's end, so that the
+    learning-rate decay finishes at the budget instead of being cut off when the machine slows down, or ending
+    early when it speeds up. Returns whether it re-planned."""
     plan = ctx["plan"]
     epoch_end = (epoch + 1) * plan.steps_per_epoch
     fit = done + int(max(0.0, ctx["args"].time_budget * 60 - spent) / pace)
@@ -735,8 +737,9 @@ def _refit_final_epoch(ctx, epoch: int, done: int, pace: float, spent: float, an
     if total == plan.total_steps:
         return False
     if announce:
-        ctx["say"](f"time budget: the final epoch runs at {pace:.2f} s/step; its steps are re-fitted to the time "
-                   f"left as it goes (now {total - done} more steps, planned: {plan.total_steps - done})")
+        ctx["say"](f"time budget: in the final epoch the steps are re-fitted to the time left as they go, at the "
+                   f"slowest recent step ({pace:.2f} s): now {total - done} more steps "
+                   f"(planned: {plan.total_steps - done})")
     _replan(ctx, total, done)
     return True
 
@@ -749,8 +752,9 @@ def _rank_mean(ctx, values: list[float]) -> list[float]:
 
 def _stop_at_budget(ctx, steps_done: int) -> None:
     """--time-budget: the next step would end past the budget; the run ends after steps_done steps."""
+    cut = ctx["plan"].total_steps - steps_done
     ctx["say"](f"time budget: {ctx['progress'].train_seconds / 60:.2f} of {ctx['args'].time_budget:g} min used; "
-               f"stopping {ctx['plan'].total_steps - steps_done} steps before the plan's end")
+               f"stopping {cut} step{'s' if cut != 1 else ''} before the plan's end")
     _replan(ctx, steps_done, steps_done)
 
 
