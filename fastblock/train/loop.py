@@ -664,7 +664,7 @@ def _train(ctx) -> bool:
                 if time.perf_counter() - last_save > checkpoint_every and step + 1 < last_step:
                     _save(ctx, best=False)
                     last_save = time.perf_counter()
-                if global_step + 1 >= plan.total_steps:  # the probe re-planned a --time-budget run mid-epoch
+                if global_step + 1 >= plan.total_steps:  # a --time-budget run re-planned mid-epoch (probe, re-fit)
                     break
             bar.close()
             last_step = progress.step_in_epoch
@@ -714,7 +714,7 @@ def _replan_to_budget(ctx, epoch: int, steps_in_epoch: int, epoch_seconds: float
         return
     epoch_seconds, spent = _rank_mean(ctx, [epoch_seconds, progress.train_seconds])
     pace = epoch_seconds / steps_in_epoch
-    left = max(0.0, args.time_budget * 60 - spent)
+    left = _time_left(ctx, spent)
     total = done + int(left / pace)
     if abs(total - plan.total_steps) > 0.01 * plan.total_steps:
         ctx["say"](f"time budget: {left / 60:.1f} min left at {pace:.2f} s/step: {total - done} more steps "
@@ -722,15 +722,15 @@ def _replan_to_budget(ctx, epoch: int, steps_in_epoch: int, epoch_seconds: float
         _replan(ctx, total, done)
 
 
-def _refit_final_epoch(ctx, epoch: int, done: int, pace: float, spent: float, announce: bool) -> bool:
+def _refit_final_epoch(ctx, epoch: int, done: int, slowest: float, spent: float, announce: bool) -> bool:
     """--time-budget, before each step of the epoch in which the time runs out (as planned, or at the recent pace):
-    the steps left are fitted to the time left at ``pace``, the slowest of the last few steps (a step slower than
+    the steps left are fitted to the time left at ``slowest``, the slowest of the last few steps (a step slower than
     the planned pace would otherwise leave no time for the plan's last step), up to the epoch's end, so that the
     learning-rate decay finishes at the budget instead of being cut off when the machine slows down, or ending
     early when it speeds up. Returns whether it re-planned."""
     plan = ctx["plan"]
     epoch_end = (epoch + 1) * plan.steps_per_epoch
-    fit = done + int(max(0.0, ctx["args"].time_budget * 60 - spent) / pace)
+    fit = done + int(_time_left(ctx, spent) / slowest)
     if fit <= done or (plan.total_steps > epoch_end and fit >= epoch_end):
         return False  # no step fits (the budget check stops the run), or the time does not run out this epoch
     total = min(fit, epoch_end)
@@ -738,10 +738,15 @@ def _refit_final_epoch(ctx, epoch: int, done: int, pace: float, spent: float, an
         return False
     if announce:
         ctx["say"](f"time budget: in the final epoch the steps are re-fitted to the time left as they go, at the "
-                   f"slowest recent step ({pace:.2f} s): now {total - done} more steps "
+                   f"slowest recent step ({slowest:.2f} s): now {total - done} more steps "
                    f"(planned: {plan.total_steps - done})")
     _replan(ctx, total, done)
     return True
+
+
+def _time_left(ctx, spent: float) -> float:
+    """Seconds of the --time-budget left after ``spent`` seconds of training (0 once it is used up)."""
+    return max(0.0, ctx["args"].time_budget * 60 - spent)
 
 
 def _rank_mean(ctx, values: list[float]) -> list[float]:
@@ -826,8 +831,7 @@ def _probe(ctx, probe: list, dt: float, global_step: int) -> None:
     if args.time_budget and global_step < plan.total_steps and not args.resume:
         # the time already spent counts: a first step that compiled the model for a minute is part of the budget
         per_step, spent = _rank_mean(ctx, [per_step, progress.train_seconds])
-        left = max(0.0, args.time_budget * 60 - spent)
-        _replan(ctx, global_step + 1 + int(left / per_step), global_step + 1)
+        _replan(ctx, global_step + 1 + int(_time_left(ctx, spent) / per_step), global_step + 1)
         say(f"time budget {args.time_budget:g} min at {per_step:.2f} s/step: {plan.total_steps} steps "
             f"({ctx['cfg']['epochs']:g} epochs); the schedule spans them")
     remaining = (plan.total_steps - global_step - 1) * per_step
