@@ -13,6 +13,9 @@ namespace fastblock {
 
 constexpr int64_t kMaxConvs = 16;  // K is held in registers / stack arrays by the kernels
 
+// The activation after BatchNorm (the ops' `activation` argument): ReLU, or the exact (erf) GELU of F.gelu.
+constexpr int64_t kActRelu = 0, kActGelu = 1;
+
 // Conventions: big tensors are NCHW-contiguous (or, where channels_last says so, channels-last) in the data dtype ("scalar"); small per-channel / per-sample
 // tensors are in the statistics dtype ("acc": float32, or float64 for float64 data).
 struct DeviceKernels {
@@ -24,18 +27,18 @@ struct DeviceKernels {
   // when given. Fused: finalize + running-stat update happen in the same kernel.
   void (*bn_stats)(const at::Tensor& z, at::Tensor& mean, at::Tensor& invstd, at::Tensor* running_mean,
                    at::Tensor* running_var, double momentum, double eps);
-  // y = relu((z - mean) * invstd * gamma + beta)
-  void (*bn_relu_apply)(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
-                        const at::Tensor& gamma, const at::Tensor& beta, at::Tensor& y);
-  // sum_g[c] = sum g, sum_gx[c] = sum g * xhat, with g = dy * [y > 0]
-  void (*bn_relu_bwd_reduce)(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean,
-                             const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta,
-                             at::Tensor& sum_g, at::Tensor& sum_gx);
+  // y = act(u), u = (z - mean) * invstd * gamma + beta, act = ReLU or GELU (kActRelu / kActGelu)
+  void (*bn_act_apply)(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
+                       const at::Tensor& gamma, const at::Tensor& beta, int64_t activation, at::Tensor& y);
+  // sum_g[c] = sum g, sum_gx[c] = sum g * xhat, with g = dy * act'(u) (ReLU: dy * [u > 0])
+  void (*bn_act_bwd_reduce)(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean,
+                            const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta,
+                            int64_t activation, at::Tensor& sum_g, at::Tensor& sum_gx);
   // dz = gamma * invstd * (g - [batch_stats] (sum_g + xhat * sum_gx) / count), plus dz_sum[n, c] = sum_hw dz
-  void (*bn_relu_bwd_dz)(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean,
-                         const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta,
-                         const at::Tensor& sum_g, const at::Tensor& sum_gx, bool batch_stats, at::Tensor& dz,
-                         at::Tensor& dz_sum);
+  void (*bn_act_bwd_dz)(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean,
+                        const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta,
+                        int64_t activation, const at::Tensor& sum_g, const at::Tensor& sum_gx, bool batch_stats,
+                        at::Tensor& dz, at::Tensor& dz_sum);
   // dw[k, f] += sum_n gates[n, k] * g[n, f]   and   dgates[n, k] = sum_f w[k, f] * g[n, f]
   // gates [S, K] acc, g [S, F] scalar, w [K, F] scalar (same dtype as g), dw [K, F] acc, dgates [S, K] acc.
   void (*fold_weight_grad)(const at::Tensor& gates, const at::Tensor& g, const at::Tensor& w, at::Tensor& dw,
@@ -82,13 +85,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const at::Tensor& bias, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
     const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
     bool use_batch_stats, double momentum, double eps, int64_t stride, int64_t pad_h, int64_t pad_w,
-    bool save_for_backward, int64_t schedule);
+    bool save_for_backward, int64_t activation, int64_t schedule);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const DeviceKernels& kern, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gates,
     const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
     const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd, bool use_batch_stats, int64_t stride,
-    int64_t pad_h, int64_t pad_w, int64_t schedule, bool need_dx = true, bool need_dgates = true);
+    int64_t pad_h, int64_t pad_w, int64_t activation, int64_t schedule, bool need_dx = true,
+    bool need_dgates = true);
 
 // 2x2 / stride-2 max-pooling of CPU tensors (max_pool_cpu.cpp): (output, uint8 window position of each maximum --
 // an empty tensor without with_argmax) and the input gradient from the output gradient and those positions.

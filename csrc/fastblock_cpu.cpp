@@ -224,7 +224,68 @@ inline acc_t hsum(const at::vec::Vectorized<acc_t>& v) {  // fixed-order horizon
   return total;
 }
 
-void bn_relu_apply_cpu(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& gamma,
+// The activation after BatchNorm, on a value u = xhat * gamma + beta or on Vectorized lanes of them, and its
+// backward grad(u, dy) = dy * act'(u). The kernels below take one as a template argument (with_activation picks it).
+struct ReluAct {
+  template <typename T>
+  static T one(T u) {
+    return std::isnan(u) ? u : (u > T(0) ? u : T(0));  // NaN propagates, as in torch.relu
+  }
+  template <typename T>
+  static at::vec::Vectorized<T> vec(const at::vec::Vectorized<T>& u) {
+    return at::vec::maximum(u, at::vec::Vectorized<T>(T(0)));  // at::vec::maximum propagates NaN too
+  }
+  // torch's ReLU mask is "not <= 0": a NaN passes the gradient
+  template <typename T>
+  static T grad_one(T u, T dy) {
+    return u <= T(0) ? T(0) : dy;
+  }
+  template <typename T>
+  static at::vec::Vectorized<T> grad_vec(const at::vec::Vectorized<T>& u, const at::vec::Vectorized<T>& dy) {
+    using Vec = at::vec::Vectorized<T>;
+    return Vec::blendv(dy, Vec(T(0)), u <= Vec(T(0)));
+  }
+};
+
+// GELU(u) = u * Phi(u) with the exact (erf) normal CDF, as F.gelu's default; its derivative Phi(u) + u * phi(u) is
+// written as torch's GELU backward writes it.
+struct GeluAct {
+  static constexpr double kSqrtHalf = 0.70710678118654752440, kInvSqrt2Pi = 0.39894228040143267794;
+  template <typename T>
+  static T one(T u) {
+    return u * T(0.5) * (T(1) + std::erf(u * T(kSqrtHalf)));
+  }
+  template <typename T>
+  static at::vec::Vectorized<T> vec(const at::vec::Vectorized<T>& u) {
+    using Vec = at::vec::Vectorized<T>;
+    return u * Vec(T(0.5)) * (Vec(T(1)) + (u * Vec(T(kSqrtHalf))).erf());
+  }
+  template <typename T>
+  static T grad_one(T u, T dy) {
+    const T cdf = T(0.5) * (T(1) + std::erf(u * T(kSqrtHalf)));
+    const T pdf = std::exp(T(-0.5) * u * u) * T(kInvSqrt2Pi);
+    return dy * (cdf + u * pdf);
+  }
+  template <typename T>
+  static at::vec::Vectorized<T> grad_vec(const at::vec::Vectorized<T>& u, const at::vec::Vectorized<T>& dy) {
+    using Vec = at::vec::Vectorized<T>;
+    const Vec cdf = Vec(T(0.5)) * (Vec(T(1)) + (u * Vec(T(kSqrtHalf))).erf());
+    const Vec pdf = (Vec(T(-0.5)) * u * u).exp() * Vec(T(kInvSqrt2Pi));
+    return dy * (cdf + u * pdf);
+  }
+};
+
+template <typename F>
+void with_activation(int64_t activation, const F& f) {
+  if (activation == kActGelu) {
+    f(GeluAct{});
+  } else {
+    f(ReluAct{});
+  }
+}
+
+template <typename Act>
+void bn_act_apply_cpu(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& gamma,
                        const at::Tensor& beta, at::Tensor& y) {
   const int64_t n = z.size(0), c = z.size(1), hw = z.size(2) * z.size(3);
   FASTBLOCK_DISPATCH(z.scalar_type(), "fastblock_bn_apply_cpu", [&] {
@@ -240,18 +301,15 @@ void bn_relu_apply_cpu(const at::Tensor& z, const at::Tensor& mean, const at::Te
       for (int64_t plane = p0; plane < p1; ++plane) {
         const int64_t ch = plane % c;
         const acc_t scale = is[ch] * ga[ch], shift = be[ch] - mu[ch] * scale;
-        const Vec vscale(scale), vshift(shift), zero(acc_t(0));
+        const Vec vscale(scale), vshift(shift);
         for (int64_t j0 = 0; j0 < hw; j0 += kChunk) {
           const int64_t len = std::min(kChunk, hw - j0);
           const acc_t* src = as_acc(zp + plane * hw + j0, len, zbuf);
           acc_t* dst = std::is_same_v<data_t, acc_t> ? reinterpret_cast<acc_t*>(yp + plane * hw + j0) : obuf;
           int64_t j = 0;
           for (; j + Vec::size() <= len; j += Vec::size())
-            at::vec::maximum(at::vec::fmadd(Vec::loadu(src + j), vscale, vshift), zero).store(dst + j);
-          for (; j < len; ++j) {
-            const acc_t v = src[j] * scale + shift;
-            dst[j] = std::isnan(v) ? v : (v > acc_t(0) ? v : acc_t(0));  // NaN propagates, as in torch.relu
-          }
+            Act::vec(at::vec::fmadd(Vec::loadu(src + j), vscale, vshift)).store(dst + j);
+          for (; j < len; ++j) dst[j] = Act::one(src[j] * scale + shift);
           if constexpr (!std::is_same_v<data_t, acc_t>) {
             for (int64_t i = 0; i < len; ++i) yp[plane * hw + j0 + i] = static_cast<data_t>(obuf[i]);
           }
@@ -261,12 +319,12 @@ void bn_relu_apply_cpu(const at::Tensor& z, const at::Tensor& mean, const at::Te
   });
 }
 
-// The BN+ReLU backward kernels recompute, per element, xhat = (z - mean) * invstd and the ReLU mask
-// [xhat * gamma + beta > 0] from z (cheaper than saving y), and use g = dy * mask. As in torch's ReLU backward the
-// mask is "not <= 0": a NaN passes the gradient. They are written with ATen's
+// The BN+activation backward kernels recompute, per element, xhat = (z - mean) * invstd and u = xhat * gamma + beta
+// from z (cheaper than saving y), and use g = dy * act'(u) (ReLU: its mask). They are written with ATen's
 // Vectorized (AVX2 when the build targets it): gcc vectorises the plain-loop versions' two interleaved reductions
 // and select poorly (bench/RESULTS.md).
-void bn_relu_bwd_reduce_cpu(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean,
+template <typename Act>
+void bn_act_bwd_reduce_cpu(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean,
                             const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta,
                             at::Tensor& sum_g, at::Tensor& sum_gx) {
   // Pass 1, parallel over (n, c) planes: per-plane sums of g and g * xhat. Pass 2: per channel, the N plane
@@ -286,7 +344,7 @@ void bn_relu_bwd_reduce_cpu(const at::Tensor& dy, const at::Tensor& z, const at:
       for (int64_t plane = p0; plane < p1; ++plane) {
         const int64_t ch = plane % c;
         const acc_t m = mu[ch], s = is[ch], gm = ga[ch], bt = be[ch];
-        const Vec vm(m), vs(s), vgm(gm), vbt(bt), zero(acc_t(0));
+        const Vec vm(m), vs(s), vgm(gm), vbt(bt);
         Vec v1(acc_t(0)), v2(acc_t(0));
         acc_t t1 = 0, t2 = 0;
         for (int64_t j0 = 0; j0 < hw; j0 += kChunk) {
@@ -296,13 +354,13 @@ void bn_relu_bwd_reduce_cpu(const at::Tensor& dy, const at::Tensor& z, const at:
           int64_t j = 0;
           for (; j + Vec::size() <= len; j += Vec::size()) {
             const Vec xhat = (Vec::loadu(zr + j) - vm) * vs;
-            const Vec g = Vec::blendv(Vec::loadu(dr + j), zero, (xhat * vgm + vbt) <= zero);
+            const Vec g = Act::grad_vec(xhat * vgm + vbt, Vec::loadu(dr + j));
             v1 = v1 + g;
             v2 = at::vec::fmadd(g, xhat, v2);
           }
           for (; j < len; ++j) {
             const acc_t xhat = (zr[j] - m) * s;
-            const acc_t g = (xhat * gm + bt <= acc_t(0)) ? acc_t(0) : dr[j];
+            const acc_t g = Act::grad_one(xhat * gm + bt, dr[j]);
             t1 += g;
             t2 += g * xhat;
           }
@@ -323,7 +381,8 @@ void bn_relu_bwd_reduce_cpu(const at::Tensor& dy, const at::Tensor& z, const at:
   });
 }
 
-void bn_relu_bwd_dz_cpu(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
+template <typename Act>
+void bn_act_bwd_dz_cpu(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
                         const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& sum_g,
                         const at::Tensor& sum_gx, bool batch_stats, at::Tensor& dz, at::Tensor& dz_sum) {
   const int64_t n = z.size(0), c = z.size(1), hw = z.size(2) * z.size(3);
@@ -345,7 +404,7 @@ void bn_relu_bwd_dz_cpu(const at::Tensor& dy, const at::Tensor& z, const at::Ten
         const acc_t m = mu[ch], s = is[ch], gm = ga[ch], bt = be[ch], k_scale = gm * s;
         const acc_t mean_g = batch_stats ? acc_t(sg[ch] * inv_count) : acc_t(0);
         const acc_t mean_gx = batch_stats ? acc_t(sgx[ch] * inv_count) : acc_t(0);
-        const Vec vm(m), vs(s), vgm(gm), vbt(bt), vk(k_scale), vmg(mean_g), vmgx(mean_gx), zero(acc_t(0));
+        const Vec vm(m), vs(s), vgm(gm), vbt(bt), vk(k_scale), vmg(mean_g), vmgx(mean_gx);
         Vec vsum(acc_t(0));
         acc_t tsum = 0;
         for (int64_t j0 = 0; j0 < hw; j0 += kChunk) {
@@ -358,12 +417,12 @@ void bn_relu_bwd_dz_cpu(const at::Tensor& dy, const at::Tensor& z, const at::Ten
           // eval mode: dz = gamma * invstd * g alone (no 0 * xhat term: a NaN z must not reach dz through it)
           for (; j + Vec::size() <= len; j += Vec::size()) {
             const Vec xhat = (Vec::loadu(zr + j) - vm) * vs;
-            const Vec g = Vec::blendv(Vec::loadu(dr + j), zero, (xhat * vgm + vbt) <= zero);
+            const Vec g = Act::grad_vec(xhat * vgm + vbt, Vec::loadu(dr + j));
             (batch_stats ? vk * (g - vmg - xhat * vmgx) : vk * g).store(o + j);
           }
           for (; j < len; ++j) {
             const acc_t xhat = (zr[j] - m) * s;
-            const acc_t g = (xhat * gm + bt <= acc_t(0)) ? acc_t(0) : dr[j];
+            const acc_t g = Act::grad_one(xhat * gm + bt, dr[j]);
             o[j] = batch_stats ? k_scale * (g - mean_g - xhat * mean_gx) : k_scale * g;
           }
           if constexpr (!std::is_same_v<data_t, acc_t>) {  // round to data_t; sum what was stored
@@ -601,23 +660,21 @@ inline at::vec::Vectorized<acc_t> load_acc(const data_t* p) {
   }
 }
 
-// The channels-last BN+ReLU backward's start at channel j of a row (the NCHW kernels' note above): xhat and
-// g = dy masked by the ReLU, from z, dy and the per-channel mean, invstd, gamma and beta.
-template <typename data_t, typename acc_t>
-struct ReluGradRow {
+// The channels-last BN+activation backward's start at channel j of a row (the NCHW kernels' note above): xhat and
+// g = dy * act'(u), from z, dy and the per-channel mean, invstd, gamma and beta.
+template <typename Act, typename data_t, typename acc_t>
+struct ActGradRow {
   using Vec = at::vec::Vectorized<acc_t>;
   const acc_t *mu, *is, *ga, *be;
 
   std::pair<Vec, Vec> vec(const data_t* z, const data_t* dy, int64_t j) const {  // kV channels from j
     const Vec xhat = (load_acc<data_t, acc_t>(z + j) - Vec::loadu(mu + j)) * Vec::loadu(is + j);
-    const Vec g = Vec::blendv(load_acc<data_t, acc_t>(dy + j), Vec(acc_t(0)),
-                              (xhat * Vec::loadu(ga + j) + Vec::loadu(be + j)) <= Vec(acc_t(0)));
-    return {xhat, g};
+    return {xhat, Act::grad_vec(xhat * Vec::loadu(ga + j) + Vec::loadu(be + j), load_acc<data_t, acc_t>(dy + j))};
   }
 
   std::pair<acc_t, acc_t> one(const data_t* z, const data_t* dy, int64_t j) const {
     const acc_t xhat = (static_cast<acc_t>(z[j]) - mu[j]) * is[j];
-    return {xhat, (xhat * ga[j] + be[j] <= acc_t(0)) ? acc_t(0) : static_cast<acc_t>(dy[j])};
+    return {xhat, Act::grad_one(xhat * ga[j] + be[j], static_cast<acc_t>(dy[j]))};
   }
 };
 
@@ -771,7 +828,8 @@ void bn_stats_rows(const at::Tensor& z, at::Tensor& mean, at::Tensor& invstd, at
   });
 }
 
-void bn_relu_apply_rows(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
+template <typename Act>
+void bn_act_apply_rows(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
                         const at::Tensor& gamma, const at::Tensor& beta, at::Tensor& y) {
   const int64_t c = z.size(1), rows = z.numel() / c;
   FASTBLOCK_DISPATCH(z.scalar_type(), "fastblock_bn_apply_rows", [&] {
@@ -788,25 +846,22 @@ void bn_relu_apply_rows(const at::Tensor& z, const at::Tensor& mean, const at::T
       shift[j] = be[j] - mu[j] * scale[j];
     }
     at::parallel_for(0, rows, kRowBlock, [&](int64_t r0, int64_t r1) {
-      const Vec zero(acc_t(0));
       for (int64_t r = r0; r < r1; ++r) {
         const data_t* src = zp + r * c;
         row_write<data_t, acc_t>(
             yp + r * c, c,
-            [&](int64_t j) {  // at::vec::maximum propagates NaN, as torch.relu does
-              return at::vec::maximum(at::vec::fmadd(load_acc<data_t, acc_t>(src + j), Vec::loadu(scale.data() + j),
-                                                     Vec::loadu(shift.data() + j)), zero);
-            },
             [&](int64_t j) {
-              const acc_t v = static_cast<acc_t>(src[j]) * scale[j] + shift[j];
-              return std::isnan(v) ? v : (v > acc_t(0) ? v : acc_t(0));
-            });
+              return Act::vec(at::vec::fmadd(load_acc<data_t, acc_t>(src + j), Vec::loadu(scale.data() + j),
+                                             Vec::loadu(shift.data() + j)));
+            },
+            [&](int64_t j) { return Act::one(static_cast<acc_t>(src[j]) * scale[j] + shift[j]); });
       }
     });
   });
 }
 
-void bn_relu_bwd_reduce_rows(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean,
+template <typename Act>
+void bn_act_bwd_reduce_rows(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean,
                              const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta,
                              at::Tensor& sum_g, at::Tensor& sum_gx) {
   const int64_t c = z.size(1), rows = z.numel() / c;
@@ -815,18 +870,18 @@ void bn_relu_bwd_reduce_rows(const at::Tensor& dy, const at::Tensor& z, const at
     using acc_t = at::opmath_type<data_t>;
     using Vec = at::vec::Vectorized<acc_t>;
     const data_t *zp = z.data_ptr<data_t>(), *dp = dy.data_ptr<data_t>();
-    const ReluGradRow<data_t, acc_t> relu_grad{mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(),
+    const ActGradRow<Act, data_t, acc_t> act_grad{mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(),
                                                gamma.data_ptr<acc_t>(), beta.data_ptr<acc_t>()};
     // one pass computing both sums: [sum g (c values), sum g * xhat (c values)]
     const std::vector<double> sums = channel_sums<acc_t, 2>(
         rows, c,
         [&](int64_t r, int64_t j, Vec* acc) {
-          const auto [xhat, g] = relu_grad.vec(zp + r * c, dp + r * c, j);
+          const auto [xhat, g] = act_grad.vec(zp + r * c, dp + r * c, j);
           acc[0] = acc[0] + g;
           acc[1] = at::vec::fmadd(g, xhat, acc[1]);
         },
         [&](int64_t r, int64_t j, acc_t* acc) {
-          const auto [xhat, g] = relu_grad.one(zp + r * c, dp + r * c, j);
+          const auto [xhat, g] = act_grad.one(zp + r * c, dp + r * c, j);
           acc[0] += g;
           acc[1] += g * xhat;
         });
@@ -838,7 +893,8 @@ void bn_relu_bwd_reduce_rows(const at::Tensor& dy, const at::Tensor& z, const at
   });
 }
 
-void bn_relu_bwd_dz_rows(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean,
+template <typename Act>
+void bn_act_bwd_dz_rows(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean,
                          const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta,
                          const at::Tensor& sum_g, const at::Tensor& sum_gx, bool batch_stats, at::Tensor& dz,
                          at::Tensor& dz_sum) {
@@ -852,7 +908,7 @@ void bn_relu_bwd_dz_rows(const at::Tensor& dy, const at::Tensor& z, const at::Te
     data_t* out = dz.data_ptr<data_t>();
     const acc_t *is = invstd.data_ptr<acc_t>(), *ga = gamma.data_ptr<acc_t>();
     const acc_t *sg = sum_g.data_ptr<acc_t>(), *sgx = sum_gx.data_ptr<acc_t>();
-    const ReluGradRow<data_t, acc_t> relu_grad{mean.data_ptr<acc_t>(), is, ga, beta.data_ptr<acc_t>()};
+    const ActGradRow<Act, data_t, acc_t> act_grad{mean.data_ptr<acc_t>(), is, ga, beta.data_ptr<acc_t>()};
     std::vector<acc_t> kscale(static_cast<size_t>(c)), mean_g(static_cast<size_t>(c)), mean_gx(static_cast<size_t>(c));
     for (int64_t j = 0; j < c; ++j) {
       kscale[j] = ga[j] * is[j];
@@ -871,13 +927,13 @@ void bn_relu_bwd_dz_rows(const at::Tensor& dy, const at::Tensor& z, const at::Te
           row_write<data_t, acc_t>(
               out + r * c, c,
               [&](int64_t j) {
-                const auto [xhat, g] = relu_grad.vec(zr, dr, j);
+                const auto [xhat, g] = act_grad.vec(zr, dr, j);
                 const Vec ks = Vec::loadu(kscale.data() + j);
                 return batch_stats ? ks * (g - Vec::loadu(mean_g.data() + j) - xhat * Vec::loadu(mean_gx.data() + j))
                                    : ks * g;
               },
               [&](int64_t j) {
-                const auto [xhat, g] = relu_grad.one(zr, dr, j);
+                const auto [xhat, g] = act_grad.one(zr, dr, j);
                 return batch_stats ? kscale[j] * (g - mean_g[j] - xhat * mean_gx[j]) : kscale[j] * g;
               },
               [&](int64_t j, const Vec& v) { (Vec::loadu(total + j) + v).store(total + j); },
@@ -983,22 +1039,32 @@ void bn_stats_any(const at::Tensor& z, at::Tensor& mean, at::Tensor& invstd, at:
   (is_rows(z) ? bn_stats_rows : bn_stats_cpu)(z, mean, invstd, running_mean, running_var, momentum, eps);
 }
 
-void bn_relu_apply_any(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
-                       const at::Tensor& gamma, const at::Tensor& beta, at::Tensor& y) {
-  (is_rows(z) ? bn_relu_apply_rows : bn_relu_apply_cpu)(z, mean, invstd, gamma, beta, y);
+void bn_act_apply_any(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
+                      const at::Tensor& gamma, const at::Tensor& beta, int64_t activation, at::Tensor& y) {
+  with_activation(activation, [&](auto act) {
+    using Act = decltype(act);
+    (is_rows(z) ? bn_act_apply_rows<Act> : bn_act_apply_cpu<Act>)(z, mean, invstd, gamma, beta, y);
+  });
 }
 
-void bn_relu_bwd_reduce_any(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean,
-                            const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta,
-                            at::Tensor& sum_g, at::Tensor& sum_gx) {
-  (is_rows(z) ? bn_relu_bwd_reduce_rows : bn_relu_bwd_reduce_cpu)(dy, z, mean, invstd, gamma, beta, sum_g, sum_gx);
+void bn_act_bwd_reduce_any(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean,
+                           const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta,
+                           int64_t activation, at::Tensor& sum_g, at::Tensor& sum_gx) {
+  with_activation(activation, [&](auto act) {
+    using Act = decltype(act);
+    (is_rows(z) ? bn_act_bwd_reduce_rows<Act> : bn_act_bwd_reduce_cpu<Act>)(dy, z, mean, invstd, gamma, beta, sum_g,
+                                                                             sum_gx);
+  });
 }
 
-void bn_relu_bwd_dz_any(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
-                        const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& sum_g,
-                        const at::Tensor& sum_gx, bool batch_stats, at::Tensor& dz, at::Tensor& dz_sum) {
-  (is_rows(z) ? bn_relu_bwd_dz_rows : bn_relu_bwd_dz_cpu)(dy, z, mean, invstd, gamma, beta, sum_g, sum_gx,
-                                                          batch_stats, dz, dz_sum);
+void bn_act_bwd_dz_any(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
+                       const at::Tensor& gamma, const at::Tensor& beta, int64_t activation, const at::Tensor& sum_g,
+                       const at::Tensor& sum_gx, bool batch_stats, at::Tensor& dz, at::Tensor& dz_sum) {
+  with_activation(activation, [&](auto act) {
+    using Act = decltype(act);
+    (is_rows(z) ? bn_act_bwd_dz_rows<Act> : bn_act_bwd_dz_cpu<Act>)(dy, z, mean, invstd, gamma, beta, sum_g, sum_gx,
+                                                                     batch_stats, dz, dz_sum);
+  });
 }
 
 void expand_gated_any(const at::Tensor& x, const at::Tensor& gates, at::Tensor& out) {
@@ -1013,8 +1079,8 @@ void reduce_gated_any(const at::Tensor& x, const at::Tensor& g, const at::Tensor
 }  // namespace
 
 const DeviceKernels& cpu_kernels() {
-  static const DeviceKernels kernels{mix_cpu,          bn_stats_any,        bn_relu_apply_any,
-                                     bn_relu_bwd_reduce_any, bn_relu_bwd_dz_any, fold_weight_grad_cpu,
+  static const DeviceKernels kernels{mix_cpu,          bn_stats_any,        bn_act_apply_any,
+                                     bn_act_bwd_reduce_any, bn_act_bwd_dz_any, fold_weight_grad_cpu,
                                      expand_gated_any, reduce_gated_any,  /*channels_last=*/true};
   return kernels;
 }

@@ -130,8 +130,45 @@ __global__ void bn_stats_finalize_kernel(const acc_t* __restrict__ part_mean, co
   }
 }
 
-template <typename data_t, typename acc_t>
-__global__ void bn_relu_apply_kernel(const data_t* __restrict__ z, const acc_t* __restrict__ mean,
+// The activation after BatchNorm on u = xhat * gamma + beta, and its backward grad(u, dy) = dy * act'(u); the
+// kernels take one as a template argument (with_activation picks it, as on CPU).
+struct ReluAct {
+  template <typename T>
+  __device__ static T one(T u) {
+    return u < T(0) ? T(0) : u;  // NaN propagates, as in torch.relu
+  }
+  template <typename T>
+  __device__ static T grad(T u, T dy) {
+    return u <= T(0) ? T(0) : dy;  // torch's ReLU mask is "not <= 0": a NaN passes the gradient
+  }
+};
+
+// GELU(u) = u * Phi(u), exact (erf) as F.gelu's default; its derivative Phi(u) + u * phi(u) as torch writes it.
+struct GeluAct {
+  static constexpr double kSqrtHalf = 0.70710678118654752440, kInvSqrt2Pi = 0.39894228040143267794;
+  template <typename T>
+  __device__ static T one(T u) {
+    return u * T(0.5) * (T(1) + erf(u * T(kSqrtHalf)));
+  }
+  template <typename T>
+  __device__ static T grad(T u, T dy) {
+    const T cdf = T(0.5) * (T(1) + erf(u * T(kSqrtHalf)));
+    const T pdf = exp(T(-0.5) * u * u) * T(kInvSqrt2Pi);
+    return dy * (cdf + u * pdf);
+  }
+};
+
+template <typename F>
+void with_activation(int64_t activation, const F& f) {
+  if (activation == kActGelu) {
+    f(GeluAct{});
+  } else {
+    f(ReluAct{});
+  }
+}
+
+template <typename Act, typename data_t, typename acc_t>
+__global__ void bn_act_apply_kernel(const data_t* __restrict__ z, const acc_t* __restrict__ mean,
                                      const acc_t* __restrict__ invstd, const acc_t* __restrict__ gamma,
                                      const acc_t* __restrict__ beta, data_t* __restrict__ y, int64_t numel, int64_t c,
                                      int64_t hw) {
@@ -139,13 +176,13 @@ __global__ void bn_relu_apply_kernel(const data_t* __restrict__ z, const acc_t* 
     const int64_t ch = (i / hw) % c;
     const acc_t scale = invstd[ch] * gamma[ch];
     const acc_t v = static_cast<acc_t>(z[i]) * scale + (beta[ch] - mean[ch] * scale);
-    y[i] = static_cast<data_t>(v < acc_t(0) ? acc_t(0) : v);  // NaN propagates, as in torch.relu
+    y[i] = static_cast<data_t>(Act::one(v));
   }
 }
 
 // Stage 1 of the backward reductions, per (channel, split): sums of g and g * xhat over the split's range.
-template <typename data_t, typename acc_t>
-__global__ void bn_relu_bwd_reduce_kernel(const data_t* __restrict__ dy, const data_t* __restrict__ z,
+template <typename Act, typename data_t, typename acc_t>
+__global__ void bn_act_bwd_reduce_kernel(const data_t* __restrict__ dy, const data_t* __restrict__ z,
                                           const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
                                           const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta,
                                           acc_t* __restrict__ part_g, acc_t* __restrict__ part_gx, int64_t n, int64_t c,
@@ -159,11 +196,9 @@ __global__ void bn_relu_bwd_reduce_kernel(const data_t* __restrict__ dy, const d
     const int64_t s = i / hw, j = i - s * hw;
     const int64_t idx = (s * c + ch) * hw + j;
     const acc_t xhat = (static_cast<acc_t>(z[idx]) - mean[ch]) * invstd[ch];
-    if (!(xhat * gamma[ch] + beta[ch] <= acc_t(0))) {  // torch's ReLU mask: a NaN passes the gradient
-      const acc_t g = static_cast<acc_t>(dy[idx]);
-      s1 += g;
-      s2 += g * xhat;
-    }
+    const acc_t g = Act::grad(xhat * gamma[ch] + beta[ch], static_cast<acc_t>(dy[idx]));
+    s1 += g;
+    s2 += g * xhat;
   }
   s1 = block_sum(s1, shared);
   s2 = block_sum(s2, shared);
@@ -192,8 +227,8 @@ __global__ void sum_splits_kernel(const acc_t* __restrict__ part_g, const acc_t*
 // fixed shuffle order. (A block per plane left most threads idle on small maps: 16 of 256 busy at 4x4.)
 constexpr int kWarp = 32;
 
-template <typename data_t, typename acc_t>
-__global__ void bn_relu_bwd_dz_kernel(const data_t* __restrict__ dy, const data_t* __restrict__ z,
+template <typename Act, typename data_t, typename acc_t>
+__global__ void bn_act_bwd_dz_kernel(const data_t* __restrict__ dy, const data_t* __restrict__ z,
                                       const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
                                       const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta,
                                       const acc_t* __restrict__ sum_g, const acc_t* __restrict__ sum_gx,
@@ -210,7 +245,7 @@ __global__ void bn_relu_bwd_dz_kernel(const data_t* __restrict__ dy, const data_
   for (int64_t j = lane; j < hw; j += kWarp) {
     const int64_t idx = plane * hw + j;
     const acc_t xhat = (static_cast<acc_t>(z[idx]) - mean[ch]) * invstd[ch];
-    const acc_t g = xhat * gamma[ch] + beta[ch] <= acc_t(0) ? acc_t(0) : static_cast<acc_t>(dy[idx]);
+    const acc_t g = Act::grad(xhat * gamma[ch] + beta[ch], static_cast<acc_t>(dy[idx]));
     // eval mode: no 0 * xhat term (a NaN z must not reach dz through it)
     const data_t v = static_cast<data_t>(batch_stats ? k_scale * (g - mean_g - xhat * mean_gx) : k_scale * g);
     dz[idx] = v;
@@ -330,55 +365,65 @@ void bn_stats_cuda(const at::Tensor& z, at::Tensor& mean, at::Tensor& invstd, at
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void bn_relu_apply_cuda(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
-                        const at::Tensor& gamma, const at::Tensor& beta, at::Tensor& y) {
+void bn_act_apply_cuda(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
+                       const at::Tensor& gamma, const at::Tensor& beta, int64_t activation, at::Tensor& y) {
   const int64_t c = z.size(1), hw = z.size(2) * z.size(3);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  FASTBLOCK_DISPATCH(z.scalar_type(), "fastblock_bn_apply_cuda", [&] {
-    using data_t = scalar_t;
-    using acc_t = at::opmath_type<data_t>;
-    bn_relu_apply_kernel<data_t, acc_t><<<blocks_for(z.numel()), kThreads, 0, stream>>>(
-        z.data_ptr<data_t>(), mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), gamma.data_ptr<acc_t>(),
-        beta.data_ptr<acc_t>(), y.data_ptr<data_t>(), z.numel(), c, hw);
+  with_activation(activation, [&](auto act) {
+    using Act = decltype(act);
+    FASTBLOCK_DISPATCH(z.scalar_type(), "fastblock_bn_apply_cuda", [&] {
+      using data_t = scalar_t;
+      using acc_t = at::opmath_type<data_t>;
+      bn_act_apply_kernel<Act, data_t, acc_t><<<blocks_for(z.numel()), kThreads, 0, stream>>>(
+          z.data_ptr<data_t>(), mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), gamma.data_ptr<acc_t>(),
+          beta.data_ptr<acc_t>(), y.data_ptr<data_t>(), z.numel(), c, hw);
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void bn_relu_bwd_reduce_cuda(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean,
-                             const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta,
-                             at::Tensor& sum_g, at::Tensor& sum_gx) {
+void bn_act_bwd_reduce_cuda(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean,
+                            const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta,
+                            int64_t activation, at::Tensor& sum_g, at::Tensor& sum_gx) {
   const int64_t n = z.size(0), c = z.size(1), hw = z.size(2) * z.size(3), splits = splits_for(n * hw);
   auto stream = c10::cuda::getCurrentCUDAStream();
   auto part_g = at::empty({c, splits}, sum_g.options()), part_gx = at::empty({c, splits}, sum_g.options());
-  FASTBLOCK_DISPATCH(z.scalar_type(), "fastblock_bn_bwd_reduce_cuda", [&] {
-    using data_t = scalar_t;
-    using acc_t = at::opmath_type<data_t>;
-    bn_relu_bwd_reduce_kernel<data_t, acc_t><<<dim3(c, splits), kThreads, 0, stream>>>(
-        dy.data_ptr<data_t>(), z.data_ptr<data_t>(), mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(),
-        gamma.data_ptr<acc_t>(), beta.data_ptr<acc_t>(), part_g.data_ptr<acc_t>(), part_gx.data_ptr<acc_t>(), n, c,
-        hw, splits);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    sum_splits_kernel<acc_t><<<blocks_for(c), kThreads, 0, stream>>>(
-        part_g.data_ptr<acc_t>(), part_gx.data_ptr<acc_t>(), sum_g.data_ptr<acc_t>(), sum_gx.data_ptr<acc_t>(), c,
-        splits);
+  with_activation(activation, [&](auto act) {
+    using Act = decltype(act);
+    FASTBLOCK_DISPATCH(z.scalar_type(), "fastblock_bn_bwd_reduce_cuda", [&] {
+      using data_t = scalar_t;
+      using acc_t = at::opmath_type<data_t>;
+      bn_act_bwd_reduce_kernel<Act, data_t, acc_t><<<dim3(c, splits), kThreads, 0, stream>>>(
+          dy.data_ptr<data_t>(), z.data_ptr<data_t>(), mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(),
+          gamma.data_ptr<acc_t>(), beta.data_ptr<acc_t>(), part_g.data_ptr<acc_t>(), part_gx.data_ptr<acc_t>(), n,
+          c, hw, splits);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      sum_splits_kernel<acc_t><<<blocks_for(c), kThreads, 0, stream>>>(
+          part_g.data_ptr<acc_t>(), part_gx.data_ptr<acc_t>(), sum_g.data_ptr<acc_t>(), sum_gx.data_ptr<acc_t>(), c,
+          splits);
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void bn_relu_bwd_dz_cuda(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
-                         const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& sum_g,
-                         const at::Tensor& sum_gx, bool batch_stats, at::Tensor& dz, at::Tensor& dz_sum) {
+void bn_act_bwd_dz_cuda(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
+                        const at::Tensor& gamma, const at::Tensor& beta, int64_t activation, const at::Tensor& sum_g,
+                        const at::Tensor& sum_gx, bool batch_stats, at::Tensor& dz, at::Tensor& dz_sum) {
   const int64_t n = z.size(0), c = z.size(1), hw = z.size(2) * z.size(3);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  FASTBLOCK_DISPATCH(z.scalar_type(), "fastblock_bn_bwd_dz_cuda", [&] {
-    using data_t = scalar_t;
-    using acc_t = at::opmath_type<data_t>;
-    constexpr int64_t planes_per_block = kThreads / kWarp;
-    bn_relu_bwd_dz_kernel<data_t, acc_t><<<(n * c + planes_per_block - 1) / planes_per_block, kThreads, 0, stream>>>(
-        dy.data_ptr<data_t>(), z.data_ptr<data_t>(), mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(),
-        gamma.data_ptr<acc_t>(), beta.data_ptr<acc_t>(), sum_g.data_ptr<acc_t>(), sum_gx.data_ptr<acc_t>(),
-        batch_stats, acc_t(1.0 / (double(n) * double(hw))), dz.data_ptr<data_t>(), dz_sum.data_ptr<acc_t>(), n * c,
-        c, hw);
+  with_activation(activation, [&](auto act) {
+    using Act = decltype(act);
+    FASTBLOCK_DISPATCH(z.scalar_type(), "fastblock_bn_bwd_dz_cuda", [&] {
+      using data_t = scalar_t;
+      using acc_t = at::opmath_type<data_t>;
+      constexpr int64_t planes_per_block = kThreads / kWarp;
+      bn_act_bwd_dz_kernel<Act, data_t, acc_t>
+          <<<(n * c + planes_per_block - 1) / planes_per_block, kThreads, 0, stream>>>(
+              dy.data_ptr<data_t>(), z.data_ptr<data_t>(), mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(),
+              gamma.data_ptr<acc_t>(), beta.data_ptr<acc_t>(), sum_g.data_ptr<acc_t>(), sum_gx.data_ptr<acc_t>(),
+              batch_stats, acc_t(1.0 / (double(n) * double(hw))), dz.data_ptr<data_t>(), dz_sum.data_ptr<acc_t>(),
+              n * c, c, hw);
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -429,27 +474,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& x, const at::Tensor& gates, const at::Tensor& weight, const at::Tensor& bias,
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, bool use_batch_stats, double momentum, double eps, int64_t stride,
-    int64_t pad_h, int64_t pad_w, bool save_for_backward, int64_t schedule) {
+    int64_t pad_h, int64_t pad_w, bool save_for_backward, int64_t activation, int64_t schedule) {
   const c10::cuda::CUDAGuard guard(x.device());
   return forward_impl(cuda_kernels(), x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                      use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward, schedule);
+                      use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward, activation, schedule);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gates, const at::Tensor& weight,
     const at::Tensor& bias, const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& z,
     const at::Tensor& mean, const at::Tensor& invstd, bool use_batch_stats, int64_t stride, int64_t pad_h,
-    int64_t pad_w, int64_t schedule, bool need_dx, bool need_dgates) {
+    int64_t pad_w, int64_t activation, int64_t schedule, bool need_dx, bool need_dgates) {
   const c10::cuda::CUDAGuard guard(x.device());
   return backward_impl(cuda_kernels(), dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd,
-                       use_batch_stats, stride, pad_h, pad_w, schedule, need_dx, need_dgates);
+                       use_batch_stats, stride, pad_h, pad_w, activation, schedule, need_dx, need_dgates);
 }
 
 }  // namespace
 
 const DeviceKernels& cuda_kernels() {
-  static const DeviceKernels kernels{mix_cuda,          bn_stats_cuda,         bn_relu_apply_cuda,
-                                     bn_relu_bwd_reduce_cuda, bn_relu_bwd_dz_cuda, fold_weight_grad_cuda,
+  static const DeviceKernels kernels{mix_cuda,          bn_stats_cuda,         bn_act_apply_cuda,
+                                     bn_act_bwd_reduce_cuda, bn_act_bwd_dz_cuda, fold_weight_grad_cuda,
                                      expand_gated_cuda, reduce_gated_cuda,  /*channels_last=*/false};
   return kernels;
 }

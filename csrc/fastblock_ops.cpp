@@ -47,6 +47,11 @@ at::ScalarType stats_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+void check_activation(int64_t activation) {
+  TORCH_CHECK(activation == kActRelu || activation == kActGelu, "fastblock: activation must be ", kActRelu,
+              " (ReLU) or ", kActGelu, " (GELU), got ", activation);
+}
+
 void check_common(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& weight, const at::Tensor& bias,
                   const at::Tensor& bn_weight, const at::Tensor& bn_bias, int64_t stride, int64_t pad_h,
                   int64_t pad_w) {
@@ -297,8 +302,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const at::Tensor& bias, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
     const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
     bool use_batch_stats, double momentum, double eps, int64_t stride, int64_t pad_h, int64_t pad_w,
-    bool save_for_backward, int64_t schedule) {
+    bool save_for_backward, int64_t activation, int64_t schedule) {
   check_common(x, gates, weight, bias, bn_weight, bn_bias, stride, pad_h, pad_w);
+  check_activation(activation);
   TORCH_CHECK(running_mean.has_value() == running_var.has_value(),
               "fastblock: running_mean and running_var must be given together");
   TORCH_CHECK(use_batch_stats || running_mean.has_value(), "fastblock: eval mode needs running statistics");
@@ -329,7 +335,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
                             stride, pad_h, pad_w, concat);
 
   if (fold) {
-    z.relu_();
+    activation == kActGelu ? at::gelu_(z) : z.relu_();
     return {z.contiguous(fmt), at::empty({0}, x.options()), mean, invstd};
   }
   if (use_batch_stats) {
@@ -348,7 +354,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     }
   }
   auto y = at::empty_like(z);
-  { FASTBLOCK_PROFILE("bn_relu_apply"); kern.bn_relu_apply(z, mean, invstd, gamma, beta, y); }
+  { FASTBLOCK_PROFILE("bn_act_apply"); kern.bn_act_apply(z, mean, invstd, gamma, beta, activation, y); }
   // The saved z: laid out like x where the kernels take channels-last (a copy only when the mixing schedule was
   // forced on a channels-last input), else NCHW (only this op's backward reads it)
   const auto z_saved = kern.channels_last ? z.contiguous(fmt) : z;
@@ -359,8 +365,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const DeviceKernels& kern, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gates,
     const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
     const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd, bool use_batch_stats, int64_t stride,
-    int64_t pad_h, int64_t pad_w, int64_t schedule, bool need_dx, bool need_dgates) {
+    int64_t pad_h, int64_t pad_w, int64_t activation, int64_t schedule, bool need_dx, bool need_dgates) {
   check_common(x, gates, weight, bias, bn_weight, bn_bias, stride, pad_h, pad_w);
+  check_activation(activation);
   TORCH_CHECK(z.dim() == 4 && dy.sizes() == z.sizes(), "fastblock: dy ", dy.sizes(), " must match z ", z.sizes());
   const auto sdt = stats_dtype(x);
   const auto fmt = x.suggest_memory_format();
@@ -374,13 +381,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto gamma = bn_weight.to(sdt).contiguous(), beta = bn_bias.to(sdt).contiguous();
   const auto mean_c = mean.to(sdt).contiguous(), invstd_c = invstd.to(sdt).contiguous();
 
-  // BatchNorm + ReLU backward: two reductions over (N, H, W), then dz and its per-sample channel sums.
+  // BatchNorm + activation backward: two reductions over (N, H, W), then dz and its per-sample channel sums.
   auto sum_g = at::empty({cout}, x.options().dtype(sdt));
   auto sum_gx = at::empty({cout}, x.options().dtype(sdt));
-  { FASTBLOCK_PROFILE("bn_relu_bwd_reduce"); kern.bn_relu_bwd_reduce(dyc, zc, mean_c, invstd_c, gamma, beta, sum_g, sum_gx); }
+  { FASTBLOCK_PROFILE("bn_act_bwd_reduce"); kern.bn_act_bwd_reduce(dyc, zc, mean_c, invstd_c, gamma, beta, activation, sum_g, sum_gx); }
   auto dz = at::empty_like(zc);
   auto dz_sum = at::empty({n, cout}, x.options().dtype(sdt));
-  { FASTBLOCK_PROFILE("bn_relu_bwd_dz"); kern.bn_relu_bwd_dz(dyc, zc, mean_c, invstd_c, gamma, beta, sum_g, sum_gx, use_batch_stats, dz, dz_sum); }
+  { FASTBLOCK_PROFILE("bn_act_bwd_dz"); kern.bn_act_bwd_dz(dyc, zc, mean_c, invstd_c, gamma, beta, activation, sum_g, sum_gx, use_batch_stats, dz,
+                                                  dz_sum); }
 
   at::Tensor dx;
   const bool concat = use_concat(schedule, k, ho, wo, layout);
@@ -422,20 +430,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& x, const at::Tensor& gates, const at::Tensor& weight, const at::Tensor& bias,
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, bool use_batch_stats, double momentum, double eps, int64_t stride,
-    int64_t pad_h, int64_t pad_w, bool save_for_backward, int64_t schedule) {
+    int64_t pad_h, int64_t pad_w, bool save_for_backward, int64_t activation, int64_t schedule) {
   PoolScope pooled;
   return forward_impl(cpu_kernels(), x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                      use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward, schedule);
+                      use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward, activation, schedule);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gates, const at::Tensor& weight,
     const at::Tensor& bias, const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& z,
     const at::Tensor& mean, const at::Tensor& invstd, bool use_batch_stats, int64_t stride, int64_t pad_h,
-    int64_t pad_w, int64_t schedule, bool need_dx, bool need_dgates) {
+    int64_t pad_w, int64_t activation, int64_t schedule, bool need_dx, bool need_dgates) {
   PoolScope pooled;
   return backward_impl(cpu_kernels(), dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd,
-                       use_batch_stats, stride, pad_h, pad_w, schedule, need_dx, need_dgates);
+                       use_batch_stats, stride, pad_h, pad_w, activation, schedule, need_dx, need_dgates);
 }
 
 std::tuple<at::Tensor, at::Tensor> max_pool2x2_cpu(const at::Tensor& x, bool with_argmax) {
@@ -456,11 +464,12 @@ TORCH_LIBRARY(fastblock_ext, m) {
   m.def(
       "forward(Tensor x, Tensor gates, Tensor weight, Tensor bias, Tensor bn_weight, Tensor bn_bias, "
       "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool use_batch_stats, float momentum, float eps, "
-      "int stride, int pad_h, int pad_w, bool save_for_backward, int schedule=-1) -> (Tensor, Tensor, Tensor, Tensor)");
+      "int stride, int pad_h, int pad_w, bool save_for_backward, int activation=0, int schedule=-1) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "backward(Tensor dy, Tensor x, Tensor gates, Tensor weight, Tensor bias, Tensor bn_weight, Tensor bn_bias, "
-      "Tensor z, Tensor mean, Tensor invstd, bool use_batch_stats, int stride, int pad_h, int pad_w, int schedule=-1, "
-      "bool need_dx=True, bool need_dgates=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor z, Tensor mean, Tensor invstd, bool use_batch_stats, int stride, int pad_h, int pad_w, int activation=0, "
+      "int schedule=-1, bool need_dx=True, bool need_dgates=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // 2x2 / stride-2 max-pooling with one-byte window positions (max_pool_cpu.cpp; CPU only).
   m.def("max_pool2x2(Tensor x, bool with_argmax) -> (Tensor, Tensor)");
   m.def("max_pool2x2_backward(Tensor grad_out, Tensor argmax, int height, int width) -> Tensor");

@@ -133,13 +133,14 @@ class PatchWhitening(nn.Module):
 
 class AirBlockNet(nn.Module):
     """A speed-run CIFAR-10 network built from gated Blocks: patch whitening, then three stages of
-    Block -> 2x2 max-pool -> Block (widths ``widths``, K = ``num_convs`` per Block), global max-pool and a bias-free
-    linear head with scaled logits. The layer plan of the public plain-convolution speed-runs (airbench), with
+    Block -> 2x2 max-pool -> Block (widths ``widths``, K = ``num_convs`` per Block, ending in ``activation``), global
+    max-pool and a bias-free linear head with scaled logits. The layer plan of the public plain-convolution speed-runs (airbench), with
     every conv+BN+activation a fused, gated Block."""
 
     def __init__(self, widths: Sequence[int] = (64, 256, 256), num_convs: Union[int, Sequence[int]] = 2,
                  num_classes: int = 10, logit_scale: float = 1 / 9, downsample: str = "pool",
-                 whiten_gelu: bool = False, conv_bias: bool = True, backend: str = "auto"):
+                 whiten_gelu: bool = False, conv_bias: bool = True, activation: str = "relu",
+                 backend: str = "auto"):
         super().__init__()
         ks = [num_convs] * 6 if isinstance(num_convs, int) else list(num_convs)
         self.whiten = PatchWhitening()
@@ -150,7 +151,7 @@ class AirBlockNet(nn.Module):
 
         def block(cin, cout, k, stride=1):  # K=1: a softmax over one branch is 1 -- no gate layer to compute
             return Block(cin, cout, num_convs=k, stride=stride, gate="softmax" if k > 1 else "none", bias=conv_bias,
-                         backend=backend)
+                         activation=activation, backend=backend)
 
         for stage, out in enumerate(widths):
             if downsample == "pool":  # Block, then 2x2 max-pool
@@ -245,6 +246,10 @@ MODELS = {
     "air-cpu-wide-k1-gelu": ModelRecipe("air-cpu-wide-k1 with a GELU after the patch whitening (as the public "
                                         "speed-run has it) and bias-free convolutions (BatchNorm cancels a bias)",
                                         _air((64, 256, 256), 1, whiten_gelu=True, conv_bias=False)),
+    "air-cpu-wide-k1-gelu-blocks": ModelRecipe("air-cpu-wide-k1-gelu with GELU Blocks (fused conv + BN + GELU) in "
+                                               "place of ReLU, as the public speed-run's activation",
+                                               _air((64, 256, 256), 1, whiten_gelu=True, conv_bias=False,
+                                                    activation="gelu")),
     "air-cpu-small": ModelRecipe("air-cpu narrowed to 32-128-128 (K=2)", _air((32, 128, 128), 2)),
     "air-cpu-small-k1": ModelRecipe("air-cpu-small with K=1 Blocks (plain conv + BN + ReLU): the ablation baseline",
                                     _air((32, 128, 128), 1)),

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backends import accepted_names
-from .ops import autocast_enabled, max_pool2x2, mixed_conv_bn_relu
+from .ops import ACTIVATIONS, autocast_enabled, max_pool2x2, mixed_conv_bn_relu
 
 GATES = ("softmax", "sigmoid", "relu", "none")
 
@@ -29,7 +29,7 @@ def _checked_backend(value: str) -> str:
 
 
 class Block(nn.Module):
-    """Gated sum of K convolutions, then BatchNorm and ReLU, computed by one fused op.
+    """Gated sum of K convolutions, then BatchNorm and ReLU (or GELU), computed by one fused op.
 
     Args:
         in_channels, out_channels: Cin, Cout.
@@ -42,6 +42,7 @@ class Block(nn.Module):
         gate_hidden: hidden sizes of an MLP gate (e.g. (512, 512)); empty for a single Linear.
         bias: whether the K convolutions have biases.
         momentum, eps, track_running_stats: as in nn.BatchNorm2d.
+        activation: "relu" (default) or "gelu" (exact, as ``nn.GELU()``), after BatchNorm.
         backend: "auto", or a backend name or alias ("triton", "extension"/"cuda", "reference").
     """
 
@@ -59,6 +60,7 @@ class Block(nn.Module):
         momentum: float = 0.1,
         eps: float = 1e-5,
         track_running_stats: bool = True,
+        activation: str = "relu",
         backend: str = "auto",
         device=None,
         dtype=None,
@@ -71,6 +73,8 @@ class Block(nn.Module):
             raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         sizes = [kernel_size] * num_convs if isinstance(kernel_size, int) else list(kernel_size)
         if len(sizes) != num_convs:
             raise ValueError(f"kernel_size lists {len(sizes)} sizes for num_convs={num_convs}")
@@ -79,6 +83,7 @@ class Block(nn.Module):
         self.in_channels, self.out_channels, self.num_convs = in_channels, out_channels, num_convs
         self.kernel_sizes = tuple(sizes)
         self.stride, self.gate, self.temperature = stride, gate, float(temperature)
+        self.activation = activation
         self.backend = backend
         kmax = max(sizes)
 
@@ -170,7 +175,7 @@ class Block(nn.Module):
             self.effective_weight(), self.bias, bn.weight, bn.bias,
             bn.running_mean if use_running else None, bn.running_var if use_running else None,
             training=self.training, momentum=momentum, eps=bn.eps, stride=self.stride, padding=None,
-            backend=self.backend,
+            backend=self.backend, activation=self.activation,
         )
 
     def extra_repr(self) -> str:
@@ -178,6 +183,7 @@ class Block(nn.Module):
         return (f"{self.in_channels}, {self.out_channels}, num_convs={self.num_convs}, kernel_size={sizes}, "
                 f"stride={self.stride}, gate={self.gate!r}"
                 + (f", temperature={self.temperature}" if self.gate == "softmax" and self.temperature != 1 else "")
+                + (f", activation={self.activation!r}" if self.activation != "relu" else "")
                 + f", backend={self.backend!r}")
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .backend_utils import fake_backward_outputs, fake_forward_outputs, memory_format, stats_dtype
 from .backends import get_backend, resolve_backend
-from .reference import gated_conv_reference, mixed_conv_bn_relu_reference
+from .reference import ACTIVATIONS, gated_conv_reference, mixed_conv_bn_relu_reference
 from .validation import check_inputs
 
 
@@ -50,17 +50,19 @@ def _fused_forward(
     pad_h: int,
     pad_w: int,
     save_for_backward: bool,
+    activation: str,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return get_backend(backend).module().forward(
         x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-        use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward,
+        use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward, activation=activation,
     )
 
 
 @_fused_forward.register_fake
 def _fused_forward_fake(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                        use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward, backend):
+                        use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward, activation,
+                        backend):
     return fake_forward_outputs(x, weight, stride, pad_h, pad_w, save_for_backward,
                                 saved_z=get_backend(backend).fake_saved_z)
 
@@ -83,17 +85,18 @@ def _fused_backward(
     pad_w: int,
     need_dx: bool,
     need_dgates: bool,
+    activation: str,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return get_backend(backend).module().backward(
         dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w,
-        need_dx, need_dgates,
+        need_dx, need_dgates, activation=activation,
     )
 
 
 @_fused_backward.register_fake
 def _fused_backward_fake(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd,
-                         use_batch_stats, stride, pad_h, pad_w, need_dx, need_dgates, backend):
+                         use_batch_stats, stride, pad_h, pad_w, need_dx, need_dgates, activation, backend):
     return fake_backward_outputs(x, gates, weight, bias, bn_weight, bn_bias, need_dx, need_dgates)
 
 
@@ -119,29 +122,29 @@ class _FusedMixedConvBnRelu(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                use_batch_stats, momentum, eps, stride, pad_h, pad_w, save, backend):
+                use_batch_stats, momentum, eps, stride, pad_h, pad_w, save, activation, backend):
         args = (x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                 use_batch_stats, momentum, eps, stride, pad_h, pad_w, save)
         if _through_custom_ops(x):
-            y, z, mean, invstd = _fused_forward(*args, backend)
+            y, z, mean, invstd = _fused_forward(*args, activation, backend)
         else:
-            y, z, mean, invstd = get_backend(backend).module().forward(*args)
+            y, z, mean, invstd = get_backend(backend).module().forward(*args, activation=activation)
             if use_batch_stats:  # what the custom op's declared mutation would do
                 for stat in (running_mean, running_var):
                     if stat is not None and not stat.is_inference():
                         torch.autograd.graph.increment_version(stat)
         ctx.save_for_backward(x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd)
-        ctx.config = (use_batch_stats, eps, stride, pad_h, pad_w, backend)
+        ctx.config = (use_batch_stats, eps, stride, pad_h, pad_w, activation, backend)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd = ctx.saved_tensors
-        use_batch_stats, eps, stride, pad_h, pad_w, backend = ctx.config
+        use_batch_stats, eps, stride, pad_h, pad_w, activation, backend = ctx.config
         if torch.is_grad_enabled():  # create_graph=True: the gradients must themselves be differentiable
             grads = _differentiable_backward(dy, x, gates, weight, bias, bn_weight, bn_bias, mean, invstd,
-                                             use_batch_stats, eps, stride, pad_h, pad_w)
-            return (*grads, None, None, None, None, None, None, None, None, None, None)
+                                             use_batch_stats, eps, stride, pad_h, pad_w, activation)
+            return (*grads, None, None, None, None, None, None, None, None, None, None, None)
         if z.numel() == 0:
             raise RuntimeError("fastblock: backward through a forward that ran without saving for backward")
         dy = dy.contiguous(memory_format=memory_format(z))
@@ -151,15 +154,15 @@ class _FusedMixedConvBnRelu(torch.autograd.Function):
         args = (dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w,
                 need_dx, need_dgates)
         if _through_custom_ops(dy):
-            grads = _fused_backward(*args, backend)
+            grads = _fused_backward(*args, activation, backend)
         else:
-            grads = get_backend(backend).module().backward(*args)
+            grads = get_backend(backend).module().backward(*args, activation=activation)
         dx, dgates = (grads[0] if need_dx else None), (grads[1] if need_dgates else None)
-        return (dx, dgates, *grads[2:], None, None, None, None, None, None, None, None, None, None)
+        return (dx, dgates, *grads[2:], None, None, None, None, None, None, None, None, None, None, None)
 
 
 def _differentiable_backward(dy, x, gates, weight, bias, bn_weight, bn_bias, mean, invstd,
-                             use_batch_stats, eps, stride, pad_h, pad_w):
+                             use_batch_stats, eps, stride, pad_h, pad_w, activation):
     """The six input gradients as a differentiable function of the inputs (and of dy): the Block recomputed in
     plain PyTorch -- the reference's formulation, with the statistics the forward normalised with in eval mode --
     and differentiated with ``create_graph=True``. Only runs for double backward."""
@@ -174,7 +177,7 @@ def _differentiable_backward(dy, x, gates, weight, bias, bn_weight, bn_bias, mea
     else:
         scale = (invstd * bn_weight).view(1, -1, 1, 1)
         normed = ((z - mean.view(1, -1, 1, 1)) * scale + bn_bias.view(1, -1, 1, 1)).to(z.dtype)
-    y = F.relu(normed)
+    y = ACTIVATIONS[activation](normed)
     wanted = [t for t in inputs if t.requires_grad]
     found = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True) if wanted else ())
     grads = []
@@ -202,8 +205,9 @@ def mixed_conv_bn_relu(
     stride: int = 1,
     padding=None,
     backend: str = "auto",
+    activation: str = "relu",
 ) -> torch.Tensor:
-    """ReLU(BatchNorm(sum_k gates[:, k] * conv2d(x, weight[k], bias[k]))), fused.
+    """ReLU(BatchNorm(sum_k gates[:, k] * conv2d(x, weight[k], bias[k]))), fused (or GELU in place of ReLU).
 
     Args:
         x: [N, Cin, H, W] input (any strides; NCHW or channels_last).
@@ -219,6 +223,7 @@ def mixed_conv_bn_relu(
         stride: convolution stride (int >= 1).
         padding: None ("same" for odd kernels: kh // 2, kw // 2), an int, or (pad_h, pad_w).
         backend: "auto", a backend name or alias (see ``fastblock.available_backends()``).
+        activation: "relu" (default) or "gelu" (exact, as ``F.gelu``): the activation after BatchNorm.
 
     BatchNorm tensors have x's dtype, or float32 when x is float16/bfloat16 (the rule of ``nn.BatchNorm2d``).
     Under autocast, x/gates/weight/bias are cast to the autocast dtype (as for a convolution); BatchNorm
@@ -230,9 +235,9 @@ def mixed_conv_bn_relu(
         x, gates, weight, bias = (_cast_floating(t, low) for t in (x, gates, weight, bias))
         with torch.autocast(x.device.type, enabled=False):
             return _validate_and_dispatch(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                          training, momentum, eps, stride, padding, backend)
+                                          training, momentum, eps, stride, padding, backend, activation)
     return _validate_and_dispatch(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                  training, momentum, eps, stride, padding, backend)
+                                  training, momentum, eps, stride, padding, backend, activation)
 
 
 def autocast_enabled(device_type: str) -> bool:
@@ -249,13 +254,15 @@ def _cast_floating(t, dtype):
 
 
 def _validate_and_dispatch(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                           training, momentum, eps, stride, padding, backend):
+                           training, momentum, eps, stride, padding, backend, activation):
     pad_h, pad_w = check_inputs(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                                 training, momentum, eps, stride, padding)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     name = resolve_backend(backend, x.device, weight.shape[0], x.dtype)
     if name == "reference":
         return mixed_conv_bn_relu_reference(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                            training, momentum, eps, stride, (pad_h, pad_w))
+                                            training, momentum, eps, stride, (pad_h, pad_w), activation)
     num_convs, cout = weight.shape[0], weight.shape[1]
     sdt = stats_dtype(x.dtype)
     # The custom ops take plain tensors: absent affine/bias parameters become their neutral values.
@@ -271,7 +278,7 @@ def _validate_and_dispatch(x, gates, weight, bias, bn_weight, bn_bias, running_m
     )
     return _FusedMixedConvBnRelu.apply(
         x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-        use_batch_stats, float(momentum), float(eps), int(stride), pad_h, pad_w, save, name,
+        use_batch_stats, float(momentum), float(eps), int(stride), pad_h, pad_w, save, activation, name,
     )
 
 

@@ -10,6 +10,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+# The activations the fused op can end in (its ``activation`` argument): ReLU, or GELU with the exact (erf) normal
+# CDF, F.gelu's default.
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
 
 def gated_conv_reference(x: torch.Tensor, gates: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          stride: int, padding: tuple[int, int]) -> torch.Tensor:
@@ -61,11 +65,11 @@ def mixed_conv_bn_reference(
 
 def mixed_conv_bn_relu_reference(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                                  training: bool, momentum: float, eps: float, stride: int,
-                                 padding: tuple[int, int]) -> torch.Tensor:
+                                 padding: tuple[int, int], activation: str = "relu") -> torch.Tensor:
     """ReLU(BatchNorm(sum_k gates[:, k] * conv2d(x, weight[k], bias[k]))): the fused op's ground truth (arguments
-    as in ``mixed_conv_bn_reference``)."""
-    return F.relu(mixed_conv_bn_reference(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                          training, momentum, eps, stride, padding))
+    as in ``mixed_conv_bn_reference``; ``activation="gelu"``: GELU instead of ReLU)."""
+    return ACTIVATIONS[activation](mixed_conv_bn_reference(x, gates, weight, bias, bn_weight, bn_bias, running_mean,
+                                                           running_var, training, momentum, eps, stride, padding))
 
 
 def dynamic_conv_bn_relu(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,

@@ -3,17 +3,17 @@
 Forward, training mode (3 kernels + 1 tiny one):
     1. mixed_conv_fwd_kernel      z = sum_k a_k (conv(x, W_k) + b_k), plus per-tile (mean, M2) of z
     2. bn_stats_finalize_kernel   batch mean / invstd, running-stat update (unbiased variance)
-    3. bn_relu_normalize_kernel   y = relu(BN(z))
-Forward, eval mode: kernel 1 alone, with BatchNorm + ReLU folded into its epilogue.
+    3. bn_act_normalize_kernel    y = act(BN(z)), act = ReLU or GELU
+Forward, eval mode: kernel 1 alone, with BatchNorm + activation folded into its epilogue.
 Backward:
-    bn_relu_bwd_reduce_kernel + sum_rows_kernel -> dbeta = sum g, dgamma = sum g*xhat (g = dy*[y>0])
-    bn_relu_bwd_dz_kernel     -> dz (gradient of the pre-BN activation)
+    bn_act_bwd_reduce_kernel + sum_rows_kernel -> dbeta = sum g, dgamma = sum g*xhat (g = dy*act'(u))
+    bn_act_bwd_dz_kernel      -> dz (gradient of the pre-BN activation)
     mixed_conv_dx_kernel      -> dx
     mixed_conv_dweight_kernel -> dW_k, db_k, da (folded per sample; small partial buffers summed in order)
 
 Memory: forward saves z (one output-sized tensor) and two [Cout] statistics; y is not needed for backward
-(the ReLU mask is recomputed from z). Backward materialises dz (output-sized) and partial buffers of size
-splits*K*Cout*Cin*KH*KW + N*tiles*K.
+(the activation's derivative is recomputed from z). Backward materialises dz (output-sized) and partial buffers of
+size splits*K*Cout*Cin*KH*KW + N*tiles*K.
 """
 from __future__ import annotations
 
@@ -108,11 +108,11 @@ def _tile_counts(n: int, p: int, block_m: int, mix: bool, dtype, device) -> torc
 def _on_tensor_device(fn):
     """Runs a launcher with the tensors' GPU current (Triton launches on the current device and stream)."""
     @functools.wraps(fn)
-    def wrapper(first, *args):
+    def wrapper(first, *args, **kwargs):
         if first.device.type != "cuda":
-            return fn(first, *args)
+            return fn(first, *args, **kwargs)
         with torch.cuda.device(first.device):
-            return fn(first, *args)
+            return fn(first, *args, **kwargs)
 
     return wrapper
 
@@ -126,7 +126,7 @@ def _check_weight_size(weight: torch.Tensor) -> None:
 
 @_on_tensor_device
 def forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-            use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward):
+            use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward, activation="relu"):
     import triton
 
     _check_weight_size(weight)
@@ -144,6 +144,7 @@ def forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_va
     gates, bias, bn_weight, bn_bias = (t.contiguous() for t in (gates, bias, bn_weight, bn_bias))
     z = empty_like_layout(x, (n, cout, ho, wo))
     grid = (_row_tiles(n, ho * wo, cfg["BLOCK_M"], cfg["MIX"]), triton.cdiv(cout, cfg["BLOCK_N"]))
+    gelu = activation == "gelu"
     common = dict(KH=kh, KW=kw, NUM_CONVS=num_convs, MIX=cfg["MIX"], ACC_DTYPE=acc,
                   DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                   BLOCK_K=cfg["BLOCK_K"])
@@ -157,13 +158,13 @@ def forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_va
         y = empty_like_layout(x, z.shape)
         z_out = z if save_for_backward else y  # unused pointer when STORE_Z is off
         conv.mixed_conv_fwd_kernel[grid](x, gates, w_fwd, bias, y, z_out, scale, scale, scale, shift, *conv_args,
-                                         EVAL=True, STORE_Z=save_for_backward, **common, **launch)
+                                         EVAL=True, STORE_Z=save_for_backward, GELU=gelu, **common, **launch)
         return y, (z if save_for_backward else x.new_empty((0,))), mean, invstd
 
     part_mean = empty_buffer((grid[0], cout), acc_torch, x.device)
     part_m2 = empty_buffer((grid[0], cout), acc_torch, x.device)
     conv.mixed_conv_fwd_kernel[grid](x, gates, w_fwd, bias, z, z, part_mean, part_m2, part_mean, part_mean,
-                                     *conv_args, EVAL=False, STORE_Z=False, **common, **launch)
+                                     *conv_args, EVAL=False, STORE_Z=False, GELU=False, **common, **launch)
     counts = _tile_counts(n, ho * wo, cfg["BLOCK_M"], cfg["MIX"], acc_torch, x.device)
     mean = empty_buffer((cout,), acc_torch, x.device)
     invstd = empty_buffer((cout,), acc_torch, x.device)
@@ -182,16 +183,16 @@ def forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_va
                 view.copy_(dense)
     y = empty_like_layout(z, z.shape)
     block = configs.ELEMENTWISE_BLOCK
-    bn.bn_relu_normalize_kernel[(triton.cdiv(z.numel(), block),)](
+    bn.bn_act_normalize_kernel[(triton.cdiv(z.numel(), block),)](
         z, y, mean, invstd, bn_weight, bn_bias, z.numel(), cout, ho * wo,
-        CHANNELS_LAST=_is_channels_last(z), ACC_DTYPE=acc, BLOCK=block,
+        GELU=gelu, CHANNELS_LAST=_is_channels_last(z), ACC_DTYPE=acc, BLOCK=block,
     )
     return y, (z if save_for_backward else x.new_empty((0,))), mean, invstd
 
 
 @_on_tensor_device
 def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w,
-             need_dx=True, need_dgates=True):
+             need_dx=True, need_dgates=True, activation="relu"):
     import triton
 
     _check_weight_size(weight)
@@ -210,15 +211,15 @@ def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, us
     gates, bias, bn_weight, bn_bias = (t.contiguous() for t in (gates, bias, bn_weight, bn_bias))
     mean, invstd = mean.contiguous(), invstd.contiguous()
 
-    # --- BatchNorm + ReLU backward ------------------------------------------------------------------------
+    # --- BatchNorm + activation backward ------------------------------------------------------------------------
     block_r, block_c = configs.bn_reduce_tile(interp)
     row_tiles = triton.cdiv(m, block_r)
     part_g = empty_buffer((row_tiles, cout), acc_torch, x.device)
     part_gx = empty_buffer((row_tiles, cout), acc_torch, x.device)
     szn, szc, szh, szw = z.stride()
-    bn.bn_relu_bwd_reduce_kernel[(row_tiles, triton.cdiv(cout, block_c))](
+    bn.bn_act_bwd_reduce_kernel[(row_tiles, triton.cdiv(cout, block_c))](
         dy, z, mean, invstd, bn_weight, bn_bias, part_g, part_gx, m, cout, p, szn, szw, szc,
-        ACC_DTYPE=acc, BLOCK_R=block_r, BLOCK_C=block_c,
+        GELU=activation == "gelu", ACC_DTYPE=acc, BLOCK_R=block_r, BLOCK_C=block_c,
     )
     sum_g = empty_buffer((cout,), acc_torch, x.device)
     sum_gx = empty_buffer((cout,), acc_torch, x.device)
@@ -227,9 +228,10 @@ def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, us
                                                                                ACC_DTYPE=acc, **configs.FINALIZE)
     dz = empty_like_layout(z, z.shape)
     block = configs.ELEMENTWISE_BLOCK
-    bn.bn_relu_bwd_dz_kernel[(triton.cdiv(z.numel(), block),)](
+    bn.bn_act_bwd_dz_kernel[(triton.cdiv(z.numel(), block),)](
         dy, z, dz, mean, invstd, bn_weight, bn_bias, sum_g, sum_gx, z.numel(), cout, p, 1.0 / m,
-        BATCH_STATS=use_batch_stats, CHANNELS_LAST=channels_last, ACC_DTYPE=acc, BLOCK=block,
+        GELU=activation == "gelu", BATCH_STATS=use_batch_stats, CHANNELS_LAST=channels_last, ACC_DTYPE=acc,
+        BLOCK=block,
     )
     dgamma = sum_gx.to(bn_weight.dtype)
     dbeta = sum_g.to(bn_bias.dtype)

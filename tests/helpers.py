@@ -108,16 +108,18 @@ def away_from_kink(args, kwargs, training: bool, dtype) -> torch.Tensor:
     return pre.abs() > KINK_MARGIN[dtype] * pre.abs().max()
 
 
-def run_op(backend: Optional[str], args, kwargs, training: bool, momentum: float = 0.1, dy_keep=None):
+def run_op(backend: Optional[str], args, kwargs, training: bool, momentum: float = 0.1, dy_keep=None,
+           activation: str = "relu"):
     """Forward + backward of one backend (None = the reference function itself). Returns every output.
     ``dy_keep``: a mask that zeroes the upstream gradient elsewhere (``away_from_kink``)."""
     args = _clone(args)
     if backend is None:
         y = mixed_conv_bn_relu_reference(*args, training=training, momentum=momentum, eps=1e-5,
-                                         stride=kwargs["stride"], padding=(kwargs["padding"],) * 2)
+                                         stride=kwargs["stride"], padding=(kwargs["padding"],) * 2,
+                                         activation=activation)
     else:
         y = fastblock.mixed_conv_bn_relu(*args, training=training, momentum=momentum, eps=1e-5,
-                                         backend=backend, **kwargs)
+                                         backend=backend, activation=activation, **kwargs)
     g = torch.Generator().manual_seed(1234)
     dy = torch.randn(y.shape, generator=g, dtype=torch.float64)
     if dy_keep is not None:
@@ -140,7 +142,8 @@ def assert_close(name, actual, expected, dtype, scale_by_max=False):
 
 
 def compare_with_reference(backend: str, case: Case, dtype=torch.float32, device="cpu", training=True, seed=0,
-                           reference_dtype=None, gate: str = "softmax", frozen: tuple[str, ...] = ()):
+                           reference_dtype=None, gate: str = "softmax", frozen: tuple[str, ...] = (),
+                           activation: str = "relu"):
     """Forward, all six gradients and the running statistics of ``backend`` against the reference.
 
     The reference runs in ``reference_dtype`` (default: float64 for low precision, else the same dtype) and is
@@ -155,8 +158,8 @@ def compare_with_reference(backend: str, case: Case, dtype=torch.float32, device
                                                     (torch.float64 if ref_dtype == torch.float64 else a.dtype))
                 .requires_grad_(a.requires_grad) for a in args]
     keep = away_from_kink(args, kwargs, training, dtype)
-    y, grads, rm, rv = run_op(backend, args, kwargs, training, dy_keep=keep)
-    y_ref, grads_ref, rm_ref, rv_ref = run_op(None, ref_args, kwargs, training, dy_keep=keep)
+    y, grads, rm, rv = run_op(backend, args, kwargs, training, dy_keep=keep, activation=activation)
+    y_ref, grads_ref, rm_ref, rv_ref = run_op(None, ref_args, kwargs, training, dy_keep=keep, activation=activation)
     low = dtype in (torch.bfloat16, torch.float16)
     assert_close("y", y, y_ref.to(y.dtype), dtype, scale_by_max=low)
     for name, grad in grads.items():
@@ -206,7 +209,7 @@ def compare_low_precision(backend: str, case: Case, dtype=torch.bfloat16, traini
 
 
 def gradcheck_backend(backend: str, case: Case, training=True, device="cpu", seed=0, fast_mode=False,
-                      gate: str = "softmax"):
+                      gate: str = "softmax", activation: str = "relu"):
     """float64 gradcheck of every differentiable input through ``backend``.
 
     ``fast_mode`` checks v^T J u on random directions instead of the full Jacobian (for the slow interpreter).
@@ -221,7 +224,7 @@ def gradcheck_backend(backend: str, case: Case, training=True, device="cpu", see
         for i, t in zip(positions, inputs):
             full[i] = t
         return fastblock.mixed_conv_bn_relu(*full, rm.clone(), rv.clone(), training=training, backend=backend,
-                                            **kwargs)
+                                            activation=activation, **kwargs)
 
     assert torch.autograd.gradcheck(fn, diff, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=fast_mode)
 

@@ -66,11 +66,11 @@ def test_a_fourth_backend_is_one_module_and_one_registry_entry():
 
     import torch.nn.functional as F
 
-    from fastblock.reference import gated_conv_reference
+    from fastblock.reference import ACTIVATIONS, gated_conv_reference
     from helpers import compare_with_reference
 
     def forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward):
+                use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward, activation="relu"):
         z = gated_conv_reference(x, gates, weight, bias, stride, (pad_h, pad_w))
         if use_batch_stats:
             mean, var = z.mean((0, 2, 3)), z.var((0, 2, 3), unbiased=False)
@@ -81,11 +81,12 @@ def test_a_fourth_backend_is_one_module_and_one_registry_entry():
         else:
             mean, var = running_mean.clone(), running_var
         invstd = torch.rsqrt(var + eps)
-        y = F.relu((z - mean[:, None, None]) * (invstd * bn_weight)[:, None, None] + bn_bias[:, None, None])
+        y = ACTIVATIONS[activation]((z - mean[:, None, None]) * (invstd * bn_weight)[:, None, None]
+                                    + bn_bias[:, None, None])
         return y, (z if save_for_backward else x.new_empty((0,))), mean, invstd
 
     def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride,
-                 pad_h, pad_w, need_dx=True, need_dgates=True):
+                 pad_h, pad_w, need_dx=True, need_dgates=True, activation="relu"):
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(True) for t in (x, gates, weight, bias, bn_weight, bn_bias)]
             zz = gated_conv_reference(*leaves[:4], stride, (pad_h, pad_w))
@@ -93,7 +94,7 @@ def test_a_fourth_backend_is_one_module_and_one_registry_entry():
                 normed = F.batch_norm(zz, None, None, leaves[4], leaves[5], training=True, eps=1e-5)
             else:
                 normed = (zz - mean[:, None, None]) * (invstd * leaves[4])[:, None, None] + leaves[5][:, None, None]
-            dx, dgates, *rest = torch.autograd.grad(F.relu(normed), leaves, dy)
+            dx, dgates, *rest = torch.autograd.grad(ACTIVATIONS[activation](normed), leaves, dy)
         return (dx if need_dx else x.new_empty((0,)), dgates if need_dgates else gates.new_empty((0,)), *rest)
 
     toy = types.SimpleNamespace(status=lambda device_type: fastblock.BackendStatus(True, "toy: the reference"),
@@ -105,6 +106,7 @@ def test_a_fourth_backend_is_one_module_and_one_registry_entry():
         assert resolve_backend("auto", "cpu") != "toy"  # never picked by auto (auto_devices=())
         compare_with_reference("toy", Case(2, 3, 4, 5, 5, k=2), torch.float64, training=True)
         compare_with_reference("toy", Case(2, 3, 4, 5, 5, k=2, stride=2), torch.float64, training=False)
+        compare_with_reference("toy", Case(2, 3, 4, 5, 5, k=2), torch.float64, training=True, activation="gelu")
         block = fastblock.Block(3, 4, num_convs=2, backend="toy").double()
         reference = fastblock.Block(3, 4, num_convs=2, backend="reference").double()
         reference.load_state_dict(block.state_dict())
@@ -248,8 +250,9 @@ def test_backward_op_passes_opcheck(backend, layout, needs):
         assert not weight.is_contiguous() and not gates.is_contiguous()
     y, z, mean, invstd = torch.ops.fastblock.mixed_conv_bn_relu_fwd(x, gates, weight, bias, gw, gb, rm.clone(),
                                                                     rv.clone(), True, 0.1, 1e-5, 1, 1, 1, True,
-                                                                    backend)
+                                                                    "relu", backend)
     dy = torch.randn_like(y)
     torch.library.opcheck(torch.ops.fastblock.mixed_conv_bn_relu_bwd.default,
-                          (dy, x, gates, weight, bias, gw, gb, z, mean, invstd, True, 1, 1, 1, *needs, backend),
+                          (dy, x, gates, weight, bias, gw, gb, z, mean, invstd, True, 1, 1, 1, *needs, "relu",
+                           backend),
                           test_utils=("test_schema", "test_faketensor"))

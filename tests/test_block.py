@@ -9,9 +9,12 @@ from fastblock import Block
 FUSED = [name for name in fastblock.backend_names() if fastblock.get_backend(name).fused]
 
 
-def test_k1_block_equals_conv_bn_relu():
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("backend", ["reference", *(n for n in FUSED if fastblock.available_backends("cpu")[n].available
+                                                    and n != "triton")])
+def test_k1_block_equals_conv_bn_activation(activation, backend):
     torch.manual_seed(1)
-    block = Block(3, 5, num_convs=1, kernel_size=3, stride=2, backend="reference").double()
+    block = Block(3, 5, num_convs=1, kernel_size=3, stride=2, activation=activation, backend=backend).double()
     conv = nn.Conv2d(3, 5, 3, stride=2, padding=1).double()
     bn = nn.BatchNorm2d(5).double()
     with torch.no_grad():
@@ -25,9 +28,18 @@ def test_k1_block_equals_conv_bn_relu():
     for training in (True, False):
         block.train(training)
         bn.train(training)
-        torch.testing.assert_close(block(x), torch.relu(bn(conv(x))), atol=1e-12, rtol=1e-12)
+        act = nn.GELU() if activation == "gelu" else nn.ReLU()
+        torch.testing.assert_close(block(x), act(bn(conv(x))), atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(block.bn.running_var, bn.running_var)
     assert int(block.bn.num_batches_tracked) == int(bn.num_batches_tracked) == 1
+
+
+def test_block_rejects_an_unknown_activation():
+    with pytest.raises(ValueError, match="activation must be one of"):
+        Block(3, 5, activation="tanh")
+    x, gates, weight = torch.randn(1, 3, 4, 4), torch.ones(1, 1), torch.randn(1, 5, 3, 3, 3)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        fastblock.mixed_conv_bn_relu(x, gates, weight, activation="silu")
 
 
 def test_block_init_matches_conv2d_bounds():

@@ -40,6 +40,39 @@ def test_extension_bf16_cpu():
     compare_with_reference("extension", Case(4, 8, 8, 6, 6, k=3), torch.bfloat16, training=True)
 
 
+@pytest.mark.parametrize("case", SHAPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_extension_gelu_matches_reference(case, training, dtype, schedule):
+    """activation="gelu": the forward (and eval mode's folded path), all gradients and the statistics."""
+    compare_with_reference("extension", case, dtype, training=training, seed=stable_seed(case, training) % 989,
+                           activation="gelu")
+
+
+@pytest.mark.parametrize("case", SHAPES[:5], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_extension_gelu_gradcheck_fp64(case, training, schedule):
+    gradcheck_backend("extension", case, training=training, activation="gelu")
+
+
+def test_extension_gelu_bf16_cpu():
+    compare_with_reference("extension", Case(4, 8, 8, 6, 6, k=3, channels_last=True), torch.bfloat16, training=True,
+                           activation="gelu")
+
+
+def test_extension_gelu_inference_fold():
+    """Eval mode without autograd folds BatchNorm into the convolution and applies the activation in place."""
+    args, kwargs = make_inputs(Case(2, 3, 5, 6, 6, k=2), torch.float64, requires_grad=False)
+    with torch.no_grad():
+        for activation in ("relu", "gelu"):
+            y = fastblock.mixed_conv_bn_relu(*args, training=False, backend="extension", activation=activation,
+                                             **kwargs)
+            y_ref = fastblock.mixed_conv_bn_relu(*args, training=False, backend="reference", activation=activation,
+                                                 **kwargs)
+            torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-9)
+            assert (y < 0).any() == (activation == "gelu")
+
+
 @pytest.mark.parametrize("gate", ["softmax", "sigmoid"])  # with K=1 softmax gates are exactly 1, sigmoid's are not
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -170,11 +203,12 @@ def test_extension_ops_pass_opcheck(layout, forced):
     x = x.contiguous(memory_format=layout)
     code = {None: -1, "mix": 0, "concat": 1}[forced]
     torch.library.opcheck(torch.ops.fastblock_ext.forward.default,
-                          (x, gates, weight, bias, gw, gb, rm, rv, True, 0.1, 1e-5, 1, 1, 1, True, code),
+                          (x, gates, weight, bias, gw, gb, rm, rv, True, 0.1, 1e-5, 1, 1, 1, True, 0, code),
                           test_utils=("test_schema", "test_faketensor"))
     with fastblock.force_schedule(forced):
         torch.library.opcheck(torch.ops.fastblock.mixed_conv_bn_relu_fwd.default,
-                              (x, gates, weight, bias, gw, gb, rm, rv, True, 0.1, 1e-5, 1, 1, 1, True, "extension"),
+                              (x, gates, weight, bias, gw, gb, rm, rv, True, 0.1, 1e-5, 1, 1, 1, True, "relu",
+                               "extension"),
                               test_utils=("test_schema", "test_faketensor"))
 
 
@@ -230,9 +264,9 @@ def test_extension_channels_last_layouts(schedule):
     x, gates, weight, bias, gw, gb, rm, rv = args
     xl = x.contiguous(memory_format=torch.channels_last)
     y, z, _, _ = torch.ops.fastblock_ext.forward(xl, gates, weight, bias, gw, gb, rm.clone(), rv.clone(), True, 0.1,
-                                                 1e-5, 1, 1, 1, True, schedule)
+                                                 1e-5, 1, 1, 1, True, 0, schedule)
     y0, z0, _, _ = torch.ops.fastblock_ext.forward(x, gates, weight, bias, gw, gb, rm.clone(), rv.clone(), True, 0.1,
-                                                   1e-5, 1, 1, 1, True, schedule)
+                                                   1e-5, 1, 1, 1, True, 0, schedule)
     for t in (y, z):
         assert t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
     torch.testing.assert_close(y, y0, atol=1e-5, rtol=1e-5)
@@ -241,10 +275,10 @@ def test_extension_channels_last_layouts(schedule):
     grads = torch.ops.fastblock_ext.backward(dy.contiguous(memory_format=torch.channels_last), xl, gates, weight,
                                              bias, gw, gb, z, *torch.ops.fastblock_ext.forward(
                                                  xl, gates, weight, bias, gw, gb, None, None, True, 0.1, 1e-5, 1, 1,
-                                                 1, True, schedule)[2:], True, 1, 1, 1, schedule)
+                                                 1, True, 0, schedule)[2:], True, 1, 1, 1, 0, schedule)
     grads0 = torch.ops.fastblock_ext.backward(dy, x, gates, weight, bias, gw, gb, z0, *torch.ops.fastblock_ext.forward(
-        x, gates, weight, bias, gw, gb, None, None, True, 0.1, 1e-5, 1, 1, 1, True, schedule)[2:], True, 1, 1, 1,
-        schedule)
+        x, gates, weight, bias, gw, gb, None, None, True, 0.1, 1e-5, 1, 1, 1, True, 0, schedule)[2:], True, 1, 1, 1,
+        0, schedule)
     assert grads[0].is_contiguous(memory_format=torch.channels_last)
     for a, b in zip(grads, grads0):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

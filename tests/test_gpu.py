@@ -52,13 +52,23 @@ def test_gpu_matches_reference_16bit(backend, dtype, case, training):
 
 
 @pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("case", [GPU_SHAPES[0], GPU_SHAPES[5]], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gpu_gelu_matches_reference_fp32(backend, case, training):
+    _require(backend)
+    compare_with_reference(backend, case, torch.float32, device="cuda", training=training, seed=13,
+                           reference_dtype=torch.float64, activation="gelu")
+
+
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("case", [Case(3, 4, 5, 7, 6, k=3), Case(2, 3, 3, 5, 5, k=1, stride=2, channels_last=True)],
                          ids=str)
-def test_gpu_gradcheck_fp64(backend, case):
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_gpu_gradcheck_fp64(backend, case, activation):
     _require(backend)
     from helpers import gradcheck_backend
 
-    gradcheck_backend(backend, case, training=True, device="cuda")
+    gradcheck_backend(backend, case, training=True, device="cuda", activation=activation)
 
 
 @pytest.mark.parametrize("backend", FUSED)

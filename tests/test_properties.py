@@ -65,6 +65,7 @@ class Problem:
     affine: bool
     stats: bool
     schedule: Optional[str]
+    activation: str
     layouts: tuple  # one per ARG_NAMES entry
     poison: Optional[tuple]  # (argument name, flat position seed, value) or None
     seed: int
@@ -92,6 +93,7 @@ def problems(draw):
         stride=stride, dtype=draw(st.sampled_from((torch.float64, torch.float32))),
         training=draw(st.booleans()), has_bias=draw(st.booleans()), affine=draw(st.booleans()),
         stats=draw(st.booleans()), schedule=draw(st.sampled_from((None, "mix", "concat"))),
+        activation=draw(st.sampled_from(("relu", "gelu"))),
         layouts=tuple(layouts), poison=poison, seed=draw(st.integers(0, 2 ** 31 - 1)))
 
 
@@ -168,7 +170,7 @@ def _run(backend: str, p: Problem, reference_in_float64: bool = False):
     with fastblock.force_schedule(p.schedule):
         y = fastblock.mixed_conv_bn_relu(
             *(args[n] for n in ARG_NAMES), training=p.training, momentum=0.1, eps=1e-5, stride=p.stride,
-            padding=p.ksize // 2, backend=backend)
+            padding=p.ksize // 2, backend=backend, activation=p.activation)
         dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(p.seed + 1), dtype=torch.float64)
         y.backward(dy.to(y.dtype))
     grads = {n: leaves[n].grad for n in ARG_NAMES[:6] if leaves[n] is not None}

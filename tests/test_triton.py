@@ -29,6 +29,19 @@ def test_triton_matches_reference_fp64(case, training, schedule):
     compare_with_reference("triton", case, torch.float64, training=training, seed=7)
 
 
+@pytest.mark.parametrize("case", [SHAPES[0], SHAPES[1], SHAPES[4]], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_triton_gelu_matches_reference(case, training, schedule):
+    """activation="gelu": the normalise kernel, the eval epilogue and both backward kernels."""
+    compare_with_reference("triton", case, torch.float32, training=training, seed=stable_seed(case, training) % 983,
+                           activation="gelu")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_triton_gelu_gradcheck_fp64(training, schedule):
+    gradcheck_backend("triton", Case(2, 2, 3, 4, 3, k=2), training=training, fast_mode=True, activation="gelu")
+
+
 @pytest.mark.parametrize("frozen", [("x",), ("gates",), ("x", "gates")], ids="+".join)
 def test_triton_skips_gradients_nobody_wants(frozen, schedule):
     """An input or gates that do not require grad get none (the dx kernel is not launched for x); the other
@@ -102,14 +115,19 @@ def test_aot_check_records_the_launchers_real_launches():
     launches = aot_check.capture_launches({"bf16": torch.bfloat16}, stages=((64, 8), (128, 4)), batch=8)
     names = {launch.name for launch in launches}
     assert names == {"mixed_conv_fwd_kernel", "mixed_conv_dx_kernel", "mixed_conv_dweight_kernel",
-                     "bn_stats_finalize_kernel", "bn_relu_normalize_kernel", "bn_relu_bwd_reduce_kernel",
-                     "sum_rows_kernel", "bn_relu_bwd_dz_kernel"}
+                     "bn_stats_finalize_kernel", "bn_act_normalize_kernel", "bn_act_bwd_reduce_kernel",
+                     "sum_rows_kernel", "bn_act_bwd_dz_kernel"}
     fwd = [launch for launch in launches if launch.name == "mixed_conv_fwd_kernel"]
     gpu_cfg = configs.conv_config(64, 64, torch.bfloat16, interp=False)
     assert any(launch.kwargs["BLOCK_M"] == gpu_cfg["BLOCK_M"] and launch.kwargs["num_warps"] == gpu_cfg["num_warps"]
                for launch in fwd)
     assert {launch.kwargs["EVAL"] for launch in fwd} == {True, False}
     assert all(launch.where for launch in launches)
+    # GELU's kernels too (at the first stage): the eval epilogue, the normalise and both backward kernels
+    gelu = {launch.name for launch in launches if launch.kwargs.get("GELU")}
+    assert gelu == {"mixed_conv_fwd_kernel", "bn_act_normalize_kernel", "bn_act_bwd_reduce_kernel",
+                    "bn_act_bwd_dz_kernel"}
+    assert not any(launch.kwargs.get("GELU") and not launch.kwargs["EVAL"] for launch in fwd)
 
 
 def test_launches_run_on_the_tensors_gpu(monkeypatch):

@@ -66,32 +66,50 @@ def _channel_of(offs, C, HW, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def bn_relu_normalize_kernel(
+def activate(v, GELU: tl.constexpr):
+    """The activation after BatchNorm: ReLU, or GELU with the exact (erf) normal CDF as F.gelu."""
+    if GELU:
+        return v * 0.5 * (1.0 + tl.erf(v * 0.7071067811865476))
+    return tl.where(v < 0.0, 0.0, v)  # ReLU that keeps NaN, as torch.relu does (tl.maximum drops it)
+
+
+@triton.jit
+def activation_grad(u, dy, GELU: tl.constexpr):
+    """dy * act'(u); GELU's derivative Phi(u) + u * phi(u) as torch's GELU backward writes it."""
+    if GELU:
+        cdf = 0.5 * (1.0 + tl.erf(u * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * u * u) * 0.3989422804014327
+        return dy * (cdf + u * pdf)
+    return tl.where(u <= 0.0, 0.0, dy)  # torch's ReLU mask is "not <= 0": a NaN passes the gradient
+
+
+@triton.jit
+def bn_act_normalize_kernel(
     z_ptr, y_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
     numel, C, HW,
-    CHANNELS_LAST: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    GELU: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """y = relu((z - mean) * invstd * gamma + beta). Bytes: read z, write y (per-channel vectors stay in cache)."""
+    """y = act((z - mean) * invstd * gamma + beta), act = ReLU or GELU. Bytes: read z, write y (per-channel vectors
+    stay in cache)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
     c = _channel_of(offs, C, HW, CHANNELS_LAST)
     z = tl.load(z_ptr + offs, mask=ok, other=0.0).to(ACC_DTYPE)
     scale = tl.load(invstd_ptr + c, mask=ok, other=0.0).to(ACC_DTYPE) * tl.load(gamma_ptr + c, mask=ok, other=0.0)
     shift = tl.load(beta_ptr + c, mask=ok, other=0.0) - tl.load(mean_ptr + c, mask=ok, other=0.0) * scale
-    v = z * scale + shift
-    y = tl.where(v < 0.0, 0.0, v)  # ReLU that keeps NaN, as torch.relu does (tl.maximum drops it)
+    y = activate(z * scale + shift, GELU)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def bn_relu_bwd_reduce_kernel(
+def bn_act_bwd_reduce_kernel(
     dy_ptr, z_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
     part_g_ptr, part_gx_ptr,                 # [T, C]: per row tile, sum g and sum g * xhat
     M, C, HW, srow_n, srow_hw, sc,           # rows m = n*HW + p; offset = n*srow_n + p*srow_hw + c*sc
-    ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    GELU: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Partial sums of g = dy * [y > 0] and g * xhat per (row tile, channel); the ReLU mask is recomputed
-    from z, so y need not be saved. Bytes: read dy and z once; write 2*T*C partials."""
+    """Partial sums of g = dy * act'(u) (ReLU: dy * [u > 0]) and g * xhat per (row tile, channel); u is
+    recomputed from z, so y need not be saved. Bytes: read dy and z once; write 2*T*C partials."""
     pid_r = tl.program_id(0)
     rows = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -106,8 +124,7 @@ def bn_relu_bwd_reduce_kernel(
     z = tl.load(z_ptr + off, mask=mask, other=0.0).to(ACC_DTYPE)
     dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(ACC_DTYPE)
     xhat = (z - mean[None, :]) * invstd[None, :]
-    # torch's ReLU mask is "not <= 0": a NaN passes the gradient
-    g = tl.where(mask & ~(xhat * gamma[None, :] + beta[None, :] <= 0), dy, 0.0)
+    g = tl.where(mask, activation_grad(xhat * gamma[None, :] + beta[None, :], dy, GELU), 0.0)
     part = pid_r.to(tl.int64) * C + c
     tl.store(part_g_ptr + part, tl.sum(g, axis=0), mask=c_ok)
     tl.store(part_gx_ptr + part, tl.sum(g * xhat, axis=0), mask=c_ok)
@@ -128,12 +145,13 @@ def sum_rows_kernel(part_ptr, out_ptr, T, C, ACC_DTYPE: tl.constexpr, BLOCK_T: t
 
 
 @triton.jit
-def bn_relu_bwd_dz_kernel(
+def bn_act_bwd_dz_kernel(
     dy_ptr, z_ptr, dz_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, sum_g_ptr, sum_gx_ptr,
     numel, C, HW, inv_count,
-    BATCH_STATS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    GELU: tl.constexpr, BATCH_STATS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    """dz = gamma*invstd * (g - [batch stats] (sum_g + xhat * sum_gx) / count), g = dy * [y > 0].
+    """dz = gamma*invstd * (g - [batch stats] (sum_g + xhat * sum_gx) / count), g = dy * act'(u).
     Bytes: read dy and z, write dz."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
@@ -145,7 +163,7 @@ def bn_relu_bwd_dz_kernel(
     z = tl.load(z_ptr + offs, mask=ok, other=0.0).to(ACC_DTYPE)
     dy = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(ACC_DTYPE)
     xhat = (z - mean) * invstd
-    g = tl.where(xhat * gamma + beta <= 0, 0.0, dy)
+    g = activation_grad(xhat * gamma + beta, dy, GELU)
     if BATCH_STATS:
         sum_g = tl.load(sum_g_ptr + c, mask=ok, other=0.0).to(ACC_DTYPE)
         sum_gx = tl.load(sum_gx_ptr + c, mask=ok, other=0.0).to(ACC_DTYPE)

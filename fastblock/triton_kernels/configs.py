@@ -22,7 +22,7 @@ ELEMENTWISE_BLOCK = 1024
 
 
 def bn_reduce_tile(interp: bool) -> tuple[int, int]:
-    """(BLOCK_R rows, BLOCK_C channels) of bn_relu_bwd_reduce_kernel."""
+    """(BLOCK_R rows, BLOCK_C channels) of bn_act_bwd_reduce_kernel."""
     return (INTERPRETER_TILE, INTERPRETER_TILE) if interp else (64, 64)
 
 

@@ -19,6 +19,8 @@ bounds of a tap are computed once per tap and not per element. All offsets are i
 import triton
 import triton.language as tl
 
+from .batchnorm import activate
+
 
 @triton.jit
 def _row_tile(pid_m, N, P, BLOCK_M: tl.constexpr, MIX: tl.constexpr):
@@ -80,17 +82,18 @@ def mixed_conv_fwd_kernel(
     x_ptr, gates_ptr, w_ptr, b_ptr,        # w_ptr: weights permuted to [K, KH, KW, Cin, Cout] (contiguous)
     out_ptr, z_ptr,                        # EVAL: out = y (and z if STORE_Z); training: out = z
     part_mean_ptr, part_m2_ptr,            # training: per-(row tile, channel) mean and M2 of z, [tiles, Cout]
-    scale_ptr, shift_ptr,                  # EVAL: BatchNorm folded to y = relu(z * scale + shift)
+    scale_ptr, shift_ptr,                  # EVAL: BatchNorm folded to y = act(z * scale + shift)
     N, Cin, H, W, Cout, Ho, Wo,
     sxn, sxc, sxh, sxw,
     son, soc, soh, sow,
     stride, pad_h, pad_w,
     KH: tl.constexpr, KW: tl.constexpr, NUM_CONVS: tl.constexpr,
-    MIX: tl.constexpr, EVAL: tl.constexpr, STORE_Z: tl.constexpr,
+    MIX: tl.constexpr, EVAL: tl.constexpr, STORE_Z: tl.constexpr, GELU: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """z = sum_k a[n,k] (conv(x, W_k) + b_k); then either the BatchNorm-ReLU epilogue (EVAL) or z + tile stats.
+    """z = sum_k a[n,k] (conv(x, W_k) + b_k); then either the BatchNorm-activation epilogue (EVAL: ReLU, or GELU
+    when GELU) or z + tile stats.
 
     Training epilogue: per row tile and channel, the tile mean and the sum of squared deviations from it
     (M2). The finalize kernel merges them in a fixed order (Chan et al.), so statistics are deterministic and
@@ -156,8 +159,7 @@ def mixed_conv_fwd_kernel(
     if EVAL:
         scale = tl.load(scale_ptr + co, mask=co_valid, other=0.0).to(ACC_DTYPE)
         shift = tl.load(shift_ptr + co, mask=co_valid, other=0.0).to(ACC_DTYPE)
-        v = acc * scale[None, :] + shift[None, :]
-        y = tl.where(v < 0.0, 0.0, v)  # ReLU that keeps NaN, as torch.relu does (tl.maximum drops it)
+        y = activate(acc * scale[None, :] + shift[None, :], GELU)
         tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=valid)
         if STORE_Z:
             tl.store(z_ptr + out_off, acc.to(z_ptr.dtype.element_ty), mask=valid)
