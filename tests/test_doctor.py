@@ -25,8 +25,8 @@ def test_doctor_fails_on_a_wrong_backend(capsys):
         pytest.skip("needs the extension as the backend to wrap")
     real = ext.module()
 
-    def wrong_backward(*args):
-        dx, *rest = real.backward(*args)
+    def wrong_backward(*args, **kwargs):
+        dx, *rest = real.backward(*args, **kwargs)
         return (dx * 2, *rest)
 
     broken = types.SimpleNamespace(status=real.status, forward=real.forward, backward=wrong_backward)
