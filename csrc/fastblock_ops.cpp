@@ -384,11 +384,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // BatchNorm + activation backward: two reductions over (N, H, W), then dz and its per-sample channel sums.
   auto sum_g = at::empty({cout}, x.options().dtype(sdt));
   auto sum_gx = at::empty({cout}, x.options().dtype(sdt));
-  { FASTBLOCK_PROFILE("bn_act_bwd_reduce"); kern.bn_act_bwd_reduce(dyc, zc, mean_c, invstd_c, gamma, beta, activation, sum_g, sum_gx); }
+  {
+    FASTBLOCK_PROFILE("bn_act_bwd_reduce");
+    kern.bn_act_bwd_reduce(dyc, zc, mean_c, invstd_c, gamma, beta, activation, sum_g, sum_gx);
+  }
   auto dz = at::empty_like(zc);
   auto dz_sum = at::empty({n, cout}, x.options().dtype(sdt));
-  { FASTBLOCK_PROFILE("bn_act_bwd_dz"); kern.bn_act_bwd_dz(dyc, zc, mean_c, invstd_c, gamma, beta, activation, sum_g, sum_gx, use_batch_stats, dz,
-                                                  dz_sum); }
+  {
+    FASTBLOCK_PROFILE("bn_act_bwd_dz");
+    kern.bn_act_bwd_dz(dyc, zc, mean_c, invstd_c, gamma, beta, activation, sum_g, sum_gx, use_batch_stats, dz, dz_sum);
+  }
 
   at::Tensor dx;
   const bool concat = use_concat(schedule, k, ho, wo, layout);

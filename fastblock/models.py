@@ -134,8 +134,8 @@ class PatchWhitening(nn.Module):
 class AirBlockNet(nn.Module):
     """A speed-run CIFAR-10 network built from gated Blocks: patch whitening, then three stages of
     Block -> 2x2 max-pool -> Block (widths ``widths``, K = ``num_convs`` per Block, ending in ``activation``), global
-    max-pool and a bias-free linear head with scaled logits. The layer plan of the public plain-convolution speed-runs (airbench), with
-    every conv+BN+activation a fused, gated Block."""
+    max-pool and a bias-free linear head with scaled logits. The layer plan of the public plain-convolution
+    speed-runs (airbench), with every conv+BN+activation a fused, gated Block."""
 
     def __init__(self, widths: Sequence[int] = (64, 256, 256), num_convs: Union[int, Sequence[int]] = 2,
                  num_classes: int = 10, logit_scale: float = 1 / 9, downsample: str = "pool",
