@@ -213,7 +213,8 @@ def test_double_backward_matches_reference(backend, training, loss):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_double_backward_gradgradcheck(backend):
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_double_backward_gradgradcheck(backend, activation):
     """gradgradcheck of the op itself in float64 (every input, second order)."""
     if not fastblock.available_backends("cpu")[backend].available:
         pytest.skip(f"{backend} unavailable: {fastblock.available_backends('cpu')[backend].reason}")
@@ -224,6 +225,6 @@ def test_double_backward_gradgradcheck(backend):
 
     def fn(*inputs):
         return fastblock.mixed_conv_bn_relu(*inputs, rm.clone(), rv.clone(), training=True, backend=backend,
-                                            **kwargs)
+                                            activation=activation, **kwargs)
 
     assert torch.autograd.gradgradcheck(fn, args[:6], atol=1e-6, rtol=1e-5, fast_mode=True)
