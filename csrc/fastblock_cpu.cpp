@@ -269,9 +269,23 @@ struct GeluAct {
   template <typename T>
   static at::vec::Vectorized<T> grad_vec(const at::vec::Vectorized<T>& u, const at::vec::Vectorized<T>& dy) {
     using Vec = at::vec::Vectorized<T>;
-    const Vec cdf = Vec(T(0.5)) * (Vec(T(1)) + (u * Vec(T(kSqrtHalf))).erf());
-    const Vec pdf = (Vec(T(-0.5)) * u * u).exp() * Vec(T(kInvSqrt2Pi));
-    return dy * (cdf + u * pdf);
+    const Vec gauss = (Vec(T(-0.5)) * u * u).exp();  // exp(-u^2 / 2)
+    Vec cdf;
+    if constexpr (std::is_same_v<T, float>) {
+      // float: erf(x) = sign(x) (1 - p(t) exp(-x^2)), t = 1 / (1 + 0.3275911 |x|) (Abramowitz & Stegun 7.1.26,
+      // |error| < 1.5e-7: the form ATen's own vectorised float erf takes). At x = u / sqrt(2), exp(-x^2) is the
+      // pdf's exponential, so one exp serves both -- the exp is what the backward passes spend their time on.
+      const Vec t = Vec(1.f) / at::vec::fmadd(Vec(0.3275911f), (u * Vec(float(kSqrtHalf))).abs(), Vec(1.f));
+      Vec p = at::vec::fmadd(Vec(1.061405429f), t, Vec(-1.453152027f));
+      p = at::vec::fmadd(p, t, Vec(1.421413741f));
+      p = at::vec::fmadd(p, t, Vec(-0.284496736f));
+      p = at::vec::fmadd(p, t, Vec(0.254829592f));
+      const Vec tail = Vec(0.5f) * p * t * gauss;  // Phi(-|u|)
+      cdf = Vec::blendv(Vec(1.f) - tail, tail, u < Vec(0.f));
+    } else {
+      cdf = Vec(T(0.5)) * (Vec(T(1)) + (u * Vec(T(kSqrtHalf))).erf());
+    }
+    return dy * (cdf + u * gauss * Vec(T(kInvSqrt2Pi)));
   }
 };
 
