@@ -15,6 +15,18 @@ constexpr int64_t kMaxConvs = 16;  // K is held in registers / stack arrays by t
 
 // The activation after BatchNorm (the ops' `activation` argument): ReLU, or the exact (erf) GELU of F.gelu.
 constexpr int64_t kActRelu = 0, kActGelu = 1;
+constexpr double kSqrtHalf = 0.70710678118654752440, kInvSqrt2Pi = 0.39894228040143267794;  // GELU's constants
+
+// Calls f(Gelu{}) or f(Relu{}) for an activation code: the CPU and CUDA kernels each pass their own functors (host
+// Vectorized code / device code) and take the one they get as a template argument.
+template <typename Relu, typename Gelu, typename F>
+void with_activation(int64_t activation, const F& f) {
+  if (activation == kActGelu) {
+    f(Gelu{});
+  } else {
+    f(Relu{});
+  }
+}
 
 // Conventions: big tensors are NCHW-contiguous (or, where channels_last says so, channels-last) in the data dtype ("scalar"); small per-channel / per-sample
 // tensors are in the statistics dtype ("acc": float32, or float64 for float64 data).

@@ -250,7 +250,6 @@ struct ReluAct {
 // GELU(u) = u * Phi(u) with the exact (erf) normal CDF, as F.gelu's default; its derivative Phi(u) + u * phi(u) is
 // written as torch's GELU backward writes it.
 struct GeluAct {
-  static constexpr double kSqrtHalf = 0.70710678118654752440, kInvSqrt2Pi = 0.39894228040143267794;
   template <typename T>
   static T one(T u) {
     return u * T(0.5) * (T(1) + std::erf(u * T(kSqrtHalf)));
@@ -288,15 +287,6 @@ struct GeluAct {
     return dy * (cdf + u * gauss * Vec(T(kInvSqrt2Pi)));
   }
 };
-
-template <typename F>
-void with_activation(int64_t activation, const F& f) {
-  if (activation == kActGelu) {
-    f(GeluAct{});
-  } else {
-    f(ReluAct{});
-  }
-}
 
 template <typename Act>
 void bn_act_apply_cpu(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& gamma,
@@ -1055,7 +1045,7 @@ void bn_stats_any(const at::Tensor& z, at::Tensor& mean, at::Tensor& invstd, at:
 
 void bn_act_apply_any(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
                       const at::Tensor& gamma, const at::Tensor& beta, int64_t activation, at::Tensor& y) {
-  with_activation(activation, [&](auto act) {
+  with_activation<ReluAct, GeluAct>(activation, [&](auto act) {
     using Act = decltype(act);
     (is_rows(z) ? bn_act_apply_rows<Act> : bn_act_apply_cpu<Act>)(z, mean, invstd, gamma, beta, y);
   });
@@ -1064,7 +1054,7 @@ void bn_act_apply_any(const at::Tensor& z, const at::Tensor& mean, const at::Ten
 void bn_act_bwd_reduce_any(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean,
                            const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta,
                            int64_t activation, at::Tensor& sum_g, at::Tensor& sum_gx) {
-  with_activation(activation, [&](auto act) {
+  with_activation<ReluAct, GeluAct>(activation, [&](auto act) {
     using Act = decltype(act);
     (is_rows(z) ? bn_act_bwd_reduce_rows<Act> : bn_act_bwd_reduce_cpu<Act>)(dy, z, mean, invstd, gamma, beta, sum_g,
                                                                              sum_gx);
@@ -1074,7 +1064,7 @@ void bn_act_bwd_reduce_any(const at::Tensor& dy, const at::Tensor& z, const at::
 void bn_act_bwd_dz_any(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
                        const at::Tensor& gamma, const at::Tensor& beta, int64_t activation, const at::Tensor& sum_g,
                        const at::Tensor& sum_gx, bool batch_stats, at::Tensor& dz, at::Tensor& dz_sum) {
-  with_activation(activation, [&](auto act) {
+  with_activation<ReluAct, GeluAct>(activation, [&](auto act) {
     using Act = decltype(act);
     (is_rows(z) ? bn_act_bwd_dz_rows<Act> : bn_act_bwd_dz_cpu<Act>)(dy, z, mean, invstd, gamma, beta, sum_g, sum_gx,
                                                                      batch_stats, dz, dz_sum);

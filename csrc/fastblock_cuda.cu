@@ -145,7 +145,6 @@ struct ReluAct {
 
 // GELU(u) = u * Phi(u), exact (erf) as F.gelu's default; its derivative Phi(u) + u * phi(u) as torch writes it.
 struct GeluAct {
-  static constexpr double kSqrtHalf = 0.70710678118654752440, kInvSqrt2Pi = 0.39894228040143267794;
   template <typename T>
   __device__ static T one(T u) {
     return u * T(0.5) * (T(1) + erf(u * T(kSqrtHalf)));
@@ -157,15 +156,6 @@ struct GeluAct {
     return dy * (cdf + u * pdf);
   }
 };
-
-template <typename F>
-void with_activation(int64_t activation, const F& f) {
-  if (activation == kActGelu) {
-    f(GeluAct{});
-  } else {
-    f(ReluAct{});
-  }
-}
 
 template <typename Act, typename data_t, typename acc_t>
 __global__ void bn_act_apply_kernel(const data_t* __restrict__ z, const acc_t* __restrict__ mean,
@@ -369,7 +359,7 @@ void bn_act_apply_cuda(const at::Tensor& z, const at::Tensor& mean, const at::Te
                        const at::Tensor& gamma, const at::Tensor& beta, int64_t activation, at::Tensor& y) {
   const int64_t c = z.size(1), hw = z.size(2) * z.size(3);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  with_activation(activation, [&](auto act) {
+  with_activation<ReluAct, GeluAct>(activation, [&](auto act) {
     using Act = decltype(act);
     FASTBLOCK_DISPATCH(z.scalar_type(), "fastblock_bn_apply_cuda", [&] {
       using data_t = scalar_t;
@@ -388,7 +378,7 @@ void bn_act_bwd_reduce_cuda(const at::Tensor& dy, const at::Tensor& z, const at:
   const int64_t n = z.size(0), c = z.size(1), hw = z.size(2) * z.size(3), splits = splits_for(n * hw);
   auto stream = c10::cuda::getCurrentCUDAStream();
   auto part_g = at::empty({c, splits}, sum_g.options()), part_gx = at::empty({c, splits}, sum_g.options());
-  with_activation(activation, [&](auto act) {
+  with_activation<ReluAct, GeluAct>(activation, [&](auto act) {
     using Act = decltype(act);
     FASTBLOCK_DISPATCH(z.scalar_type(), "fastblock_bn_bwd_reduce_cuda", [&] {
       using data_t = scalar_t;
@@ -411,7 +401,7 @@ void bn_act_bwd_dz_cuda(const at::Tensor& dy, const at::Tensor& z, const at::Ten
                         const at::Tensor& sum_gx, bool batch_stats, at::Tensor& dz, at::Tensor& dz_sum) {
   const int64_t n = z.size(0), c = z.size(1), hw = z.size(2) * z.size(3);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  with_activation(activation, [&](auto act) {
+  with_activation<ReluAct, GeluAct>(activation, [&](auto act) {
     using Act = decltype(act);
     FASTBLOCK_DISPATCH(z.scalar_type(), "fastblock_bn_bwd_dz_cuda", [&] {
       using data_t = scalar_t;
