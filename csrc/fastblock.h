@@ -97,13 +97,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const at::Tensor& bias, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
     const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
     bool use_batch_stats, double momentum, double eps, int64_t stride, int64_t pad_h, int64_t pad_w,
-    bool save_for_backward, int64_t activation, int64_t schedule);
+    bool save_for_backward, int64_t activation, bool pool, int64_t schedule);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const DeviceKernels& kern, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gates,
     const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
     const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd, bool use_batch_stats, int64_t stride,
-    int64_t pad_h, int64_t pad_w, int64_t activation, int64_t schedule, bool need_dx = true,
+    int64_t pad_h, int64_t pad_w, int64_t activation, bool pool, int64_t schedule, bool need_dx = true,
     bool need_dgates = true);
 
 // 2x2 / stride-2 max-pooling of CPU tensors (max_pool_cpu.cpp): (output, uint8 window position of each maximum --

@@ -464,20 +464,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& x, const at::Tensor& gates, const at::Tensor& weight, const at::Tensor& bias,
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, bool use_batch_stats, double momentum, double eps, int64_t stride,
-    int64_t pad_h, int64_t pad_w, bool save_for_backward, int64_t activation, int64_t schedule) {
+    int64_t pad_h, int64_t pad_w, bool save_for_backward, int64_t activation, bool pool, int64_t schedule) {
   const c10::cuda::CUDAGuard guard(x.device());
   return forward_impl(cuda_kernels(), x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                      use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward, activation, schedule);
+                      use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward, activation, pool,
+                      schedule);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gates, const at::Tensor& weight,
     const at::Tensor& bias, const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& z,
     const at::Tensor& mean, const at::Tensor& invstd, bool use_batch_stats, int64_t stride, int64_t pad_h,
-    int64_t pad_w, int64_t activation, int64_t schedule, bool need_dx, bool need_dgates) {
+    int64_t pad_w, int64_t activation, bool pool, int64_t schedule, bool need_dx, bool need_dgates) {
   const c10::cuda::CUDAGuard guard(x.device());
   return backward_impl(cuda_kernels(), dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd,
-                       use_batch_stats, stride, pad_h, pad_w, activation, schedule, need_dx, need_dgates);
+                       use_batch_stats, stride, pad_h, pad_w, activation, pool, schedule, need_dx, need_dgates);
 }
 
 }  // namespace

@@ -1,7 +1,7 @@
 // fastblock_ext::forward / fastblock_ext::backward: schemas, input checks, and the device-generic algorithm.
 //
 //   z[n] = conv(x[n], sum_k a[n,k] W_k) + sum_k a[n,k] b_k        (one grouped convolution, groups = samples)
-//   y    = relu(BN(z))
+//   y    = act(BN(z))  or, with pool,  act(BN(maxpool2x2(z)))       (act: ReLU or GELU)
 //
 // Memory (per call): the mixed kernels W_n [S, Cout, Cin, kh, kw] and, in backward, the per-sample weight
 // gradient G_n of the same size, are only ever held for a chunk of S samples, with S chosen so that one such
@@ -295,6 +295,27 @@ void gated_conv_backward(const DeviceKernels& kern, const at::Tensor& dz, const 
   }
 }
 
+// 2x2 / stride-2 max-pool of z, laid out like z, and (with_argmax) where each window's maximum was: on CPU the
+// extension's kernel (one byte per output), on CUDA ATen's (int64 indices). Both: the first maximum of a window in
+// row-major order, a NaN over any number (the window's last NaN) -- F.max_pool2d's choice.
+std::tuple<at::Tensor, at::Tensor> pool2x2(const at::Tensor& z, bool with_argmax) {
+  if (!z.is_cpu()) {
+    if (!with_argmax) return {at::max_pool2d(z, {2, 2}), at::Tensor()};
+    return at::max_pool2d_with_indices(z, {2, 2});
+  }
+  FASTBLOCK_PROFILE("max_pool2x2");
+  return max_pool2x2_forward_cpu(z, with_argmax);
+}
+
+// The gradient of z from that of its pool: each window's at its maximum, 0 elsewhere.
+at::Tensor unpool2x2(const at::Tensor& grad, const at::Tensor& z, const at::Tensor& argmax) {
+  if (!z.is_cpu()) {
+    return at::max_pool2d_with_indices_backward(grad, z, {2, 2}, {2, 2}, {0, 0}, {1, 1}, false, argmax);
+  }
+  FASTBLOCK_PROFILE("max_pool2x2_backward");
+  return max_pool2x2_backward_cpu(grad, argmax, z.size(2), z.size(3));
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
@@ -302,7 +323,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const at::Tensor& bias, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
     const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
     bool use_batch_stats, double momentum, double eps, int64_t stride, int64_t pad_h, int64_t pad_w,
-    bool save_for_backward, int64_t activation, int64_t schedule) {
+    bool save_for_backward, int64_t activation, bool pool, int64_t schedule) {
   check_common(x, gates, weight, bias, bn_weight, bn_bias, stride, pad_h, pad_w);
   check_activation(activation);
   TORCH_CHECK(running_mean.has_value() == running_var.has_value(),
@@ -324,8 +345,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     mean = running_mean->to(sdt, /*non_blocking=*/false, /*copy=*/true);
     invstd = (running_var->to(sdt) + eps).rsqrt();
   }
-  // Eval-mode inference folds BatchNorm into the mixed kernels and biases: the conv output is already BN(z).
-  const bool fold = !use_batch_stats && !save_for_backward;
+  if (pool) {
+    TORCH_CHECK(ho >= 2 && wo >= 2, "fastblock: pool needs a convolution output of at least 2x2, got ", ho, "x", wo);
+  }
+  // Eval-mode inference folds BatchNorm into the mixed kernels and biases: the conv output is already BN(z). (Not
+  // before a pool: a max commutes with BatchNorm's affine map only where its scale is >= 0.)
+  const bool fold = !use_batch_stats && !save_for_backward && !pool;
   if (fold) {
     scale = invstd * gamma;
     shift = beta - mean * scale;
@@ -338,6 +363,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     activation == kActGelu ? at::gelu_(z) : z.relu_();
     return {z.contiguous(fmt), at::empty({0}, x.options()), mean, invstd};
   }
+  // What BatchNorm normalises: z, or its 2x2 max-pool (the backward recomputes the pool's argmax from z).
+  const at::Tensor zn = pool ? std::get<0>(pool2x2(z, /*with_argmax=*/false)).contiguous(layout) : z;
   if (use_batch_stats) {
     mean = at::empty({cout}, x.options().dtype(sdt));
     invstd = at::empty({cout}, x.options().dtype(sdt));
@@ -346,15 +373,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       rm = running_mean->contiguous();
       rv = running_var->contiguous();
     }
-    { FASTBLOCK_PROFILE("bn_stats"); kern.bn_stats(z, mean, invstd, running_mean.has_value() ? &rm : nullptr,
+    { FASTBLOCK_PROFILE("bn_stats"); kern.bn_stats(zn, mean, invstd, running_mean.has_value() ? &rm : nullptr,
                   running_var.has_value() ? &rv : nullptr, momentum, eps); }
     if (running_mean.has_value()) {
       if (!rm.is_same(*running_mean)) running_mean->copy_(rm);
       if (!rv.is_same(*running_var)) running_var->copy_(rv);
     }
   }
-  auto y = at::empty_like(z);
-  { FASTBLOCK_PROFILE("bn_act_apply"); kern.bn_act_apply(z, mean, invstd, gamma, beta, activation, y); }
+  auto y = at::empty_like(zn);
+  { FASTBLOCK_PROFILE("bn_act_apply"); kern.bn_act_apply(zn, mean, invstd, gamma, beta, activation, y); }
   // The saved z: laid out like x where the kernels take channels-last (a copy only when the mixing schedule was
   // forced on a channels-last input), else NCHW (only this op's backward reads it)
   const auto z_saved = kern.channels_last ? z.contiguous(fmt) : z;
@@ -365,14 +392,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const DeviceKernels& kern, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gates,
     const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
     const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd, bool use_batch_stats, int64_t stride,
-    int64_t pad_h, int64_t pad_w, int64_t activation, int64_t schedule, bool need_dx, bool need_dgates) {
+    int64_t pad_h, int64_t pad_w, int64_t activation, bool pool, int64_t schedule, bool need_dx, bool need_dgates) {
   check_common(x, gates, weight, bias, bn_weight, bn_bias, stride, pad_h, pad_w);
   check_activation(activation);
-  TORCH_CHECK(z.dim() == 4 && dy.sizes() == z.sizes(), "fastblock: dy ", dy.sizes(), " must match z ", z.sizes());
+  TORCH_CHECK(z.dim() == 4, "fastblock: z must be 4-d, got ", z.sizes());
+  TORCH_CHECK(!pool || (z.size(2) >= 2 && z.size(3) >= 2), "fastblock: pool needs z of at least 2x2, got ", z.sizes());
   const auto sdt = stats_dtype(x);
   const auto fmt = x.suggest_memory_format();
   const auto layout = compute_layout(kern, x, schedule);
   const auto xc = x.contiguous(layout), zc = z.contiguous(layout);
+  // What BatchNorm normalised (zn): z, or its 2x2 max-pool, recomputed here with each window's argmax.
+  at::Tensor zn = zc, argmax;
+  if (pool) {
+    std::tie(zn, argmax) = pool2x2(zc, /*with_argmax=*/true);
+    zn = zn.contiguous(layout);
+  }
+  TORCH_CHECK(dy.sizes() == zn.sizes(), "fastblock: dy ", dy.sizes(), " must match the output ", zn.sizes());
   const auto dyc = dy.contiguous(layout).to(z.scalar_type());
   const int64_t n = x.size(0), cin = x.size(1), h = x.size(2), w = x.size(3);
   const int64_t k = weight.size(0), cout = weight.size(1), kh = weight.size(3), kw = weight.size(4);
@@ -386,14 +421,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto sum_gx = at::empty({cout}, x.options().dtype(sdt));
   {
     FASTBLOCK_PROFILE("bn_act_bwd_reduce");
-    kern.bn_act_bwd_reduce(dyc, zc, mean_c, invstd_c, gamma, beta, activation, sum_g, sum_gx);
+    kern.bn_act_bwd_reduce(dyc, zn, mean_c, invstd_c, gamma, beta, activation, sum_g, sum_gx);
   }
-  auto dz = at::empty_like(zc);
-  auto dz_sum = at::empty({n, cout}, x.options().dtype(sdt));
+  auto dzn = at::empty_like(zn);
+  auto dz_sum = at::empty({n, cout}, x.options().dtype(sdt));  // per-sample sums: the same before and after unpooling
   {
     FASTBLOCK_PROFILE("bn_act_bwd_dz");
-    kern.bn_act_bwd_dz(dyc, zc, mean_c, invstd_c, gamma, beta, activation, sum_g, sum_gx, use_batch_stats, dz, dz_sum);
+    kern.bn_act_bwd_dz(dyc, zn, mean_c, invstd_c, gamma, beta, activation, sum_g, sum_gx, use_batch_stats, dzn,
+                       dz_sum);
   }
+  const at::Tensor dz = pool ? unpool2x2(dzn, zc, argmax).contiguous(layout) : dzn;
 
   at::Tensor dx;
   const bool concat = use_concat(schedule, k, ho, wo, layout);
@@ -435,20 +472,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& x, const at::Tensor& gates, const at::Tensor& weight, const at::Tensor& bias,
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, bool use_batch_stats, double momentum, double eps, int64_t stride,
-    int64_t pad_h, int64_t pad_w, bool save_for_backward, int64_t activation, int64_t schedule) {
+    int64_t pad_h, int64_t pad_w, bool save_for_backward, int64_t activation, bool pool, int64_t schedule) {
   PoolScope pooled;
   return forward_impl(cpu_kernels(), x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                      use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward, activation, schedule);
+                      use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward, activation, pool,
+                      schedule);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gates, const at::Tensor& weight,
     const at::Tensor& bias, const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& z,
     const at::Tensor& mean, const at::Tensor& invstd, bool use_batch_stats, int64_t stride, int64_t pad_h,
-    int64_t pad_w, int64_t activation, int64_t schedule, bool need_dx, bool need_dgates) {
+    int64_t pad_w, int64_t activation, bool pool, int64_t schedule, bool need_dx, bool need_dgates) {
   PoolScope pooled;
   return backward_impl(cpu_kernels(), dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd,
-                       use_batch_stats, stride, pad_h, pad_w, activation, schedule, need_dx, need_dgates);
+                       use_batch_stats, stride, pad_h, pad_w, activation, pool, schedule, need_dx, need_dgates);
 }
 
 std::tuple<at::Tensor, at::Tensor> max_pool2x2_cpu(const at::Tensor& x, bool with_argmax) {
@@ -469,12 +507,13 @@ TORCH_LIBRARY(fastblock_ext, m) {
   m.def(
       "forward(Tensor x, Tensor gates, Tensor weight, Tensor bias, Tensor bn_weight, Tensor bn_bias, "
       "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool use_batch_stats, float momentum, float eps, "
-      "int stride, int pad_h, int pad_w, bool save_for_backward, int activation=0, int schedule=-1) "
+      "int stride, int pad_h, int pad_w, bool save_for_backward, int activation=0, bool pool=False, int schedule=-1) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "backward(Tensor dy, Tensor x, Tensor gates, Tensor weight, Tensor bias, Tensor bn_weight, Tensor bn_bias, "
       "Tensor z, Tensor mean, Tensor invstd, bool use_batch_stats, int stride, int pad_h, int pad_w, int activation=0, "
-      "int schedule=-1, bool need_dx=True, bool need_dgates=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bool pool=False, int schedule=-1, bool need_dx=True, bool need_dgates=True) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // 2x2 / stride-2 max-pooling with one-byte window positions (max_pool_cpu.cpp; CPU only).
   m.def("max_pool2x2(Tensor x, bool with_argmax) -> (Tensor, Tensor)");
   m.def("max_pool2x2_backward(Tensor grad_out, Tensor argmax, int height, int width) -> Tensor");

@@ -49,12 +49,18 @@ def empty_buffer(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def fake_forward_outputs(x, weight, stride, pad_h, pad_w, save_for_backward, saved_z=None):
-    """(y, z, mean, invstd) with the shapes, dtypes and layouts the backends' forwards return: y laid out like x;
-    z (what the forward saves for its backward) like x too, unless the backend says otherwise
-    (``saved_z(x, weight, shape)`` returns its fake)."""
+def pooled_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape after a 2x2 max-pool (stride 2, odd rows/columns dropped, as ``F.max_pool2d(z, 2)``)."""
+    n, c, h, w = shape
+    return n, c, h // 2, w // 2
+
+
+def fake_forward_outputs(x, weight, stride, pad_h, pad_w, save_for_backward, saved_z=None, pool=False):
+    """(y, z, mean, invstd) with the shapes, dtypes and layouts the backends' forwards return: y laid out like x
+    (pooled when ``pool``); z (what the forward saves for its backward: the convolutions' output, before any
+    pooling) like x too, unless the backend says otherwise (``saved_z(x, weight, shape)`` returns its fake)."""
     shape = output_shape(x, weight, stride, pad_h, pad_w)
-    y = empty_like_layout(x, shape)
+    y = empty_like_layout(x, pooled_shape(shape) if pool else shape)
     if not save_for_backward:
         z = x.new_empty((0,))
     else:

@@ -4,14 +4,17 @@ Every fused backend is a module with three functions (fastblock/triton_backend.p
 
     status(device_type) -> BackendStatus              can it run on this device type, and why (not)
     forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-            use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward, activation="relu")
+            use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward, activation="relu", pool=False)
             -> (y, z, mean, invstd)
     backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w,
-             need_dx=True, need_dgates=True, activation="relu") -> (dx, dgates, dweight, dbias, dbn_weight, dbn_bias)
+             need_dx=True, need_dgates=True, activation="relu", pool=False)
+            -> (dx, dgates, dweight, dbias, dbn_weight, dbn_bias)
 
-``activation`` ("relu" or "gelu", fastblock.reference.ACTIVATIONS) is what follows BatchNorm; the seam always
-passes it. z is the pre-BatchNorm activation (saved for backward; an empty tensor when not needed); mean/invstd are the
-per-channel statistics that normalised it (batch statistics when ``use_batch_stats``, else the running ones),
+``activation`` ("relu" or "gelu", fastblock.reference.ACTIVATIONS) is what follows BatchNorm; ``pool`` puts a 2x2
+max-pool (``F.max_pool2d(z, 2)``) between the convolutions and BatchNorm; the seam always passes both. z is the
+convolutions' output (saved for backward -- before pooling: the backward recomputes the pooled map and its argmax
+from it; an empty tensor when not needed); mean/invstd are the per-channel statistics that normalised it (or its
+pooled map) (batch statistics when ``use_batch_stats``, else the running ones),
 in float32 (float64 for float64 data). Every tensor argument may have any strides; running statistics are
 updated in place when given and ``use_batch_stats``. y and dx are laid out like x. dx / dgates not asked for
 (``need_dx`` / ``need_dgates`` False: the input or the gates do not require grad) come back as empty tensors, and

@@ -153,13 +153,13 @@ def _register_fake() -> None:
         return
     @torch.library.register_fake("fastblock_ext::forward")
     def _fwd(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, momentum, eps,
-             stride, pad_h, pad_w, save_for_backward, activation=0, schedule=-1):
+             stride, pad_h, pad_w, save_for_backward, activation=0, pool=False, schedule=-1):
         return fake_forward_outputs(x, weight, stride, pad_h, pad_w, save_for_backward,
-                                    saved_z=fake_saved_z)
+                                    saved_z=fake_saved_z, pool=pool)
 
     @torch.library.register_fake("fastblock_ext::backward")
     def _bwd(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w,
-             activation=0, schedule=-1, need_dx=True, need_dgates=True):
+             activation=0, pool=False, schedule=-1, need_dx=True, need_dgates=True):
         return fake_backward_outputs(x, gates, weight, bias, bn_weight, bn_bias, need_dx, need_dgates)
 
     @torch.library.register_fake("fastblock_ext::max_pool2x2")
@@ -202,17 +202,17 @@ def fake_saved_z(x, weight, shape) -> torch.Tensor:
 
 
 def forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-            use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward, activation="relu"):
+            use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward, activation="relu", pool=False):
     return torch.ops.fastblock_ext.forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                                            use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward,
-                                           _ACTIVATION_CODES[activation], _SCHEDULE_CODES[forced_schedule()])
+                                           _ACTIVATION_CODES[activation], pool, _SCHEDULE_CODES[forced_schedule()])
 
 
 def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w,
-             need_dx=True, need_dgates=True, activation="relu"):
+             need_dx=True, need_dgates=True, activation="relu", pool=False):
     return torch.ops.fastblock_ext.backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd,
                                             use_batch_stats, stride, pad_h, pad_w, _ACTIVATION_CODES[activation],
-                                            _SCHEDULE_CODES[forced_schedule()], need_dx, need_dgates)
+                                            pool, _SCHEDULE_CODES[forced_schedule()], need_dx, need_dgates)
 
 
 def max_pool2x2(x: torch.Tensor, with_argmax: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -135,7 +135,11 @@ class AirBlockNet(nn.Module):
     """A speed-run CIFAR-10 network built from gated Blocks: patch whitening, then three stages of
     Block -> 2x2 max-pool -> Block (widths ``widths``, K = ``num_convs`` per Block, ending in ``activation``), global
     max-pool and a bias-free linear head with scaled logits. The layer plan of the public plain-convolution
-    speed-runs (airbench), with every conv+BN+activation a fused, gated Block."""
+    speed-runs (airbench), with every conv+BN+activation a fused, gated Block.
+
+    ``downsample``: "pool" (Block, then 2x2 max-pool), "pool-first" (the max-pool inside the stage's first Block,
+    between its convolutions and BatchNorm -- the speed-runs' conv -> pool -> BN -> activation order, BatchNorm and
+    the activation on a quarter of the pixels) or "stride" (a stride-2 first Block)."""
 
     def __init__(self, widths: Sequence[int] = (64, 256, 256), num_convs: Union[int, Sequence[int]] = 2,
                  num_classes: int = 10, logit_scale: float = 1 / 9, downsample: str = "pool",
@@ -149,13 +153,17 @@ class AirBlockNet(nn.Module):
         self.whiten_act = nn.GELU() if whiten_gelu else nn.Identity()
         layers, width = [], self.whiten.out_channels
 
-        def block(cin, cout, k, stride=1):  # K=1: a softmax over one branch is 1 -- no gate layer to compute
+        def block(cin, cout, k, stride=1, pool=False):  # K=1: a softmax over one branch is 1 -- no gate layer
             return Block(cin, cout, num_convs=k, stride=stride, gate="softmax" if k > 1 else "none", bias=conv_bias,
-                         activation=activation, backend=backend)
+                         activation=activation, pool=pool, backend=backend)
 
+        if downsample not in ("pool", "pool-first", "stride"):
+            raise ValueError(f"downsample must be 'pool', 'pool-first' or 'stride', got {downsample!r}")
         for stage, out in enumerate(widths):
             if downsample == "pool":  # Block, then 2x2 max-pool
                 layers += [block(width, out, ks[2 * stage]), MaxPool2x2(backend)]
+            elif downsample == "pool-first":  # conv -> 2x2 max-pool -> BN -> activation, one fused op
+                layers += [block(width, out, ks[2 * stage], pool=True)]
             else:  # a stride-2 Block: a quarter of the FLOPs and BatchNorm work
                 layers += [block(width, out, ks[2 * stage], stride=2)]
             layers += [block(out, out, ks[2 * stage + 1])]
@@ -250,6 +258,15 @@ MODELS = {
                                                "place of ReLU, as the public speed-run's activation",
                                                _air((64, 256, 256), 1, whiten_gelu=True, conv_bias=False,
                                                     activation="gelu")),
+    "air-cpu-wide-k1-poolfirst": ModelRecipe("air-cpu-wide-k1-gelu with each stage's max-pool inside its first "
+                                             "Block, between the convolution and BatchNorm (fused conv -> pool -> "
+                                             "BN -> ReLU, the public speed-run's order)",
+                                             _air((64, 256, 256), 1, "pool-first", whiten_gelu=True,
+                                                  conv_bias=False)),
+    "air-cpu-wide-k1-poolfirst-gelu": ModelRecipe("air-cpu-wide-k1-poolfirst with GELU Blocks (fused conv -> pool "
+                                                  "-> BN -> GELU: the public speed-run's Block)",
+                                                  _air((64, 256, 256), 1, "pool-first", whiten_gelu=True,
+                                                       conv_bias=False, activation="gelu")),
     "air-cpu-small": ModelRecipe("air-cpu narrowed to 32-128-128 (K=2)", _air((32, 128, 128), 2)),
     "air-cpu-small-k1": ModelRecipe("air-cpu-small with K=1 Blocks (plain conv + BN + ReLU): the ablation baseline",
                                     _air((32, 128, 128), 1)),
@@ -289,7 +306,9 @@ def count_flops(model: nn.Module, image_shape=(3, 32, 32)) -> int:
         nonlocal total
         if isinstance(mod, Block):
             k = mod.weight.shape[-1]
-            total += 2 * out[0].numel() * mod.in_channels * k * k
+            h, w = inp[0].shape[-2:]  # the convolution's output size ("same" padding), before a Block's own pooling
+            pixels = ((h - 1) // mod.stride + 1) * ((w - 1) // mod.stride + 1)
+            total += 2 * mod.out_channels * pixels * mod.in_channels * k * k
         elif isinstance(mod, nn.Conv2d):
             total += 2 * out[0].numel() * mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
         elif isinstance(mod, nn.Linear):

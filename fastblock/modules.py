@@ -2,6 +2,7 @@
 
     a = g(Linear(SpatialAvgPool(x)))                        # [N, K] per-sample gates
     y = ReLU(BatchNorm(sum_k a[:, k] * conv_k(x)))          # one fused op
+    y = ReLU(BatchNorm(MaxPool2x2(sum_k a[:, k] * conv_k(x))))   # Block(..., pool=True)
 
 The state_dict is the same whichever backend is active: switching is ``block.backend = "triton"``.
 """
@@ -43,6 +44,9 @@ class Block(nn.Module):
         bias: whether the K convolutions have biases.
         momentum, eps, track_running_stats: as in nn.BatchNorm2d.
         activation: "relu" (default) or "gelu" (exact, as ``nn.GELU()``), after BatchNorm.
+        pool: a 2x2 max-pool (``nn.MaxPool2d(2)``) between the convolutions and BatchNorm, inside the fused op:
+            BatchNorm and the activation run on a quarter of the pixels (the public speed-runs' conv -> pool -> BN
+            -> activation order). The output is half the convolution's height and width (rounded down).
         backend: "auto", or a backend name or alias ("triton", "extension"/"cuda", "reference").
     """
 
@@ -61,6 +65,7 @@ class Block(nn.Module):
         eps: float = 1e-5,
         track_running_stats: bool = True,
         activation: str = "relu",
+        pool: bool = False,
         backend: str = "auto",
         device=None,
         dtype=None,
@@ -84,6 +89,7 @@ class Block(nn.Module):
         self.kernel_sizes = tuple(sizes)
         self.stride, self.gate, self.temperature = stride, gate, float(temperature)
         self.activation = activation
+        self.pool = bool(pool)
         self.backend = backend
         kmax = max(sizes)
 
@@ -175,7 +181,7 @@ class Block(nn.Module):
             self.effective_weight(), self.bias, bn.weight, bn.bias,
             bn.running_mean if use_running else None, bn.running_var if use_running else None,
             training=self.training, momentum=momentum, eps=bn.eps, stride=self.stride, padding=None,
-            backend=self.backend, activation=self.activation,
+            backend=self.backend, activation=self.activation, pool=self.pool,
         )
 
     def extra_repr(self) -> str:
@@ -184,6 +190,7 @@ class Block(nn.Module):
                 f"stride={self.stride}, gate={self.gate!r}"
                 + (f", temperature={self.temperature}" if self.gate == "softmax" and self.temperature != 1 else "")
                 + (f", activation={self.activation!r}" if self.activation != "relu" else "")
+                + (", pool=True" if self.pool else "")
                 + f", backend={self.backend!r}")
 
 

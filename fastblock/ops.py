@@ -2,6 +2,8 @@
 
     y = ReLU(BatchNorm(sum_k gates[:, k] * conv2d(x, weight[k], bias[k])))
 
+(or GELU in place of ReLU; with ``pool=True`` a 2x2 max-pool between the sum and BatchNorm.)
+
 * ``backend="reference"`` runs fastblock.reference directly (plain PyTorch; autograd does the backward).
 * A fused backend (``"triton"``, ``"extension"``, or any registered one; the contract is in fastblock/backends.py)
   goes through two ``torch.library`` custom ops, ``fastblock::mixed_conv_bn_relu_fwd`` and
@@ -51,20 +53,21 @@ def _fused_forward(
     pad_w: int,
     save_for_backward: bool,
     activation: str,
+    pool: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return get_backend(backend).module().forward(
         x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-        use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward, activation=activation,
+        use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward, activation=activation, pool=pool,
     )
 
 
 @_fused_forward.register_fake
 def _fused_forward_fake(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                         use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward, activation,
-                        backend):
+                        pool, backend):
     return fake_forward_outputs(x, weight, stride, pad_h, pad_w, save_for_backward,
-                                saved_z=get_backend(backend).fake_saved_z)
+                                saved_z=get_backend(backend).fake_saved_z, pool=pool)
 
 
 @torch.library.custom_op("fastblock::mixed_conv_bn_relu_bwd", mutates_args=())
@@ -86,17 +89,18 @@ def _fused_backward(
     need_dx: bool,
     need_dgates: bool,
     activation: str,
+    pool: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return get_backend(backend).module().backward(
         dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w,
-        need_dx, need_dgates, activation=activation,
+        need_dx, need_dgates, activation=activation, pool=pool,
     )
 
 
 @_fused_backward.register_fake
 def _fused_backward_fake(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd,
-                         use_batch_stats, stride, pad_h, pad_w, need_dx, need_dgates, activation, backend):
+                         use_batch_stats, stride, pad_h, pad_w, need_dx, need_dgates, activation, pool, backend):
     return fake_backward_outputs(x, gates, weight, bias, bn_weight, bn_bias, need_dx, need_dgates)
 
 
@@ -122,47 +126,51 @@ class _FusedMixedConvBnRelu(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                use_batch_stats, momentum, eps, stride, pad_h, pad_w, save, activation, backend):
+                use_batch_stats, momentum, eps, stride, pad_h, pad_w, save, activation, pool, backend):
         args = (x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                 use_batch_stats, momentum, eps, stride, pad_h, pad_w, save)
         if _through_custom_ops(x):
-            y, z, mean, invstd = _fused_forward(*args, activation, backend)
+            y, z, mean, invstd = _fused_forward(*args, activation, pool, backend)
         else:
-            y, z, mean, invstd = get_backend(backend).module().forward(*args, activation=activation)
+            y, z, mean, invstd = get_backend(backend).module().forward(*args, activation=activation, pool=pool)
             if use_batch_stats:  # what the custom op's declared mutation would do
                 for stat in (running_mean, running_var):
                     if stat is not None and not stat.is_inference():
                         torch.autograd.graph.increment_version(stat)
         ctx.save_for_backward(x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd)
-        ctx.config = (use_batch_stats, eps, stride, pad_h, pad_w, activation, backend)
+        ctx.config = (use_batch_stats, eps, stride, pad_h, pad_w, activation, pool, backend)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd = ctx.saved_tensors
-        use_batch_stats, eps, stride, pad_h, pad_w, activation, backend = ctx.config
+        use_batch_stats, eps, stride, pad_h, pad_w, activation, pool, backend = ctx.config
         if torch.is_grad_enabled():  # create_graph=True: the gradients must themselves be differentiable
             grads = _differentiable_backward(dy, x, gates, weight, bias, bn_weight, bn_bias, mean, invstd,
-                                             use_batch_stats, eps, stride, pad_h, pad_w, activation)
-            return (*grads, None, None, None, None, None, None, None, None, None, None, None)
+                                             use_batch_stats, eps, stride, pad_h, pad_w, activation, pool)
+            return (*grads, *_NO_GRADS)
         if z.numel() == 0:
             raise RuntimeError("fastblock: backward through a forward that ran without saving for backward")
-        dy = dy.contiguous(memory_format=memory_format(z))
+        dy = dy.contiguous(memory_format=memory_format(z))  # (a pooled dy: z's layout at its own size)
         # Only the gradients autograd wants: an input that needs none (the first Block's, behind frozen layers)
         # skips the convolution's input gradient, ungated gates (a K=1 Block's constant 1) their reduction.
         need_dx, need_dgates = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         args = (dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w,
                 need_dx, need_dgates)
         if _through_custom_ops(dy):
-            grads = _fused_backward(*args, activation, backend)
+            grads = _fused_backward(*args, activation, pool, backend)
         else:
-            grads = get_backend(backend).module().backward(*args, activation=activation)
+            grads = get_backend(backend).module().backward(*args, activation=activation, pool=pool)
         dx, dgates = (grads[0] if need_dx else None), (grads[1] if need_dgates else None)
-        return (dx, dgates, *grads[2:], None, None, None, None, None, None, None, None, None, None, None)
+        return (dx, dgates, *grads[2:], *_NO_GRADS)
+
+
+# forward's arguments after the six differentiable ones (running statistics, flags, names): no gradients
+_NO_GRADS = (None,) * 12
 
 
 def _differentiable_backward(dy, x, gates, weight, bias, bn_weight, bn_bias, mean, invstd,
-                             use_batch_stats, eps, stride, pad_h, pad_w, activation):
+                             use_batch_stats, eps, stride, pad_h, pad_w, activation, pool):
     """The six input gradients as a differentiable function of the inputs (and of dy): the Block recomputed in
     plain PyTorch -- the reference's formulation, with the statistics the forward normalised with in eval mode --
     and differentiated with ``create_graph=True``. Only runs for double backward."""
@@ -172,6 +180,8 @@ def _differentiable_backward(dy, x, gates, weight, bias, bn_weight, bn_bias, mea
     inputs = tuple(t.view_as(t) for t in (x, gates, weight, bias, bn_weight, bn_bias))
     x, gates, weight, bias, bn_weight, bn_bias = inputs
     z = gated_conv_reference(x, gates, weight, bias, stride, (pad_h, pad_w))
+    if pool:
+        z = F.max_pool2d(z, 2)
     if use_batch_stats:
         normed = F.batch_norm(z, None, None, bn_weight, bn_bias, training=True, momentum=0.0, eps=eps)
     else:
@@ -206,6 +216,7 @@ def mixed_conv_bn_relu(
     padding=None,
     backend: str = "auto",
     activation: str = "relu",
+    pool: bool = False,
 ) -> torch.Tensor:
     """ReLU(BatchNorm(sum_k gates[:, k] * conv2d(x, weight[k], bias[k]))), fused (or GELU in place of ReLU).
 
@@ -224,6 +235,9 @@ def mixed_conv_bn_relu(
         padding: None ("same" for odd kernels: kh // 2, kw // 2), an int, or (pad_h, pad_w).
         backend: "auto", a backend name or alias (see ``fastblock.available_backends()``).
         activation: "relu" (default) or "gelu" (exact, as ``F.gelu``): the activation after BatchNorm.
+        pool: a 2x2 max-pool (``F.max_pool2d(z, 2)``) between the convolutions and BatchNorm: BatchNorm and the
+            activation then run on a quarter of the pixels, with the pooled map's statistics (the order of the
+            public speed-runs' conv -> pool -> BN -> activation). The output is the pooled size.
 
     BatchNorm tensors have x's dtype, or float32 when x is float16/bfloat16 (the rule of ``nn.BatchNorm2d``).
     Under autocast, x/gates/weight/bias are cast to the autocast dtype (as for a convolution); BatchNorm
@@ -235,9 +249,9 @@ def mixed_conv_bn_relu(
         x, gates, weight, bias = (_cast_floating(t, low) for t in (x, gates, weight, bias))
         with torch.autocast(x.device.type, enabled=False):
             return _validate_and_dispatch(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                          training, momentum, eps, stride, padding, backend, activation)
+                                          training, momentum, eps, stride, padding, backend, activation, pool)
     return _validate_and_dispatch(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                  training, momentum, eps, stride, padding, backend, activation)
+                                  training, momentum, eps, stride, padding, backend, activation, pool)
 
 
 def autocast_enabled(device_type: str) -> bool:
@@ -254,15 +268,15 @@ def _cast_floating(t, dtype):
 
 
 def _validate_and_dispatch(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                           training, momentum, eps, stride, padding, backend, activation):
+                           training, momentum, eps, stride, padding, backend, activation, pool):
     pad_h, pad_w = check_inputs(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                training, momentum, eps, stride, padding)
+                                training, momentum, eps, stride, padding, pool)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     name = resolve_backend(backend, x.device, weight.shape[0], x.dtype)
     if name == "reference":
         return mixed_conv_bn_relu_reference(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                            training, momentum, eps, stride, (pad_h, pad_w), activation)
+                                            training, momentum, eps, stride, (pad_h, pad_w), activation, pool)
     num_convs, cout = weight.shape[0], weight.shape[1]
     sdt = stats_dtype(x.dtype)
     # The custom ops take plain tensors: absent affine/bias parameters become their neutral values.
@@ -278,7 +292,7 @@ def _validate_and_dispatch(x, gates, weight, bias, bn_weight, bn_bias, running_m
     )
     return _FusedMixedConvBnRelu.apply(
         x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-        use_batch_stats, float(momentum), float(eps), int(stride), pad_h, pad_w, save, activation, name,
+        use_batch_stats, float(momentum), float(eps), int(stride), pad_h, pad_w, save, activation, bool(pool), name,
     )
 
 

@@ -40,14 +40,18 @@ def mixed_conv_bn_reference(
     eps: float,
     stride: int,
     padding: tuple[int, int],
+    pool: bool = False,
 ) -> torch.Tensor:
     """BatchNorm(sum_k gates[:, k] * conv2d(x, weight[k], bias[k])): the Block before its ReLU.
 
     BatchNorm follows F.batch_norm exactly: batch statistics when ``training`` (or when no running
     statistics are given), running statistics otherwise; running stats are updated in place with the
-    unbiased batch variance.
+    unbiased batch variance. ``pool``: a 2x2 max-pool (``F.max_pool2d(z, 2)``) between the convolutions and
+    BatchNorm, whose statistics are then those of the pooled map.
     """
     mixed = gated_conv_reference(x, gates, weight, bias, stride, padding)
+    if pool:
+        mixed = F.max_pool2d(mixed, 2)
     use_batch_stats = training or running_mean is None
     # F.batch_norm's CPU kernels mishandle strided [Cout] tensors (torch 2.14: wrong input gradients for a strided
     # weight or running_var; tests/test_regressions.py): they get contiguous copies, and strided running
@@ -65,11 +69,13 @@ def mixed_conv_bn_reference(
 
 def mixed_conv_bn_relu_reference(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                                  training: bool, momentum: float, eps: float, stride: int,
-                                 padding: tuple[int, int], activation: str = "relu") -> torch.Tensor:
+                                 padding: tuple[int, int], activation: str = "relu",
+                                 pool: bool = False) -> torch.Tensor:
     """ReLU(BatchNorm(sum_k gates[:, k] * conv2d(x, weight[k], bias[k]))): the fused op's ground truth (arguments
     as in ``mixed_conv_bn_reference``; ``activation="gelu"``: GELU instead of ReLU)."""
     return ACTIVATIONS[activation](mixed_conv_bn_reference(x, gates, weight, bias, bn_weight, bn_bias, running_mean,
-                                                           running_var, training, momentum, eps, stride, padding))
+                                                           running_var, training, momentum, eps, stride, padding,
+                                                           pool))
 
 
 def dynamic_conv_bn_relu(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,

@@ -5,9 +5,15 @@ Forward, training mode (3 kernels + 1 tiny one):
     2. bn_stats_finalize_kernel   batch mean / invstd, running-stat update (unbiased variance)
     3. bn_act_normalize_kernel    y = act(BN(z)), act = ReLU or GELU
 Forward, eval mode: kernel 1 alone, with BatchNorm + activation folded into its epilogue.
+Forward with ``pool`` (a 2x2 max-pool between the convolution and BatchNorm): max_pool2x2_kernel between kernels 1
+and 2 pools z and takes the pooled map's per-tile statistics in the same pass (kernel 1's statistics of the full
+map go unused); in eval mode it runs between kernel 1 and the normalisation (no fold: a max commutes with the affine
+map only for a scale >= 0).
 Backward:
+    [pool: max_pool2x2_kernel  -> the pooled map and each window's argmax, recomputed from the saved z]
     bn_act_bwd_reduce_kernel + sum_rows_kernel -> dbeta = sum g, dgamma = sum g*xhat (g = dy*act'(u))
     bn_act_bwd_dz_kernel      -> dz (gradient of the pre-BN activation)
+    [pool: max_unpool2x2_kernel -> the gradient routed to each window's maximum]
     mixed_conv_dx_kernel      -> dx
     mixed_conv_dweight_kernel -> dW_k, db_k, da (folded per sample; small partial buffers summed in order)
 
@@ -126,7 +132,7 @@ def _check_weight_size(weight: torch.Tensor) -> None:
 
 @_on_tensor_device
 def forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-            use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward, activation="relu"):
+            use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward, activation="relu", pool=False):
     import triton
 
     _check_weight_size(weight)
@@ -150,7 +156,7 @@ def forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_va
                   BLOCK_K=cfg["BLOCK_K"])
     conv_args = (n, cin, h, w, cout, ho, wo, *x.stride(), *z.stride(), stride, pad_h, pad_w)
 
-    if not use_batch_stats:
+    if not use_batch_stats and not pool:  # (a max commutes with BatchNorm's affine map only where its scale >= 0)
         mean = running_mean.to(acc_torch, copy=True)  # outputs must not alias inputs
         invstd = torch.rsqrt(running_var.to(acc_torch) + eps)
         scale = (invstd * bn_weight.to(acc_torch)).contiguous()
@@ -166,6 +172,15 @@ def forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_va
     conv.mixed_conv_fwd_kernel[grid](x, gates, w_fwd, bias, z, z, part_mean, part_m2, part_mean, part_mean,
                                      *conv_args, EVAL=False, STORE_Z=False, GELU=False, **common, **launch)
     counts = _tile_counts(n, ho * wo, cfg["BLOCK_M"], cfg["MIX"], acc_torch, x.device)
+    z_norm = z  # what BatchNorm normalises: z, or its 2x2 max-pool with the pooled map's statistics
+    if pool:
+        z_norm, _, stats = _max_pool2x2(z, stats=use_batch_stats)
+        if use_batch_stats:
+            part_mean, part_m2, counts = stats
+    if not use_batch_stats:
+        mean = running_mean.to(acc_torch, copy=True)
+        invstd = torch.rsqrt(running_var.to(acc_torch) + eps)
+        return _normalize(z_norm, mean, invstd, bn_weight, bn_bias, gelu), _saved(z, save_for_backward), mean, invstd
     mean = empty_buffer((cout,), acc_torch, x.device)
     invstd = empty_buffer((cout,), acc_torch, x.device)
     update = running_mean is not None
@@ -174,25 +189,78 @@ def forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_va
     rv = running_var.contiguous() if update else mean
     bn.bn_stats_finalize_kernel[(triton.cdiv(cout, configs.FINALIZE["BLOCK_C"]),)](
         part_mean, part_m2, counts, mean, invstd, rm, rv,
-        grid[0], cout, float(eps), float(momentum),
+        part_mean.shape[0], cout, float(eps), float(momentum),
         UPDATE=update, ACC_DTYPE=acc, **configs.FINALIZE,
     )
     if update:
         for view, dense in ((running_mean, rm), (running_var, rv)):
             if dense is not view:
                 view.copy_(dense)
+    return _normalize(z_norm, mean, invstd, bn_weight, bn_bias, gelu), _saved(z, save_for_backward), mean, invstd
+
+
+def _saved(z, save_for_backward):
+    return z if save_for_backward else z.new_empty((0,))
+
+
+def _normalize(z, mean, invstd, bn_weight, bn_bias, gelu):
+    """y = act(BN(z)) with the given statistics, laid out like z."""
+    import triton
+
+    _, bn, configs = _kernels()
     y = empty_like_layout(z, z.shape)
     block = configs.ELEMENTWISE_BLOCK
     bn.bn_act_normalize_kernel[(triton.cdiv(z.numel(), block),)](
-        z, y, mean, invstd, bn_weight, bn_bias, z.numel(), cout, ho * wo,
-        GELU=gelu, CHANNELS_LAST=_is_channels_last(z), ACC_DTYPE=acc, BLOCK=block,
+        z, y, mean, invstd, bn_weight, bn_bias, z.numel(), z.shape[1], z.shape[2] * z.shape[3],
+        GELU=gelu, CHANNELS_LAST=_is_channels_last(z), ACC_DTYPE=_tl_dtype(z.dtype), BLOCK=block,
     )
-    return y, (z if save_for_backward else x.new_empty((0,))), mean, invstd
+    return y
+
+
+def _max_pool2x2(z, stats=False, argmax=False):
+    """(p, argmax, (part_mean, part_m2, counts)): the 2x2 max-pool of z laid out like z, each window's position of
+    its maximum (uint8 0..3, or None) and the per-row-tile statistics of p for bn_stats_finalize_kernel (or None)."""
+    import triton
+
+    _, bn, configs = _kernels()
+    n, c, h, w = z.shape
+    p = empty_like_layout(z, (n, c, h // 2, w // 2))
+    pos = empty_like_layout(z, p.shape, dtype=torch.uint8) if argmax else p
+    m = p.numel() // c
+    block_r, block_c = configs.bn_reduce_tile(_interpreting(z))
+    tiles = triton.cdiv(m, block_r)
+    acc_torch = stats_dtype(z.dtype)
+    parts = [empty_buffer((tiles, c), acc_torch, z.device) for _ in range(2)] if stats else [p, p]
+    bn.max_pool2x2_kernel[(tiles, triton.cdiv(c, block_c))](
+        z, p, pos, *parts, m, c, p.shape[3], p.shape[2] * p.shape[3], *z.stride(), *p.stride(),
+        STATS=stats, ARGMAX=argmax, ACC_DTYPE=_tl_dtype(z.dtype), BLOCK_R=block_r, BLOCK_C=block_c,
+    )
+    counts = (m - torch.arange(tiles, device=z.device, dtype=torch.int64) * block_r).clamp(max=block_r)
+    return p, (pos if argmax else None), ((*parts, counts.to(acc_torch)) if stats else None)
+
+
+def _max_unpool2x2(dp, argmax, z):
+    """The gradient of z from that of its 2x2 max-pool (dp) and the pool's argmax, laid out like z."""
+    import triton
+
+    _, bn, configs = _kernels()
+    n, c, h, w = z.shape
+    # the last row / column of an odd-sized z is in no window: its gradient is 0
+    dz = empty_like_layout(z, z.shape, dtype=dp.dtype)
+    if h % 2 or w % 2:
+        dz.zero_()
+    m = dp.numel() // c
+    block_r, block_c = configs.bn_reduce_tile(_interpreting(z))
+    bn.max_unpool2x2_kernel[(triton.cdiv(m, block_r), triton.cdiv(c, block_c))](
+        dp, argmax, dz, m, c, dp.shape[3], dp.shape[2] * dp.shape[3], *dp.stride(), *dz.stride(),
+        BLOCK_R=block_r, BLOCK_C=block_c,
+    )
+    return dz
 
 
 @_on_tensor_device
 def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride, pad_h, pad_w,
-             need_dx=True, need_dgates=True, activation="relu"):
+             need_dx=True, need_dgates=True, activation="relu", pool=False):
     import triton
 
     _check_weight_size(weight)
@@ -200,7 +268,10 @@ def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, us
     n, cin, h, w = x.shape
     num_convs, cout, _, kh, kw = weight.shape
     ho, wo = z.shape[2], z.shape[3]
-    p = ho * wo
+    z_conv = z  # the convolutions' output; BatchNorm normalised it, or its 2x2 max-pool (recomputed here)
+    if pool:
+        z, argmax, _ = _max_pool2x2(z_conv, argmax=True)
+    p = z.shape[2] * z.shape[3]
     m = n * p
     acc_torch = stats_dtype(x.dtype)
     acc = _tl_dtype(x.dtype)
@@ -235,6 +306,8 @@ def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, us
     )
     dgamma = sum_gx.to(bn_weight.dtype)
     dbeta = sum_g.to(bn_bias.dtype)
+    if pool:
+        dz = _max_unpool2x2(dz, argmax, z_conv)
 
     # --- dx: transposed implicit GEMM -----------------------------------------------------------------------
     dx = x.new_empty((0,))  # not asked for: not computed

@@ -40,6 +40,7 @@ def check_inputs(
     eps: float,
     stride: int,
     padding,
+    pool: bool = False,
 ) -> tuple[int, int]:
     """Validate the ``mixed_conv_bn_relu`` arguments; return the normalised (pad_h, pad_w)."""
     named = {
@@ -122,9 +123,15 @@ def check_inputs(
         raise ValueError(
             f"input {h}x{w} is too small for a {kh}x{kw} kernel with padding {(pad_h, pad_w)} and stride {stride}"
         )
+    if pool:
+        if h_out < 2 or w_out < 2:
+            raise ValueError(f"pool=True needs a convolution output of at least 2x2 for its 2x2 max-pool, got "
+                             f"{h_out}x{w_out} (input {h}x{w}, kernel {kh}x{kw}, stride {stride})")
+        h_out, w_out = h_out // 2, w_out // 2
     if (training or running_mean is None) and n * h_out * w_out <= 1:
         raise ValueError(
-            f"BatchNorm with batch statistics needs more than 1 value per channel, got output "
-            f"[N={n}, Cout={cout}, {h_out}x{w_out}] (use eval mode with running statistics for a single pixel)"
+            f"BatchNorm with batch statistics needs more than 1 value per channel, got "
+            f"{'pooled ' if pool else ''}output [N={n}, Cout={cout}, {h_out}x{w_out}] "
+            f"(use eval mode with running statistics for a single pixel)"
         )
     return pad_h, pad_w

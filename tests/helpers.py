@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 import fastblock
-from fastblock.reference import mixed_conv_bn_reference, mixed_conv_bn_relu_reference
+from fastblock.reference import gated_conv_reference, mixed_conv_bn_reference, mixed_conv_bn_relu_reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,28 +98,36 @@ def _clone(args):
 KINK_MARGIN = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
-def away_from_kink(args, kwargs, training: bool, dtype) -> torch.Tensor:
-    """Where the exact (float64) BatchNorm output is clear of the ReLU threshold: the backward is compared with
-    an upstream gradient that vanishes elsewhere, so it is a function of the inputs, not of rounding. A
-    backward that mishandles the threshold still fails at every other element."""
+def away_from_kink(args, kwargs, training: bool, dtype, pool: bool = False) -> torch.Tensor:
+    """Where the exact (float64) BatchNorm output is clear of the ReLU threshold -- and, with ``pool``, where each
+    2x2 window's maximum is clear of its runner-up, so rounding cannot move the maximum to another position: the
+    backward is compared with an upstream gradient that vanishes elsewhere, so it is a function of the inputs, not
+    of rounding. A backward that mishandles the threshold or the routing still fails at every other element."""
     exact = [None if a is None else a.detach().to(torch.float64, copy=True) for a in args]
     pre = mixed_conv_bn_reference(*exact, training=training, momentum=0.1, eps=1e-5, stride=kwargs["stride"],
-                                  padding=(kwargs["padding"],) * 2)
-    return pre.abs() > KINK_MARGIN[dtype] * pre.abs().max()
+                                  padding=(kwargs["padding"],) * 2, pool=pool)
+    keep = pre.abs() > KINK_MARGIN[dtype] * pre.abs().max()
+    if pool:
+        z = gated_conv_reference(*exact[:4], kwargs["stride"], (kwargs["padding"],) * 2)
+        n, c, h, w = z.shape
+        windows = z[:, :, :h // 2 * 2, :w // 2 * 2].unfold(2, 2, 2).unfold(3, 2, 2).reshape(n, c, h // 2, w // 2, 4)
+        top2 = windows.topk(2, dim=-1).values
+        keep &= (top2[..., 0] - top2[..., 1]) > KINK_MARGIN[dtype] * z.abs().max()
+    return keep
 
 
 def run_op(backend: Optional[str], args, kwargs, training: bool, momentum: float = 0.1, dy_keep=None,
-           activation: str = "relu"):
+           activation: str = "relu", pool: bool = False):
     """Forward + backward of one backend (None = the reference function itself). Returns every output.
     ``dy_keep``: a mask that zeroes the upstream gradient elsewhere (``away_from_kink``)."""
     args = _clone(args)
     if backend is None:
         y = mixed_conv_bn_relu_reference(*args, training=training, momentum=momentum, eps=1e-5,
                                          stride=kwargs["stride"], padding=(kwargs["padding"],) * 2,
-                                         activation=activation)
+                                         activation=activation, pool=pool)
     else:
         y = fastblock.mixed_conv_bn_relu(*args, training=training, momentum=momentum, eps=1e-5,
-                                         backend=backend, activation=activation, **kwargs)
+                                         backend=backend, activation=activation, pool=pool, **kwargs)
     g = torch.Generator().manual_seed(1234)
     dy = torch.randn(y.shape, generator=g, dtype=torch.float64)
     if dy_keep is not None:
@@ -143,7 +151,7 @@ def assert_close(name, actual, expected, dtype, scale_by_max=False):
 
 def compare_with_reference(backend: str, case: Case, dtype=torch.float32, device="cpu", training=True, seed=0,
                            reference_dtype=None, gate: str = "softmax", frozen: tuple[str, ...] = (),
-                           activation: str = "relu"):
+                           activation: str = "relu", pool: bool = False):
     """Forward, all six gradients and the running statistics of ``backend`` against the reference.
 
     The reference runs in ``reference_dtype`` (default: float64 for low precision, else the same dtype) and is
@@ -157,9 +165,10 @@ def compare_with_reference(backend: str, case: Case, dtype=torch.float32, device
     ref_args = [None if a is None else a.detach().to(ref_dtype if a.dtype == dtype else
                                                     (torch.float64 if ref_dtype == torch.float64 else a.dtype))
                 .requires_grad_(a.requires_grad) for a in args]
-    keep = away_from_kink(args, kwargs, training, dtype)
-    y, grads, rm, rv = run_op(backend, args, kwargs, training, dy_keep=keep, activation=activation)
-    y_ref, grads_ref, rm_ref, rv_ref = run_op(None, ref_args, kwargs, training, dy_keep=keep, activation=activation)
+    keep = away_from_kink(args, kwargs, training, dtype, pool)
+    y, grads, rm, rv = run_op(backend, args, kwargs, training, dy_keep=keep, activation=activation, pool=pool)
+    y_ref, grads_ref, rm_ref, rv_ref = run_op(None, ref_args, kwargs, training, dy_keep=keep, activation=activation,
+                                              pool=pool)
     low = dtype in (torch.bfloat16, torch.float16)
     assert_close("y", y, y_ref.to(y.dtype), dtype, scale_by_max=low)
     for name, grad in grads.items():
@@ -209,7 +218,7 @@ def compare_low_precision(backend: str, case: Case, dtype=torch.bfloat16, traini
 
 
 def gradcheck_backend(backend: str, case: Case, training=True, device="cpu", seed=0, fast_mode=False,
-                      gate: str = "softmax", activation: str = "relu"):
+                      gate: str = "softmax", activation: str = "relu", pool: bool = False):
     """float64 gradcheck of every differentiable input through ``backend``.
 
     ``fast_mode`` checks v^T J u on random directions instead of the full Jacobian (for the slow interpreter).
@@ -224,7 +233,7 @@ def gradcheck_backend(backend: str, case: Case, training=True, device="cpu", see
         for i, t in zip(positions, inputs):
             full[i] = t
         return fastblock.mixed_conv_bn_relu(*full, rm.clone(), rv.clone(), training=training, backend=backend,
-                                            activation=activation, **kwargs)
+                                            activation=activation, pool=pool, **kwargs)
 
     assert torch.autograd.gradcheck(fn, diff, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=fast_mode)
 

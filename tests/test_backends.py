@@ -70,26 +70,29 @@ def test_a_fourth_backend_is_one_module_and_one_registry_entry():
     from helpers import compare_with_reference
 
     def forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward, activation="relu"):
+                use_batch_stats, momentum, eps, stride, pad_h, pad_w, save_for_backward, activation="relu",
+                pool=False):
         z = gated_conv_reference(x, gates, weight, bias, stride, (pad_h, pad_w))
+        zn = F.max_pool2d(z, 2) if pool else z
         if use_batch_stats:
-            mean, var = z.mean((0, 2, 3)), z.var((0, 2, 3), unbiased=False)
+            mean, var = zn.mean((0, 2, 3)), zn.var((0, 2, 3), unbiased=False)
             if running_mean is not None:
-                count = z.numel() // z.shape[1]
+                count = zn.numel() // zn.shape[1]
                 running_mean.lerp_(mean.to(running_mean.dtype), momentum)
                 running_var.lerp_((var * count / (count - 1)).to(running_var.dtype), momentum)
         else:
             mean, var = running_mean.clone(), running_var
         invstd = torch.rsqrt(var + eps)
-        y = ACTIVATIONS[activation]((z - mean[:, None, None]) * (invstd * bn_weight)[:, None, None]
+        y = ACTIVATIONS[activation]((zn - mean[:, None, None]) * (invstd * bn_weight)[:, None, None]
                                     + bn_bias[:, None, None])
         return y, (z if save_for_backward else x.new_empty((0,))), mean, invstd
 
     def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, use_batch_stats, stride,
-                 pad_h, pad_w, need_dx=True, need_dgates=True, activation="relu"):
+                 pad_h, pad_w, need_dx=True, need_dgates=True, activation="relu", pool=False):
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(True) for t in (x, gates, weight, bias, bn_weight, bn_bias)]
             zz = gated_conv_reference(*leaves[:4], stride, (pad_h, pad_w))
+            zz = F.max_pool2d(zz, 2) if pool else zz
             if use_batch_stats:
                 normed = F.batch_norm(zz, None, None, leaves[4], leaves[5], training=True, eps=1e-5)
             else:
@@ -107,6 +110,7 @@ def test_a_fourth_backend_is_one_module_and_one_registry_entry():
         compare_with_reference("toy", Case(2, 3, 4, 5, 5, k=2), torch.float64, training=True)
         compare_with_reference("toy", Case(2, 3, 4, 5, 5, k=2, stride=2), torch.float64, training=False)
         compare_with_reference("toy", Case(2, 3, 4, 5, 5, k=2), torch.float64, training=True, activation="gelu")
+        compare_with_reference("toy", Case(2, 3, 4, 5, 5, k=2), torch.float64, training=True, pool=True)
         block = fastblock.Block(3, 4, num_convs=2, backend="toy").double()
         reference = fastblock.Block(3, 4, num_convs=2, backend="reference").double()
         reference.load_state_dict(block.state_dict())
@@ -234,7 +238,8 @@ def test_auto_passes_over_triton_on_pre_ampere_gpus(monkeypatch):
 @pytest.mark.parametrize("layout", ["contiguous", "permuted"])
 @pytest.mark.parametrize("needs", [(True, True), (False, True), (True, False), (False, False)],
                          ids=["all", "no_dx", "no_dgates", "neither"])
-def test_backward_op_passes_opcheck(backend, layout, needs):
+@pytest.mark.parametrize("pool", [False, True], ids=["", "pool"])
+def test_backward_op_passes_opcheck(backend, layout, needs, pool):
     """torch.library.opcheck of the backward op: its fake kernel declares the strides the real one returns, also
     for parameters held in other dense layouts (Block.to(memory_format=torch.channels_last) gives the weight
     channels-last strides; under torch.compile a mismatch fails the compiled backward's stride assertion)."""
@@ -250,9 +255,14 @@ def test_backward_op_passes_opcheck(backend, layout, needs):
         assert not weight.is_contiguous() and not gates.is_contiguous()
     y, z, mean, invstd = torch.ops.fastblock.mixed_conv_bn_relu_fwd(x, gates, weight, bias, gw, gb, rm.clone(),
                                                                     rv.clone(), True, 0.1, 1e-5, 1, 1, 1, True,
-                                                                    "relu", backend)
+                                                                    "relu", pool, backend)
+    assert y.shape[2:] == ((2, 2) if pool else (5, 5)) and z.shape[2:] == (5, 5)
     dy = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.fastblock.mixed_conv_bn_relu_fwd.default,
+                          (x, gates, weight, bias, gw, gb, rm.clone(), rv.clone(), True, 0.1, 1e-5, 1, 1, 1, True,
+                           "relu", pool, backend),
+                          test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.fastblock.mixed_conv_bn_relu_bwd.default,
-                          (dy, x, gates, weight, bias, gw, gb, z, mean, invstd, True, 1, 1, 1, *needs, "relu",
+                          (dy, x, gates, weight, bias, gw, gb, z, mean, invstd, True, 1, 1, 1, *needs, "relu", pool,
                            backend),
                           test_utils=("test_schema", "test_faketensor"))

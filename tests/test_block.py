@@ -9,18 +9,24 @@ from fastblock import Block
 FUSED = [name for name in fastblock.backend_names() if fastblock.get_backend(name).fused]
 
 
+@pytest.mark.parametrize("pool", [False, True], ids=["", "pool"])
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 @pytest.mark.parametrize("backend", ["reference", *(n for n in FUSED if fastblock.available_backends("cpu")[n].available
                                                     and n != "triton")])
-def test_k1_block_equals_conv_bn_activation(activation, backend):
+def test_k1_block_equals_conv_bn_activation(activation, backend, pool):
+    """A K=1 Block is nn.Conv2d -> [nn.MaxPool2d(2) with pool=True] -> nn.BatchNorm2d -> activation, in training and
+    eval mode, with negative BatchNorm scales too (eval mode must not fold BatchNorm into the convolution ahead of a
+    max-pool: the max of a negatively scaled map is not the scaled max)."""
     torch.manual_seed(1)
-    block = Block(3, 5, num_convs=1, kernel_size=3, stride=2, activation=activation, backend=backend).double()
+    block = Block(3, 5, num_convs=1, kernel_size=3, stride=2, activation=activation, pool=pool,
+                  backend=backend).double()
     conv = nn.Conv2d(3, 5, 3, stride=2, padding=1).double()
     bn = nn.BatchNorm2d(5).double()
     with torch.no_grad():
         conv.weight.copy_(block.weight[0])
         conv.bias.copy_(block.bias[0])
         bn.weight.uniform_(0.5, 1.5)
+        bn.weight[::2].neg_()
         bn.bias.uniform_(-0.5, 0.5)
         block.bn.weight.copy_(bn.weight)
         block.bn.bias.copy_(bn.bias)
@@ -29,7 +35,13 @@ def test_k1_block_equals_conv_bn_activation(activation, backend):
         block.train(training)
         bn.train(training)
         act = nn.GELU() if activation == "gelu" else nn.ReLU()
-        torch.testing.assert_close(block(x), act(bn(conv(x))), atol=1e-12, rtol=1e-12)
+        pooled = nn.MaxPool2d(2) if pool else nn.Identity()
+        for no_grad in (False, True):  # eval without autograd: the inference path
+            with torch.set_grad_enabled(not no_grad):
+                y = block(x)
+            torch.testing.assert_close(y, act(bn(pooled(conv(x)))), atol=1e-12, rtol=1e-12)
+            if training:
+                break  # (a second training step would move the running statistics again)
     torch.testing.assert_close(block.bn.running_var, bn.running_var)
     assert int(block.bn.num_batches_tracked) == int(bn.num_batches_tracked) == 1
 
@@ -112,7 +124,20 @@ def test_state_dict_round_trip_and_backend_switch(tmp_path):
 def test_extra_repr():
     text = repr(Block(4, 6, num_convs=5, kernel_size=[5, 3, 3, 3, 3], gate="sigmoid", backend="reference"))
     assert "num_convs=5" in text and "kernel_size=[5, 3, 3, 3, 3]" in text
-    assert "gate='sigmoid'" in text and "backend='reference'" in text
+    assert "gate='sigmoid'" in text and "backend='reference'" in text and "pool" not in text
+    assert "pool=True" in repr(Block(4, 6, pool=True))
+
+
+def test_pool_block_shapes_and_errors():
+    """pool=True halves the convolution's output (rounded down, as nn.MaxPool2d(2)); a convolution output below 2x2
+    cannot be pooled, and a pooled batch of one pixel has no batch statistics: both clear errors."""
+    block = Block(3, 4, num_convs=2, pool=True, backend="reference")
+    assert block(torch.randn(2, 3, 7, 6)).shape == (2, 4, 3, 3)
+    assert Block(3, 4, num_convs=2, stride=2, pool=True)(torch.randn(2, 3, 9, 9)).shape == (2, 4, 2, 2)
+    with pytest.raises(ValueError, match="at least 2x2"):
+        block(torch.randn(2, 3, 1, 5))
+    with pytest.raises(ValueError, match="more than 1 value per channel, got pooled"):
+        block(torch.randn(1, 3, 3, 3))
 
 
 def test_block_bad_input_message():
@@ -213,8 +238,8 @@ def test_double_backward_matches_reference(backend, training, loss):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("activation", ["relu", "gelu"])
-def test_double_backward_gradgradcheck(backend, activation):
+@pytest.mark.parametrize("activation,pool", [("relu", False), ("gelu", False), ("relu", True)])
+def test_double_backward_gradgradcheck(backend, activation, pool):
     """gradgradcheck of the op itself in float64 (every input, second order)."""
     if not fastblock.available_backends("cpu")[backend].available:
         pytest.skip(f"{backend} unavailable: {fastblock.available_backends('cpu')[backend].reason}")
@@ -225,6 +250,6 @@ def test_double_backward_gradgradcheck(backend, activation):
 
     def fn(*inputs):
         return fastblock.mixed_conv_bn_relu(*inputs, rm.clone(), rv.clone(), training=True, backend=backend,
-                                            activation=activation, **kwargs)
+                                            activation=activation, pool=pool, **kwargs)
 
     assert torch.autograd.gradgradcheck(fn, args[:6], atol=1e-6, rtol=1e-5, fast_mode=True)

@@ -73,6 +73,48 @@ def test_extension_gelu_inference_fold():
             assert (y < 0).any() == (activation == "gelu")
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("case", SHAPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_extension_pool_matches_reference(case, training, dtype, activation, schedule):
+    """pool=True: the 2x2 max-pool between the convolutions and BatchNorm (odd sizes drop a row/column), the pooled
+    map's statistics, and the backward's recomputed argmax routing the gradient."""
+    compare_with_reference("extension", case, dtype, training=training, seed=stable_seed(case, training) % 983,
+                           activation=activation, pool=True)
+
+
+@pytest.mark.parametrize("case", SHAPES[:5], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_extension_pool_gradcheck_fp64(case, training, schedule):
+    gradcheck_backend("extension", case, training=training, pool=True)
+
+
+@pytest.mark.parametrize("case", [Case(3, 5, 19, 7, 6, k=3, channels_last=True),
+                                  Case(5, 6, 7, 3, 3, k=2, stride=2, channels_last=True)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_extension_pool_channels_last(case, dtype):
+    """Channels-last end to end with pool=True: the row kernels on the pooled map, in every dtype."""
+    for training in (True, False):
+        compare_with_reference("extension", case, dtype, training=training, pool=True,
+                               seed=stable_seed(case, dtype, training) % 983)
+
+
+def test_extension_pool_inference_does_not_fold():
+    """Eval mode without autograd: BatchNorm is not folded into the convolution ahead of the pool (a negative scale
+    would pick the window's minimum), the result is the reference's for every sign of the scale."""
+    args, kwargs = make_inputs(Case(2, 3, 6, 7, 6, k=2), torch.float64, requires_grad=False)
+    args[4][::2] *= -1  # bn_weight
+    with torch.no_grad():
+        for activation in ("relu", "gelu"):
+            y = fastblock.mixed_conv_bn_relu(*args, training=False, backend="extension", activation=activation,
+                                             pool=True, **kwargs)
+            y_ref = fastblock.mixed_conv_bn_relu(*args, training=False, backend="reference", activation=activation,
+                                                 pool=True, **kwargs)
+            assert y.shape == (2, 6, 3, 3)
+            torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-9)
+
+
 @pytest.mark.parametrize("gate", ["softmax", "sigmoid"])  # with K=1 softmax gates are exactly 1, sigmoid's are not
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -203,12 +245,12 @@ def test_extension_ops_pass_opcheck(layout, forced):
     x = x.contiguous(memory_format=layout)
     code = {None: -1, "mix": 0, "concat": 1}[forced]
     torch.library.opcheck(torch.ops.fastblock_ext.forward.default,
-                          (x, gates, weight, bias, gw, gb, rm, rv, True, 0.1, 1e-5, 1, 1, 1, True, 0, code),
+                          (x, gates, weight, bias, gw, gb, rm, rv, True, 0.1, 1e-5, 1, 1, 1, True, 0, False, code),
                           test_utils=("test_schema", "test_faketensor"))
     with fastblock.force_schedule(forced):
         torch.library.opcheck(torch.ops.fastblock.mixed_conv_bn_relu_fwd.default,
                               (x, gates, weight, bias, gw, gb, rm, rv, True, 0.1, 1e-5, 1, 1, 1, True, "relu",
-                               "extension"),
+                               False, "extension"),
                               test_utils=("test_schema", "test_faketensor"))
 
 
@@ -264,9 +306,9 @@ def test_extension_channels_last_layouts(schedule):
     x, gates, weight, bias, gw, gb, rm, rv = args
     xl = x.contiguous(memory_format=torch.channels_last)
     y, z, _, _ = torch.ops.fastblock_ext.forward(xl, gates, weight, bias, gw, gb, rm.clone(), rv.clone(), True, 0.1,
-                                                 1e-5, 1, 1, 1, True, 0, schedule)
+                                                 1e-5, 1, 1, 1, True, 0, False, schedule)
     y0, z0, _, _ = torch.ops.fastblock_ext.forward(x, gates, weight, bias, gw, gb, rm.clone(), rv.clone(), True, 0.1,
-                                                   1e-5, 1, 1, 1, True, 0, schedule)
+                                                   1e-5, 1, 1, 1, True, 0, False, schedule)
     for t in (y, z):
         assert t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
     torch.testing.assert_close(y, y0, atol=1e-5, rtol=1e-5)
@@ -275,10 +317,11 @@ def test_extension_channels_last_layouts(schedule):
     grads = torch.ops.fastblock_ext.backward(dy.contiguous(memory_format=torch.channels_last), xl, gates, weight,
                                              bias, gw, gb, z, *torch.ops.fastblock_ext.forward(
                                                  xl, gates, weight, bias, gw, gb, None, None, True, 0.1, 1e-5, 1, 1,
-                                                 1, True, 0, schedule)[2:], True, 1, 1, 1, 0, schedule)
+                                                 1, True, 0, False, schedule)[2:], True, 1, 1, 1, 0, False,
+                                             schedule)
     grads0 = torch.ops.fastblock_ext.backward(dy, x, gates, weight, bias, gw, gb, z0, *torch.ops.fastblock_ext.forward(
-        x, gates, weight, bias, gw, gb, None, None, True, 0.1, 1e-5, 1, 1, 1, True, 0, schedule)[2:], True, 1, 1, 1,
-        0, schedule)
+        x, gates, weight, bias, gw, gb, None, None, True, 0.1, 1e-5, 1, 1, 1, True, 0, False, schedule)[2:], True, 1,
+        1, 1, 0, False, schedule)
     assert grads[0].is_contiguous(memory_format=torch.channels_last)
     for a, b in zip(grads, grads0):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -61,6 +61,16 @@ def test_gpu_gelu_matches_reference_fp32(backend, case, training):
 
 
 @pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("case", [GPU_SHAPES[0], GPU_SHAPES[5]], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gpu_pool_matches_reference_fp32(backend, case, training):
+    """pool=True on the GPU: ATen's pooling in the CUDA extension, the pooling kernels in Triton."""
+    _require(backend)
+    compare_with_reference(backend, case, torch.float32, device="cuda", training=training, seed=17,
+                           reference_dtype=torch.float64, pool=True)
+
+
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("case", [Case(3, 4, 5, 7, 6, k=3), Case(2, 3, 3, 5, 5, k=1, stride=2, channels_last=True)],
                          ids=str)
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
@@ -69,6 +79,8 @@ def test_gpu_gradcheck_fp64(backend, case, activation):
     from helpers import gradcheck_backend
 
     gradcheck_backend(backend, case, training=True, device="cuda", activation=activation)
+    if activation == "relu":
+        gradcheck_backend(backend, case, training=True, device="cuda", pool=True)
 
 
 @pytest.mark.parametrize("backend", FUSED)

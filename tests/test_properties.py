@@ -2,8 +2,8 @@
 
 Each generated case draws a problem (odd sizes, stride 1/2, K 1..8, kernel 1/3/5, float32/float64), a layout
 for EVERY tensor argument (contiguous, channels-last, strided, offset into a larger buffer, expanded), train or
-eval, with or without running statistics / affine parameters / biases, a forced schedule or the backend's own
-rule, and optionally one NaN or +-Inf at a random position of a random argument. The backend must then match the
+eval, with or without running statistics / affine parameters / biases, ReLU or GELU, with or without the 2x2
+max-pool before BatchNorm, a forced schedule or the backend's own rule, and optionally one NaN or +-Inf at a random position of a random argument. The backend must then match the
 reference in the output, all six gradients, the running statistics (the whole buffer a view was cut from, so
 writes outside the view show) and the non-finite pattern -- or raise where the reference raises.
 
@@ -66,6 +66,7 @@ class Problem:
     stats: bool
     schedule: Optional[str]
     activation: str
+    pool: bool
     layouts: tuple  # one per ARG_NAMES entry
     poison: Optional[tuple]  # (argument name, flat position seed, value) or None
     seed: int
@@ -93,7 +94,7 @@ def problems(draw):
         stride=stride, dtype=draw(st.sampled_from((torch.float64, torch.float32))),
         training=draw(st.booleans()), has_bias=draw(st.booleans()), affine=draw(st.booleans()),
         stats=draw(st.booleans()), schedule=draw(st.sampled_from((None, "mix", "concat"))),
-        activation=draw(st.sampled_from(("relu", "gelu"))),
+        activation=draw(st.sampled_from(("relu", "gelu"))), pool=draw(st.booleans()),
         layouts=tuple(layouts), poison=poison, seed=draw(st.integers(0, 2 ** 31 - 1)))
 
 
@@ -170,7 +171,7 @@ def _run(backend: str, p: Problem, reference_in_float64: bool = False):
     with fastblock.force_schedule(p.schedule):
         y = fastblock.mixed_conv_bn_relu(
             *(args[n] for n in ARG_NAMES), training=p.training, momentum=0.1, eps=1e-5, stride=p.stride,
-            padding=p.ksize // 2, backend=backend, activation=p.activation)
+            padding=p.ksize // 2, backend=backend, activation=p.activation, pool=p.pool)
         dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(p.seed + 1), dtype=torch.float64)
         y.backward(dy.to(y.dtype))
     grads = {n: leaves[n].grad for n in ARG_NAMES[:6] if leaves[n] is not None}
@@ -235,7 +236,8 @@ def test_backend_behaves_like_the_reference(backend, p):
     wo = (p.w + 2 * (p.ksize // 2) - p.ksize) // p.stride + 1
     # identical samples (x expanded along N) and one output pixel: every channel's batch variance is 0, the
     # pre-activation is 0 up to rounding, and the ReLU mask -- a kink, not a bug -- flips with the last bit
-    assume(not (p.layouts[0] == "expanded" and ho * wo == 1 and (p.training or not p.stats)))
+    pixels = (ho // 2) * (wo // 2) if p.pool else ho * wo
+    assume(not (p.layouts[0] == "expanded" and pixels == 1 and (p.training or not p.stats)))
     if backend == "triton":
         assume(p.n * p.h * p.w <= 150)  # the CPU interpreter runs every program in Python
     _check(backend, p)

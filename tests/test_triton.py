@@ -42,6 +42,33 @@ def test_triton_gelu_gradcheck_fp64(training, schedule):
     gradcheck_backend("triton", Case(2, 2, 3, 4, 3, k=2), training=training, fast_mode=True, activation="gelu")
 
 
+@pytest.mark.parametrize("case", [SHAPES[0], SHAPES[1], SHAPES[4]], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_triton_pool_matches_reference(case, training, schedule):
+    """pool=True: the pooling kernel (with the pooled map's statistics), the un-pooling kernel, odd sizes."""
+    compare_with_reference("triton", case, torch.float32, training=training, seed=stable_seed(case, training) % 977,
+                           pool=True)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_triton_pool_gelu_fp64_and_gradcheck(training):
+    case = Case(2, 2, 3, 5, 4, k=2, channels_last=True)
+    compare_with_reference("triton", case, torch.float64, training=training, seed=5, activation="gelu", pool=True)
+    gradcheck_backend("triton", Case(2, 2, 3, 4, 5, k=2), training=training, fast_mode=True, pool=True)
+
+
+def test_triton_pool_inference_does_not_fold():
+    """Eval mode without autograd: no BatchNorm folded ahead of the pool (negative scales included)."""
+    from helpers import make_inputs
+
+    args, kwargs = make_inputs(Case(2, 3, 4, 6, 5, k=2), torch.float32, requires_grad=False)
+    args[4][::2] *= -1  # bn_weight
+    with torch.no_grad():
+        y = fastblock.mixed_conv_bn_relu(*args, training=False, backend="triton", pool=True, **kwargs)
+        y_ref = fastblock.mixed_conv_bn_relu(*args, training=False, backend="reference", pool=True, **kwargs)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("frozen", [("x",), ("gates",), ("x", "gates")], ids="+".join)
 def test_triton_skips_gradients_nobody_wants(frozen, schedule):
     """An input or gates that do not require grad get none (the dx kernel is not launched for x); the other
@@ -116,7 +143,11 @@ def test_aot_check_records_the_launchers_real_launches():
     names = {launch.name for launch in launches}
     assert names == {"mixed_conv_fwd_kernel", "mixed_conv_dx_kernel", "mixed_conv_dweight_kernel",
                      "bn_stats_finalize_kernel", "bn_act_normalize_kernel", "bn_act_bwd_reduce_kernel",
-                     "sum_rows_kernel", "bn_act_bwd_dz_kernel"}
+                     "sum_rows_kernel", "bn_act_bwd_dz_kernel", "max_pool2x2_kernel", "max_unpool2x2_kernel"}
+    # the pooling kernel's three uses: forward with statistics (training), without (eval), with argmax (backward)
+    pools = {(launch.kwargs["STATS"], launch.kwargs["ARGMAX"]) for launch in launches
+             if launch.name == "max_pool2x2_kernel"}
+    assert pools == {(True, False), (False, False), (False, True)}
     fwd = [launch for launch in launches if launch.name == "mixed_conv_fwd_kernel"]
     gpu_cfg = configs.conv_config(64, 64, torch.bfloat16, interp=False)
     assert any(launch.kwargs["BLOCK_M"] == gpu_cfg["BLOCK_M"] and launch.kwargs["num_warps"] == gpu_cfg["num_warps"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import os
 import re
 import sys
@@ -57,7 +58,8 @@ class Launch:
 def capture_launches(dtypes, stages=STAGES, batch=BATCH, arch=None) -> list[Launch]:
     """Every distinct kernel launch of the launcher at these shapes (train forward, eval forward with and without
     saving for backward, backward) on a GPU of compute capability ``arch``, recorded instead of run; with ReLU, and
-    at the first stage also with GELU (its kernels differ only in the activation's few lines)."""
+    at the first stage also with GELU (its kernels differ only in the activation's few lines); each without and
+    with the Block's 2x2 max-pool (``pool``)."""
     from .. import triton_backend as tb
     from . import batchnorm, configs, conv
 
@@ -91,16 +93,16 @@ def capture_launches(dtypes, stages=STAGES, batch=BATCH, arch=None) -> list[Laun
                 bn_w, bn_b = torch.ones(c), torch.zeros(c)
                 rm, rv = torch.zeros(c), torch.ones(c)
                 activations = ("relu", "gelu") if (c, hw) == stages[0] else ("relu",)
-                for activation in activations:
-                    act = "" if activation == "relu" else f" {activation}"
+                for activation, pool in itertools.product(activations, (False, True)):
+                    act = ("" if activation == "relu" else f" {activation}") + (" pool" if pool else "")
                     for training, save in ((True, True), (False, True), (False, False)):
                         label["now"] = f"{dname} C{c} {hw}x{hw} {'train' if training else 'eval'} fwd{act}"
                         y, z, mean, invstd = tb.forward(x, gates, weight, bias, bn_w, bn_b, rm, rv, training, 0.1,
-                                                        1e-5, 1, 1, 1, save, activation=activation)
+                                                        1e-5, 1, 1, 1, save, activation=activation, pool=pool)
                         if save and training:
                             label["now"] = f"{dname} C{c} {hw}x{hw} bwd{act}"
                             tb.backward(torch.empty_like(y), x, gates, weight, bias, bn_w, bn_b, z, mean, invstd,
-                                        training, 1, 1, 1, activation=activation)
+                                        training, 1, 1, 1, activation=activation, pool=pool)
     finally:
         tb._kernels, tb._interpreting, tb._device_arch = saved_kernels, saved_interp, saved_arch
     # one entry per distinct specialisation (a key from the same inputs Triton's cache key uses)

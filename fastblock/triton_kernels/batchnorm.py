@@ -1,4 +1,5 @@
-"""BatchNorm + ReLU kernels around the convolution: statistics finalize, normalise, and the backward.
+"""BatchNorm + activation kernels around the convolution: statistics finalize, normalise, the backward, and the
+2x2 max-pool a pooling Block puts between the convolution and BatchNorm (with the pooled map's statistics).
 
 All reductions are deterministic: per-tile partials written to a buffer, merged in a fixed order.
 z, y, dy and dz share one layout (z is allocated like x, dy is made to match), so elementwise kernels walk
@@ -169,3 +170,69 @@ def bn_act_bwd_dz_kernel(
         sum_gx = tl.load(sum_gx_ptr + c, mask=ok, other=0.0).to(ACC_DTYPE)
         g = g - (sum_g + xhat * sum_gx) * inv_count
     tl.store(dz_ptr + offs, (g * gamma * invstd).to(dz_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def max_pool2x2_kernel(
+    z_ptr, p_ptr, argmax_ptr, part_mean_ptr, part_m2_ptr,   # p/argmax [N, C, PH, PW] (strides of p); parts [T, C]
+    M, C, PW, PHW, szn, szc, szh, szw, spn, spc, sph, spw,  # pooled rows m = n*PHW + ph*PW + pw
+    STATS: tl.constexpr, ARGMAX: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """p = 2x2 / stride-2 max-pool of z (F.max_pool2d(z, 2): the first maximum of a window in row-major order, a
+    NaN over any number), with each window's position 0..3 of its maximum (ARGMAX, for the backward) and the
+    per-(row tile, channel) mean and M2 of p (STATS): the pooled map's BatchNorm statistics in the same pass, merged
+    by bn_stats_finalize_kernel. Bytes: read z once, write p (+ a byte per output for ARGMAX, 2*T*C partials)."""
+    pid_r = tl.program_id(0)
+    rows = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    r_ok = rows < M
+    c_ok = c < C
+    mask = r_ok[:, None] & c_ok[None, :]
+    n = rows // PHW
+    ph = (rows % PHW) // PW
+    pw = rows % PW
+    c64 = c[None, :].to(tl.int64)
+    top_left = (n * szn + 2 * ph * szh + 2 * pw * szw)[:, None] + c64 * szc
+    best = tl.load(z_ptr + top_left, mask=mask, other=0.0)
+    pos = tl.zeros([BLOCK_R, BLOCK_C], tl.int32)
+    for i in tl.static_range(1, 4):
+        v = tl.load(z_ptr + top_left + (i // 2) * szh + (i % 2) * szw, mask=mask, other=0.0)
+        take = (v > best) | (v != v)  # a later position: strictly greater, or NaN (the last NaN, as ATen)
+        best = tl.where(take, v, best)
+        pos = tl.where(take, i, pos)
+    out = (n * spn + ph * sph + pw * spw)[:, None] + c64 * spc
+    tl.store(p_ptr + out, best, mask=mask)
+    if ARGMAX:
+        tl.store(argmax_ptr + out, pos.to(tl.uint8), mask=mask)
+    if STATS:
+        count = tl.sum(r_ok.to(ACC_DTYPE), axis=0)
+        v = tl.where(mask, best.to(ACC_DTYPE), 0.0)
+        tile_mean = tl.sum(v, axis=0) / count
+        dev = tl.where(mask, v - tile_mean[None, :], 0.0)
+        part = pid_r.to(tl.int64) * C + c
+        tl.store(part_mean_ptr + part, tile_mean, mask=c_ok)
+        tl.store(part_m2_ptr + part, tl.sum(dev * dev, axis=0), mask=c_ok)
+
+
+@triton.jit
+def max_unpool2x2_kernel(
+    dp_ptr, argmax_ptr, dz_ptr,                             # dp/argmax [N, C, PH, PW] (strides of dp); dz like z
+    M, C, PW, PHW, spn, spc, sph, spw, szn, szc, szh, szw,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The backward of max_pool2x2_kernel: each window's gradient at the position of its maximum, 0 at the other
+    three (the row and column an odd-sized z drops are zeroed by the caller). Bytes: read dp and argmax, write dz."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < M)[:, None] & (c < C)[None, :]
+    n = rows // PHW
+    ph = (rows % PHW) // PW
+    pw = rows % PW
+    c64 = c[None, :].to(tl.int64)
+    src = (n * spn + ph * sph + pw * spw)[:, None] + c64 * spc
+    g = tl.load(dp_ptr + src, mask=mask, other=0.0)
+    pos = tl.load(argmax_ptr + src, mask=mask, other=0).to(tl.int32)
+    top_left = (n * szn + 2 * ph * szh + 2 * pw * szw)[:, None] + c64 * szc
+    for i in tl.static_range(0, 4):
+        tl.store(dz_ptr + top_left + (i // 2) * szh + (i % 2) * szw, tl.where(pos == i, g, 0.0), mask=mask)
