@@ -3,9 +3,10 @@
 Each generated case draws a problem (odd sizes, stride 1/2, K 1..8, kernel 1/3/5, float32/float64), a layout
 for EVERY tensor argument (contiguous, channels-last, strided, offset into a larger buffer, expanded), train or
 eval, with or without running statistics / affine parameters / biases, ReLU or GELU, with or without the 2x2
-max-pool before BatchNorm, a forced schedule or the backend's own rule, and optionally one NaN or +-Inf at a random position of a random argument. The backend must then match the
-reference in the output, all six gradients, the running statistics (the whole buffer a view was cut from, so
-writes outside the view show) and the non-finite pattern -- or raise where the reference raises.
+max-pool before BatchNorm, a forced schedule or the backend's own rule, and optionally one NaN or +-Inf at a
+random position of a random argument. The backend must then match the reference in the output, all six
+gradients, the running statistics (the whole buffer a view was cut from, so writes outside the view show) and the
+non-finite pattern -- or raise where the reference raises.
 
 Non-finite semantics (README, "NaN and Inf"): a NaN in x, gates, bias or a BatchNorm tensor gives exactly the
 reference's NaN pattern, except in dW, whose taps that touch padding are 0 * NaN or 0 depending on whether a

@@ -225,6 +225,23 @@ def test_every_preset_model_builds_and_steps(name):
     assert torch.isfinite(loss)
 
 
+def test_pool_first_network_has_the_same_layers_and_flops():
+    """downsample="pool-first" moves each stage's max-pool into its first Block (pool=True): same parameters, same
+    convolution FLOPs (counted before the Block's own pooling), same output; BatchNorm sees the pooled map."""
+    from fastblock import Block, MaxPool2x2
+    from fastblock.models import AirBlockNet, count_flops
+
+    after = AirBlockNet((8, 16, 16), 1, backend="reference")
+    first = AirBlockNet((8, 16, 16), 1, downsample="pool-first", backend="reference")
+    assert sum(p.numel() for p in first.parameters()) == sum(p.numel() for p in after.parameters())
+    assert count_flops(first) == count_flops(after) > 0
+    assert not any(isinstance(m, MaxPool2x2) for m in first.modules())
+    assert [m.pool for m in first.body if isinstance(m, Block)] == [True, False] * 3
+    assert first(torch.randn(3, 3, 32, 32)).shape == (3, 10)
+    with pytest.raises(ValueError, match="downsample must be"):
+        AirBlockNet(downsample="avg")
+
+
 def test_weight_decay_skips_bn_and_bias():
     model = build_model("tiny")
     decay, no_decay = train.param_groups(model, 5e-4)
