@@ -227,7 +227,7 @@ def _max_pool2x2(z, stats=False, argmax=False):
     p = empty_like_layout(z, (n, c, h // 2, w // 2))
     pos = empty_like_layout(z, p.shape, dtype=torch.uint8) if argmax else p
     m = p.numel() // c
-    block_r, block_c = configs.bn_reduce_tile(_interpreting(z))
+    block_r, block_c = configs.pool_tile(_interpreting(z))
     tiles = triton.cdiv(m, block_r)
     acc_torch = stats_dtype(z.dtype)
     parts = [empty_buffer((tiles, c), acc_torch, z.device) for _ in range(2)] if stats else [p, p]
@@ -250,7 +250,7 @@ def _max_unpool2x2(dp, argmax, z):
     if h % 2 or w % 2:
         dz.zero_()
     m = dp.numel() // c
-    block_r, block_c = configs.bn_reduce_tile(_interpreting(z))
+    block_r, block_c = configs.pool_tile(_interpreting(z))
     bn.max_unpool2x2_kernel[(triton.cdiv(m, block_r), triton.cdiv(c, block_c))](
         dp, argmax, dz, m, c, dp.shape[3], dp.shape[2] * dp.shape[3], *dp.stride(), *dz.stride(),
         BLOCK_R=block_r, BLOCK_C=block_c,
@@ -283,7 +283,7 @@ def backward(dy, x, gates, weight, bias, bn_weight, bn_bias, z, mean, invstd, us
     mean, invstd = mean.contiguous(), invstd.contiguous()
 
     # --- BatchNorm + activation backward ------------------------------------------------------------------------
-    block_r, block_c = configs.bn_reduce_tile(interp)
+    block_r, block_c = (configs.pool_tile if pool else configs.bn_reduce_tile)(interp)
     row_tiles = triton.cdiv(m, block_r)
     part_g = empty_buffer((row_tiles, cout), acc_torch, x.device)
     part_gx = empty_buffer((row_tiles, cout), acc_torch, x.device)

@@ -26,6 +26,13 @@ def bn_reduce_tile(interp: bool) -> tuple[int, int]:
     return (INTERPRETER_TILE, INTERPRETER_TILE) if interp else (64, 64)
 
 
+def pool_tile(interp: bool) -> tuple[int, int]:
+    """(BLOCK_R pooled rows, BLOCK_C channels) of the pooling kernels, and of the backward reduction over a pooled
+    map: each element has four 64-bit addresses in flight, and 64x64 tiles spilled registers in bf16 on sm_80/86
+    (32x32 still did on sm_80, and the reduction's 64x64 at the pooled 2x2 maps on sm_120)."""
+    return (INTERPRETER_TILE, INTERPRETER_TILE) if interp else (16, 32)
+
+
 def conv_config(rows_per_sample: int, cols: int, dtype: torch.dtype, interp: bool,
                 schedule: Optional[str] = None, arch: Optional[int] = None) -> dict:
     """Schedule and tiles of the implicit-GEMM forward / dx kernels (``rows_per_sample``: output pixels per
