@@ -263,8 +263,11 @@ MODELS = {
                                              "BN -> ReLU, the public speed-run's order)",
                                              _air((64, 256, 256), 1, "pool-first", whiten_gelu=True,
                                                   conv_bias=False)),
-    "air-cpu-wide-k1-poolfirst-gelu": ModelRecipe("air-cpu-wide-k1-poolfirst with GELU Blocks (fused conv -> pool "
-                                                  "-> BN -> GELU: the public speed-run's Block)",
+    "air-cpu-wide-k1-poolfirst-gelu": ModelRecipe("patch whitening + GELU, then 3 stages of (Block with the "
+                                                  "stage's 2x2 max-pool inside: conv -> max-pool -> BN -> GELU, "
+                                                  "Block: conv -> BN -> GELU), 64-256-256, bias-free K=1 GELU "
+                                                  "Blocks, global max-pool, linear head: the public speed-run's "
+                                                  "network, fused",
                                                   _air((64, 256, 256), 1, "pool-first", whiten_gelu=True,
                                                        conv_bias=False, activation="gelu")),
     "air-cpu-small": ModelRecipe("air-cpu narrowed to 32-128-128 (K=2)", _air((32, 128, 128), 2)),

@@ -165,7 +165,7 @@ def forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_va
         z_out = z if save_for_backward else y  # unused pointer when STORE_Z is off
         conv.mixed_conv_fwd_kernel[grid](x, gates, w_fwd, bias, y, z_out, scale, scale, scale, shift, *conv_args,
                                          EVAL=True, STORE_Z=save_for_backward, GELU=gelu, **common, **launch)
-        return y, (z if save_for_backward else x.new_empty((0,))), mean, invstd
+        return y, _saved(z, save_for_backward), mean, invstd
 
     part_mean = empty_buffer((grid[0], cout), acc_torch, x.device)
     part_m2 = empty_buffer((grid[0], cout), acc_torch, x.device)

@@ -54,20 +54,13 @@ def test_gpu_matches_reference_16bit(backend, dtype, case, training):
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("case", [GPU_SHAPES[0], GPU_SHAPES[5]], ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_gpu_gelu_matches_reference_fp32(backend, case, training):
+@pytest.mark.parametrize("activation, pool", [("gelu", False), ("relu", True), ("gelu", True)],
+                         ids=["gelu", "pool", "pool-gelu"])
+def test_gpu_block_variants_match_reference_fp32(backend, case, training, activation, pool):
+    """GELU and pool=True on the GPU (pooling: ATen's in the CUDA extension, the pooling kernels in Triton)."""
     _require(backend)
     compare_with_reference(backend, case, torch.float32, device="cuda", training=training, seed=13,
-                           reference_dtype=torch.float64, activation="gelu")
-
-
-@pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("case", [GPU_SHAPES[0], GPU_SHAPES[5]], ids=str)
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_gpu_pool_matches_reference_fp32(backend, case, training):
-    """pool=True on the GPU: ATen's pooling in the CUDA extension, the pooling kernels in Triton."""
-    _require(backend)
-    compare_with_reference(backend, case, torch.float32, device="cuda", training=training, seed=17,
-                           reference_dtype=torch.float64, pool=True)
+                           reference_dtype=torch.float64, activation=activation, pool=pool)
 
 
 @pytest.mark.parametrize("backend", FUSED)

@@ -75,6 +75,16 @@ def test_help_lists_every_flag(capsys):
         assert flag in text
 
 
+@pytest.mark.parametrize("flag, word, choices", [("--flip", "sideways", "on, off, alternate"),
+                                                  ("--tta", "all", "on, off, flip-translate, flip-translate-all")])
+def test_a_misspelt_choice_is_a_one_line_error(flag, word, choices, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.main([flag, word])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: invalid choice {word!r} (choose from {choices})" in err and "Traceback" not in err
+
+
 def test_list_presets(capsys):
     assert train.main(["--list-presets"]) == 0
     text = capsys.readouterr().out
@@ -812,3 +822,11 @@ def test_tta_views_are_symmetric_and_weighted():
     torch.testing.assert_close(up_left[:, :, 1:, 1:], x[:, :, :-1, :-1])      # content moved down-right by one
     torch.testing.assert_close(down_right[:, :, :-1, :-1], x[:, :, 1:, 1:])   # and up-left by one
     torch.testing.assert_close(up_left[:, :, 0, 1:], x[:, :, 1, :-1])         # reflect padding at the border
+    every = tta_views(x, "flip-translate-all")
+    assert len(every) == 18 and all(w == 1 / 18 for w, _ in every)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifts = {(i, j): padded[:, :, i:i + 5, j:j + 4] for i in range(3) for j in range(3)}
+    for (i, j), view in shifts.items():  # each shift once, and its mirror once
+        assert sum(torch.equal(v, view) for _, v in every) == 1
+        assert sum(torch.equal(v, view.flip(3)) for _, v in every) == 1
+    assert torch.equal(shifts[1, 1], x)

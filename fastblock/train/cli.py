@@ -27,12 +27,18 @@ curves.png and summary.json. Ctrl-C saves a resumable checkpoint.
 """
 
 
-def _flip(value: str):
-    return {"on": True, "off": False, "alternate": "alternate"}[value]
+def _choice(mapping: dict):
+    """An argparse type for a word from ``mapping``: its value, or argparse's one-line error naming the choices."""
+    def parse(value: str):
+        if value not in mapping:
+            raise argparse.ArgumentTypeError(f"invalid choice {value!r} (choose from {', '.join(mapping)})")
+        return mapping[value]
+    return parse
 
 
-def _tta(value: str):
-    return {"on": True, "off": False, "flip-translate": "flip-translate"}[value]
+_flip = _choice({"on": True, "off": False, "alternate": "alternate"})
+_tta = _choice({"on": True, "off": False, "flip-translate": "flip-translate",
+                "flip-translate-all": "flip-translate-all"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     hp.add_argument("--cpu-pool-gib", type=float,
                     help="on CPU with the extension: GiB of freed buffers the extension's allocation pool may keep "
                          "for the next training step (0: off)")
-    hp.add_argument("--tta", type=_tta, nargs="?", const=True, metavar="{on,off,flip-translate}",
-                    help="test-time augmentation: flips (a bare --tta), none, or flips and 1-pixel translations")
+    hp.add_argument("--tta", type=_tta, nargs="?", const=True, metavar="{on,off,flip-translate,flip-translate-all}",
+                    help="test-time augmentation: flips (a bare --tta), none, flips and 1-pixel translations (6 "
+                         "views), or flips at all nine shifts of up to 1 pixel (18 views)")
     hp.add_argument("--no-tta", dest="tta", action="store_const", const=False, help="same as --tta off")
     hp.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     run_group = p.add_argument_group("runs")

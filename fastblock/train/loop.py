@@ -282,13 +282,20 @@ def augment(cfg, x: torch.Tensor, gen: torch.Generator, flips: Optional[torch.Te
 def tta_views(x: torch.Tensor, tta) -> list[tuple[float, torch.Tensor]]:
     """(weight, view) pairs whose weighted logits are averaged. "flip-translate": the image and its mirror at half
     the weight, and both shifted by one pixel up-left and down-right (reflect padding) at a quarter each --
-    symmetric shifts, the unshifted view weighted most (bench/RESULTS.md compares it with alternatives)."""
+    symmetric shifts, the unshifted view weighted most (bench/RESULTS.md compares it with alternatives).
+    "flip-translate-all": the image and its mirror at each of the nine shifts by -1/0/+1 pixels, equal weights
+    (18 views: three times the evaluation work of "flip-translate")."""
     if not tta:
         return [(1.0, x)]
-    if tta != "flip-translate":
+    if tta is True:
         return [(0.5, x), (0.5, x.flip(3))]
+    if tta not in ("flip-translate", "flip-translate-all"):
+        raise ValueError(f"tta must be True, False, 'flip-translate' or 'flip-translate-all', got {tta!r}")
     h, w = x.shape[2:]
     padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    if tta == "flip-translate-all":
+        shifted = [padded[:, :, i:i + h, j:j + w] for i in range(3) for j in range(3)]
+        return [(1 / 18, view) for s in shifted for view in (s, s.flip(3))]
     views = [(0.25, x), (0.25, x.flip(3))]
     for shifted in (padded[:, :, :h, :w], padded[:, :, 2:, 2:]):
         views += [(0.125, shifted), (0.125, shifted.flip(3))]

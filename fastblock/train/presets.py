@@ -49,7 +49,7 @@ class Recipe:
     accum_steps: int = 1
     amp: str = "auto"              # auto | bf16 | fp16 | off
     channels_last: Union[bool, str] = "auto"
-    tta: Union[bool, str] = True   # True: flip views; "flip-translate": flips and +-1-pixel translations
+    tta: Union[bool, str] = True   # True: flips; "flip-translate": + 1-pixel shifts (6 views); "...-all": 18 views
     compile: bool = False
     cpu_pool_gib: float = 4.0      # CPU + extension: the allocation pool's cache for training steps (0: off)
 
@@ -65,23 +65,25 @@ def _recipe(description: str, **settings) -> Recipe:
 # warm-up, a linear decay to 0, no weight averaging (bench/RESULTS.md has the runs behind it, and the SGD recipe
 # with lookahead that it replaced).
 SPEED_RUN = dict(
-    model="air-cpu-wide-k1-gelu", whiten_bias_epochs=3, epochs=12, batch_size=2000, optimizer="muon", lr=1.656,
-    momentum=0.85, weight_decay=2.415e-3, muon_lr=0.24, muon_momentum=0.6, bn_bias_lr_scale=64.0, bn_momentum=0.4,
-    warmup_epochs=0.0, min_lr_ratio=0.0, crop_pad=2, flip="alternate", freeze_bn_weight=True, dirac=True, ema=0.0,
-    tta="flip-translate")
+    model="air-cpu-wide-k1-poolfirst-gelu", whiten_bias_epochs=3, epochs=12, batch_size=2000, optimizer="muon",
+    lr=1.656, momentum=0.85, weight_decay=2.415e-3, muon_lr=0.24, muon_momentum=0.6, bn_bias_lr_scale=64.0,
+    bn_momentum=0.4, warmup_epochs=0.0, min_lr_ratio=0.0, crop_pad=2, flip="alternate", freeze_bn_weight=True,
+    dirac=True, ema=0.0, tta="flip-translate")
 
 PRESETS: dict[str, Recipe] = {
     "cpu": _recipe(
-        "default without a GPU: " + MODELS["air-cpu-wide-k1-gelu"].description + " (K=1: gated Blocks did not "
-        "pay for their cost on a CPU, bench/RESULTS.md; identity-initialised; the whitening bias trains for 3 "
-        "epochs); batch 2000, Muon for the Blocks' filters (lr 0.24, momentum 0.6), SGD-Nesterov lr 1.656 "
+        "default without a GPU: " + MODELS["air-cpu-wide-k1-poolfirst-gelu"].description + " (K=1: gated Blocks "
+        "did not pay for their cost on a CPU, bench/RESULTS.md; identity-initialised; the whitening bias trains for "
+        "3 epochs); batch 2000, Muon for the Blocks' filters (lr 0.24, momentum 0.6), SGD-Nesterov lr 1.656 "
         "momentum 0.85 for the rest, BatchNorm biases at 64x the lr, linear decay to 0 without warm-up, label "
         "smoothing 0.2, frozen BatchNorm scales, alternating flips + 2-pixel translations, flip-and-translate TTA; "
         "bf16 + channels_last on CPUs with bf16 matrix instructions; 12 epochs", **SPEED_RUN),
     "fast": _recipe(
-        "default on a GPU: the cpu recipe on a GPU -- " + MODELS["air-gpu-gelu"].description +
-        " (gated: a GPU mixes the K kernels per sample at no extra convolution FLOPs); the same batch 2000 and "
-        "optimizers, bf16 autocast, channels_last, torch.compile; 16 epochs",
+        "default on a GPU: the cpu recipe's training on a GPU, with the network the cpu recipe had before its "
+        "pool-first GELU Blocks (their GPU kernels have not yet run on a GPU) -- " +
+        MODELS["air-gpu-gelu"].description + " (gated: a GPU mixes the K kernels per sample at no extra "
+        "convolution FLOPs); the same batch 2000 and optimizers, bf16 autocast, channels_last, torch.compile; "
+        "16 epochs",
         **dict(SPEED_RUN, model="air-gpu-gelu", epochs=16, compile=True)),
     "resnet9": _recipe(
         "a gated-Block ResNet-9: " + MODELS["resnet9-gated"].description + "; batch 512, SGD-Nesterov, warm-up + "

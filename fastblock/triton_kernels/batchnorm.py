@@ -103,6 +103,28 @@ def bn_act_normalize_kernel(
 
 
 @triton.jit
+def _row_tile(M, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile of a [M rows, C channels] view: row and channel indices, their masks and the tile's."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    r_ok = rows < M
+    c_ok = c < C
+    return rows, c, r_ok, c_ok, r_ok[:, None] & c_ok[None, :]
+
+
+@triton.jit
+def _pool_addresses(rows, c, PW, PHW, spn, spc, sph, spw, szn, szc, szh, szw):
+    """For pooled rows m = n*PHW + ph*PW + pw and channels c: the offset of (n, c, ph, pw) in the pooled map and of
+    its 2x2 window's top-left element (n, c, 2ph, 2pw) in z."""
+    n = rows // PHW
+    ph = (rows % PHW) // PW
+    pw = rows % PW
+    c64 = c[None, :].to(tl.int64)
+    return ((n * spn + ph * sph + pw * spw)[:, None] + c64 * spc,
+            (n * szn + 2 * ph * szh + 2 * pw * szw)[:, None] + c64 * szc)
+
+
+@triton.jit
 def bn_act_bwd_reduce_kernel(
     dy_ptr, z_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
     part_g_ptr, part_gx_ptr,                 # [T, C]: per row tile, sum g and sum g * xhat
@@ -111,12 +133,7 @@ def bn_act_bwd_reduce_kernel(
 ):
     """Partial sums of g = dy * act'(u) (ReLU: dy * [u > 0]) and g * xhat per (row tile, channel); u is
     recomputed from z, so y need not be saved. Bytes: read dy and z once; write 2*T*C partials."""
-    pid_r = tl.program_id(0)
-    rows = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    r_ok = rows < M
-    c_ok = c < C
-    mask = r_ok[:, None] & c_ok[None, :]
+    rows, c, r_ok, c_ok, mask = _row_tile(M, C, BLOCK_R, BLOCK_C)
     off = ((rows // HW) * srow_n + (rows % HW) * srow_hw)[:, None] + c[None, :].to(tl.int64) * sc
     mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(ACC_DTYPE)
     invstd = tl.load(invstd_ptr + c, mask=c_ok, other=0.0).to(ACC_DTYPE)
@@ -126,7 +143,7 @@ def bn_act_bwd_reduce_kernel(
     dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(ACC_DTYPE)
     xhat = (z - mean[None, :]) * invstd[None, :]
     g = tl.where(mask, activation_grad(xhat * gamma[None, :] + beta[None, :], dy, GELU), 0.0)
-    part = pid_r.to(tl.int64) * C + c
+    part = tl.program_id(0).to(tl.int64) * C + c
     tl.store(part_g_ptr + part, tl.sum(g, axis=0), mask=c_ok)
     tl.store(part_gx_ptr + part, tl.sum(g * xhat, axis=0), mask=c_ok)
 
@@ -183,17 +200,8 @@ def max_pool2x2_kernel(
     NaN over any number), with each window's position 0..3 of its maximum (ARGMAX, for the backward) and the
     per-(row tile, channel) mean and M2 of p (STATS): the pooled map's BatchNorm statistics in the same pass, merged
     by bn_stats_finalize_kernel. Bytes: read z once, write p (+ a byte per output for ARGMAX, 2*T*C partials)."""
-    pid_r = tl.program_id(0)
-    rows = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    r_ok = rows < M
-    c_ok = c < C
-    mask = r_ok[:, None] & c_ok[None, :]
-    n = rows // PHW
-    ph = (rows % PHW) // PW
-    pw = rows % PW
-    c64 = c[None, :].to(tl.int64)
-    top_left = (n * szn + 2 * ph * szh + 2 * pw * szw)[:, None] + c64 * szc
+    rows, c, r_ok, c_ok, mask = _row_tile(M, C, BLOCK_R, BLOCK_C)
+    out, top_left = _pool_addresses(rows, c, PW, PHW, spn, spc, sph, spw, szn, szc, szh, szw)
     best = tl.load(z_ptr + top_left, mask=mask, other=0.0)
     pos = tl.zeros([BLOCK_R, BLOCK_C], tl.int32)
     for i in tl.static_range(1, 4):
@@ -201,7 +209,6 @@ def max_pool2x2_kernel(
         take = (v > best) | (v != v)  # a later position: strictly greater, or NaN (the last NaN, as ATen)
         best = tl.where(take, v, best)
         pos = tl.where(take, i, pos)
-    out = (n * spn + ph * sph + pw * spw)[:, None] + c64 * spc
     tl.store(p_ptr + out, best, mask=mask)
     if ARGMAX:
         tl.store(argmax_ptr + out, pos.to(tl.uint8), mask=mask)
@@ -210,7 +217,7 @@ def max_pool2x2_kernel(
         v = tl.where(mask, best.to(ACC_DTYPE), 0.0)
         tile_mean = tl.sum(v, axis=0) / count
         dev = tl.where(mask, v - tile_mean[None, :], 0.0)
-        part = pid_r.to(tl.int64) * C + c
+        part = tl.program_id(0).to(tl.int64) * C + c
         tl.store(part_mean_ptr + part, tile_mean, mask=c_ok)
         tl.store(part_m2_ptr + part, tl.sum(dev * dev, axis=0), mask=c_ok)
 
@@ -223,16 +230,9 @@ def max_unpool2x2_kernel(
 ):
     """The backward of max_pool2x2_kernel: each window's gradient at the position of its maximum, 0 at the other
     three (the row and column an odd-sized z drops are zeroed by the caller). Bytes: read dp and argmax, write dz."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (rows < M)[:, None] & (c < C)[None, :]
-    n = rows // PHW
-    ph = (rows % PHW) // PW
-    pw = rows % PW
-    c64 = c[None, :].to(tl.int64)
-    src = (n * spn + ph * sph + pw * spw)[:, None] + c64 * spc
+    rows, c, _, _, mask = _row_tile(M, C, BLOCK_R, BLOCK_C)
+    src, top_left = _pool_addresses(rows, c, PW, PHW, spn, spc, sph, spw, szn, szc, szh, szw)
     g = tl.load(dp_ptr + src, mask=mask, other=0.0)
     pos = tl.load(argmax_ptr + src, mask=mask, other=0).to(tl.int32)
-    top_left = (n * szn + 2 * ph * szh + 2 * pw * szw)[:, None] + c64 * szc
     for i in tl.static_range(0, 4):
         tl.store(dz_ptr + top_left + (i // 2) * szh + (i % 2) * szw, tl.where(pos == i, g, 0.0), mask=mask)
