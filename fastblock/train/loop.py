@@ -927,11 +927,14 @@ def eval_only(args, device, dist, say) -> int:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise RunError(f"--eval-only: {path} does not fit model {cfg['model']!r}: {str(exc).splitlines()[0]}") from None
+    channels_last = channels_last_for(dict(cfg, channels_last=cfg.get("channels_last", "auto")), device)
+    if channels_last:  # the layout the run trained and evaluated in
+        model = model.to(memory_format=torch.channels_last)
     data = load_data(cfg, args, dist)
     mean, std = (t.to(device).view(1, 3, 1, 1) for t in data.mean_std)
     tta = cfg.get("tta", False) if args.tta is None else args.tta
     loss, acc, preds = evaluate(model, data.test_x.to(device), data.test_y.to(device), mean, std, 1024,
-                                amp_dtype_for(cfg, device), False, tta, dist, device)
+                                amp_dtype_for(cfg, device), channels_last, tta, dist, device)
     say(f"{path}: {'validation' if cfg['val_split'] else 'test'} accuracy {100 * acc:.2f}%  loss {loss:.4f}"
         f"  ({len(data.test_y)} images, TTA {tta or 'off'})")
     if dist.world == 1:
