@@ -927,7 +927,7 @@ def eval_only(args, device, dist, say) -> int:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise RunError(f"--eval-only: {path} does not fit model {cfg['model']!r}: {str(exc).splitlines()[0]}") from None
-    channels_last = channels_last_for(dict(cfg, channels_last=cfg.get("channels_last", "auto")), device)
+    channels_last = channels_last_for(cfg, device)  # every run's config holds it, as it holds "amp"
     if channels_last:  # the layout the run trained and evaluated in
         model = model.to(memory_format=torch.channels_last)
     data = load_data(cfg, args, dist)
