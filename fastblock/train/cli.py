@@ -8,7 +8,7 @@ import sys
 from ..backends import accepted_names
 from ..data import DataError
 from ..models import MODELS
-from .loop import BackendUnavailable, RunError, run
+from .loop import TTA_MODES, BackendUnavailable, RunError, run
 from .presets import PRESETS
 
 USAGE = """Train CIFAR-10 networks of fastblock Blocks.
@@ -37,8 +37,8 @@ def _choice(mapping: dict):
 
 
 _flip = _choice({"on": True, "off": False, "alternate": "alternate"})
-_tta = _choice({"on": True, "off": False, "flip-translate": "flip-translate",
-                "flip-translate-all": "flip-translate-all"})
+_TTA_CHOICES = {"on": True, "off": False, **{mode: mode for mode in TTA_MODES}}
+_tta = _choice(_TTA_CHOICES)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     hp.add_argument("--cpu-pool-gib", type=float,
                     help="on CPU with the extension: GiB of freed buffers the extension's allocation pool may keep "
                          "for the next training step (0: off)")
-    hp.add_argument("--tta", type=_tta, nargs="?", const=True, metavar="{on,off,flip-translate,flip-translate-all}",
+    hp.add_argument("--tta", type=_tta, nargs="?", const=True, metavar="{" + ",".join(_TTA_CHOICES) + "}",
                     help="test-time augmentation: flips (a bare --tta), none, flips and 1-pixel translations (6 "
                          "views), or flips at all nine shifts of up to 1 pixel (18 views)")
     hp.add_argument("--no-tta", dest="tta", action="store_const", const=False, help="same as --tta off")

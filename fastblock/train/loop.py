@@ -279,6 +279,10 @@ def augment(cfg, x: torch.Tensor, gen: torch.Generator, flips: Optional[torch.Te
     return x
 
 
+# The test-time augmentations beyond flips (tta=True) and none (tta=False), by name: tta_views builds their views.
+TTA_MODES = ("flip-translate", "flip-translate-all")
+
+
 def tta_views(x: torch.Tensor, tta) -> list[tuple[float, torch.Tensor]]:
     """(weight, view) pairs whose weighted logits are averaged. "flip-translate": the image and its mirror at half
     the weight, and both shifted by one pixel up-left and down-right (reflect padding) at a quarter each --
@@ -289,8 +293,8 @@ def tta_views(x: torch.Tensor, tta) -> list[tuple[float, torch.Tensor]]:
         return [(1.0, x)]
     if tta is True:
         return [(0.5, x), (0.5, x.flip(3))]
-    if tta not in ("flip-translate", "flip-translate-all"):
-        raise ValueError(f"tta must be True, False, 'flip-translate' or 'flip-translate-all', got {tta!r}")
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be True, False or one of {TTA_MODES}, got {tta!r}")
     h, w = x.shape[2:]
     padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
     if tta == "flip-translate-all":
@@ -921,7 +925,8 @@ def eval_only(args, device, dist, say) -> int:
     if args.data_dir != "data" or "data_dir" not in cfg:
         cfg["data_dir"] = args.data_dir
     cfg["val_split"], cfg["subset"] = cfg.get("val_split", 0.0), args.subset or cfg.get("subset", 0)
-    model = build_model(cfg["model"], backend=args.backend).to(device)
+    backend_name = pick_backend(args.backend, device, amp_dtype_for(cfg, device) or torch.float32, say)
+    model = build_model(cfg["model"], backend=backend_name).to(device)
     state = ckpt["model"]
     try:
         model.load_state_dict(state)
@@ -933,8 +938,10 @@ def eval_only(args, device, dist, say) -> int:
     data = load_data(cfg, args, dist)
     mean, std = (t.to(device).view(1, 3, 1, 1) for t in data.mean_std)
     tta = cfg.get("tta", False) if args.tta is None else args.tta
-    loss, acc, preds = evaluate(model, data.test_x.to(device), data.test_y.to(device), mean, std, 1024,
-                                amp_dtype_for(cfg, device), channels_last, tta, dist, device)
+    cfg.setdefault("cpu_pool_gib", recipe_defaults()["cpu_pool_gib"])  # runs from before the setting existed
+    with cpu_pool_for(cfg, device, backend_name, say)():  # as the run's own evaluations: no page-faulting buffers
+        loss, acc, preds = evaluate(model, data.test_x.to(device), data.test_y.to(device), mean, std, 1024,
+                                    amp_dtype_for(cfg, device), channels_last, tta, dist, device)
     say(f"{path}: {'validation' if cfg['val_split'] else 'test'} accuracy {100 * acc:.2f}%  loss {loss:.4f}"
         f"  ({len(data.test_y)} images, TTA {tta or 'off'})")
     if dist.world == 1:
