@@ -163,6 +163,28 @@ def test_eval_only_prints_per_class_table(tmp_path, folder_data, capsys):
     assert "accuracy" in text and "confusion matrix" in text and "class9" in text
 
 
+def test_eval_only_runs_as_the_trainer_evaluates(tmp_path, folder_data, capsys):
+    """--eval-only picks its backend as training does and, on CPU with the extension, evaluates inside the
+    extension's allocation pool as the run's own evaluations do (without it every batch page-faults its buffers
+    in afresh)."""
+    from fastblock import extension
+
+    if not fastblock.available_backends("cpu")["extension"].available:
+        pytest.skip("needs the extension")
+    out = _train(tmp_path, folder_data, "--epochs", "1", "--batch-size", "50")
+    capsys.readouterr()
+    limit = extension.cpu_pool_stats()["limit_bytes"]
+    try:
+        hits = extension.cpu_pool_stats()["hits"]
+        assert train.main(["--eval-only", str(out), "--data-dir", str(folder_data), "--cache-dir",
+                           str(tmp_path / "cache"), "--backend", "extension", "--tta", "--no-progress"]) == 0
+        assert extension.cpu_pool_stats()["hits"] > hits  # the second view's buffers are the first one's
+    finally:
+        extension.set_cpu_pool_limit(limit)
+    text = capsys.readouterr().out
+    assert "backend: extension" in text and "allocation pool" in text and "accuracy" in text
+
+
 @pytest.mark.parametrize("problem, message", [
     ("missing", "no CIFAR-10 found"),
     ("mismatch", "class folders differ"),
@@ -385,12 +407,13 @@ def test_steps_csv_and_projection(tmp_path, folder_data, capsys):
 
 
 def test_time_budget_plans_the_steps(tmp_path, folder_data, monkeypatch, capsys):
-    """Steps of ~0.05 s (a sleep: the test's timing does not hang on the machine's load) in a 0.6 s budget: the
-    probe's 6 steps fit, and the run ends after about 12 steps, not after the preset's 3 epochs (30 steps)."""
+    """Steps of ~0.1 s (a sleep, long beside the tiny model's real step, so that the test's timing does not hang on
+    the machine's load) in a 1.2 s budget: the probe's 6 steps fit, and the run ends after about 12 steps, not
+    after the preset's 3 epochs (30 steps)."""
     from fastblock.train import loop
 
-    _sleep_in_steps(monkeypatch, lambda n: 0.05)
-    out = _train(tmp_path, folder_data, "--time-budget", str(0.6 / 60), "--batch-size", "20")
+    _sleep_in_steps(monkeypatch, lambda n: 0.1)
+    out = _train(tmp_path, folder_data, "--time-budget", str(1.2 / 60), "--batch-size", "20")
     assert "time budget" in capsys.readouterr().out
     config = torch.load(out / "last.pt", weights_only=True)
     assert 1 + loop.PROBE_STEPS <= config["plan"]["total_steps"] < 20
