@@ -6,8 +6,8 @@ Forward, training mode (3 kernels + 1 tiny one):
     3. bn_act_normalize_kernel    y = act(BN(z)), act = ReLU or GELU
 Forward, eval mode: kernel 1 alone, with BatchNorm + activation folded into its epilogue.
 Forward with ``pool`` (a 2x2 max-pool between the convolution and BatchNorm): max_pool2x2_kernel between kernels 1
-and 2 pools z and takes the pooled map's per-tile statistics in the same pass (kernel 1's statistics of the full
-map go unused); in eval mode it runs between kernel 1 and the normalisation (no fold: a max commutes with the affine
+and 2 pools z and takes the pooled map's per-tile statistics in the same pass (kernel 1 then skips those of the full
+map); in eval mode it runs between kernel 1 and the normalisation (no fold: a max commutes with the affine
 map only for a scale >= 0).
 Backward:
     [pool: max_pool2x2_kernel  -> the pooled map and each window's argmax, recomputed from the saved z]
@@ -164,15 +164,23 @@ def forward(x, gates, weight, bias, bn_weight, bn_bias, running_mean, running_va
         y = empty_like_layout(x, z.shape)
         z_out = z if save_for_backward else y  # unused pointer when STORE_Z is off
         conv.mixed_conv_fwd_kernel[grid](x, gates, w_fwd, bias, y, z_out, scale, scale, scale, shift, *conv_args,
-                                         EVAL=True, STORE_Z=save_for_backward, GELU=gelu, **common, **launch)
+                                         EVAL=True, STORE_Z=save_for_backward, GELU=gelu, STATS=False, **common,
+                                         **launch)
         return y, _saved(z, save_for_backward), mean, invstd
 
-    part_mean = empty_buffer((grid[0], cout), acc_torch, x.device)
-    part_m2 = empty_buffer((grid[0], cout), acc_torch, x.device)
+    # The statistics BatchNorm needs: z's, from the convolution's epilogue, or those of z's 2x2 max-pool, from the
+    # pooling kernel (z's own would go unused).
+    z_stats = use_batch_stats and not pool
+    if z_stats:
+        part_mean = empty_buffer((grid[0], cout), acc_torch, x.device)
+        part_m2 = empty_buffer((grid[0], cout), acc_torch, x.device)
+        counts = _tile_counts(n, ho * wo, cfg["BLOCK_M"], cfg["MIX"], acc_torch, x.device)
+    else:
+        part_mean = part_m2 = z  # unused pointers
     conv.mixed_conv_fwd_kernel[grid](x, gates, w_fwd, bias, z, z, part_mean, part_m2, part_mean, part_mean,
-                                     *conv_args, EVAL=False, STORE_Z=False, GELU=False, **common, **launch)
-    counts = _tile_counts(n, ho * wo, cfg["BLOCK_M"], cfg["MIX"], acc_torch, x.device)
-    z_norm = z  # what BatchNorm normalises: z, or its 2x2 max-pool with the pooled map's statistics
+                                     *conv_args, EVAL=False, STORE_Z=False, GELU=False, STATS=z_stats, **common,
+                                     **launch)
+    z_norm = z  # what BatchNorm normalises: z, or its 2x2 max-pool
     if pool:
         z_norm, _, stats = _max_pool2x2(z, stats=use_batch_stats)
         if use_batch_stats:

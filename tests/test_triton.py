@@ -153,6 +153,10 @@ def test_aot_check_records_the_launchers_real_launches():
     assert any(launch.kwargs["BLOCK_M"] == gpu_cfg["BLOCK_M"] and launch.kwargs["num_warps"] == gpu_cfg["num_warps"]
                for launch in fwd)
     assert {launch.kwargs["EVAL"] for launch in fwd} == {True, False}
+    # the convolution's own statistics only where BatchNorm normalises z itself (training without the pool); with
+    # the pool, the pooling kernel takes the pooled map's, and the convolution stores z alone
+    assert {(launch.kwargs["EVAL"], launch.kwargs["STATS"]) for launch in fwd} == {(True, False), (False, True),
+                                                                                 (False, False)}
     assert all(launch.where for launch in launches)
     # GELU's kernels too (at the first stage): the eval epilogue, the normalise and both backward kernels
     gelu = {launch.name for launch in launches if launch.kwargs.get("GELU")}

@@ -88,12 +88,12 @@ def mixed_conv_fwd_kernel(
     son, soc, soh, sow,
     stride, pad_h, pad_w,
     KH: tl.constexpr, KW: tl.constexpr, NUM_CONVS: tl.constexpr,
-    MIX: tl.constexpr, EVAL: tl.constexpr, STORE_Z: tl.constexpr, GELU: tl.constexpr,
+    MIX: tl.constexpr, EVAL: tl.constexpr, STORE_Z: tl.constexpr, GELU: tl.constexpr, STATS: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """z = sum_k a[n,k] (conv(x, W_k) + b_k); then either the BatchNorm-activation epilogue (EVAL: ReLU, or GELU
-    when GELU) or z + tile stats.
+    when GELU) or z, with its tile stats when STATS (off where BatchNorm normalises z's max-pool instead).
 
     Training epilogue: per row tile and channel, the tile mean and the sum of squared deviations from it
     (M2). The finalize kernel merges them in a fixed order (Chan et al.), so statistics are deterministic and
@@ -165,6 +165,7 @@ def mixed_conv_fwd_kernel(
             tl.store(z_ptr + out_off, acc.to(z_ptr.dtype.element_ty), mask=valid)
     else:
         tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=valid)
+    if STATS:
         count = tl.sum(row_valid.to(ACC_DTYPE), axis=0)
         tile_mean = tl.sum(tl.where(valid, acc, 0.0), axis=0) / count
         dev = tl.where(valid, acc - tile_mean[None, :], 0.0)
