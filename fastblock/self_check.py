@@ -1,5 +1,6 @@
 """The runtime self-check behind ``backend="auto"``: the first time a fused backend would be picked for a device and
-dtype, it runs a tiny problem (forward and backward, train and eval; a few milliseconds) against the reference.
+dtype, it runs a tiny problem (forward and backward, train and eval; a few milliseconds) against the reference, in
+that dtype with ReLU, and in float32 with the Block's other paths (GELU, and the 2x2 max-pool before BatchNorm).
 If it raises or disagrees, ``auto`` marks it unavailable there with the reason, warns once and takes the next
 backend: a kernel that is wrong on a user's GPU (an unsupported architecture, a compiler bug) is caught before it
 trains a network. An explicitly requested backend is never replaced. ``FASTBLOCK_SELF_CHECK=0`` turns it off.
@@ -60,10 +61,12 @@ def _run(module, device: torch.device, dtype: torch.dtype) -> Optional[str]:
     # all three, as its reference needs autograd and exact float64.
     try:
         with torch.inference_mode(False), torch.enable_grad(), _no_autocast(device), exact_fp32():
-            for training in (True, False):
-                why = _compare(module, device, dtype, training)
-                if why:
-                    return why
+            for case_dtype, activation, pool in _cases(dtype):
+                for training in (True, False):
+                    why = check_case(module, device, case_dtype, training, n=3, cin=5, cout=6, h=6, w=5, k=2,
+                                     activation=activation, pool=pool)
+                    if why:
+                        return why if (activation, pool) == ("relu", False) else f"({activation}, pool) {why}"
     except Exception as exc:  # a backend that raises fails the check; the reason is the message
         return f"raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
     return None
@@ -88,14 +91,18 @@ def _no_autocast(device: torch.device) -> contextlib.ExitStack:
     return stack
 
 
-def _compare(module, device, dtype, training: bool) -> Optional[str]:
-    return check_case(module, device, dtype, training, n=3, cin=5, cout=6, h=6, w=5, k=2)
+def _cases(dtype: torch.dtype) -> tuple[tuple[torch.dtype, str, bool], ...]:
+    """(dtype, activation, pool) of the checked problems: the requested dtype with ReLU, and the GELU epilogue with
+    the pool in float32, where the reference's argmax is the backend's (in 16 bits, near-ties of a window rounded
+    the other way route a gradient elsewhere: a whole term, as at the ReLU threshold)."""
+    return ((dtype, "relu", False), (torch.float32 if dtype != torch.float64 else dtype, "gelu", True))
 
 
 def check_case(module, device, dtype, training: bool, n: int, cin: int, cout: int, h: int, w: int,
-               k: int) -> Optional[str]:
+               k: int, activation: str = "relu", pool: bool = False) -> Optional[str]:
     """One problem (3x3 kernels, stride 1) through a backend module's forward and backward against the float64
-    reference on the CPU: None when it matches (output, running statistics, six gradients), else why not."""
+    reference on the CPU: None when it matches (output, running statistics, six gradients), else why not.
+    ``activation`` / ``pool``: the op's arguments of the same name."""
     g = torch.Generator().manual_seed(1234)
     sdt = stats_dtype(dtype)
 
@@ -106,20 +113,22 @@ def check_case(module, device, dtype, training: bool, n: int, cin: int, cout: in
                  weight=rand(k, cout, cin, 3, 3, scale=(9 * cin) ** -0.5),
                  bias=rand(k, cout, scale=0.3), bn_weight=1 + 0.2 * rand(cout), bn_bias=0.1 * rand(cout))
     stats = (0.1 * rand(cout), 1 + 0.3 * rand(cout).abs())
-    dy = rand(n, cout, h, w).to(dtype).double()
+    dy = rand(n, cout, *((h // 2, w // 2) if pool else (h, w))).to(dtype).double()
     # the exact answer for the inputs the backend gets: rounded to its dtypes first
     exact = {name: t.to(sdt if name.startswith("bn_") else dtype).double() for name, t in exact.items()}
     # the backend, in dtype (BatchNorm tensors in the statistics dtype)
     ins = {name: t.to(device, sdt if name.startswith("bn_") else dtype, copy=True) for name, t in exact.items()}
     rm, rv = (s.to(device, sdt, copy=True) for s in stats)  # updated in place: never the reference's copy
     y, z, mean, invstd = module.forward(ins["x"], ins["gates"], ins["weight"], ins["bias"], ins["bn_weight"],
-                                        ins["bn_bias"], rm, rv, training, 0.1, 1e-5, 1, 1, 1, True)
+                                        ins["bn_bias"], rm, rv, training, 0.1, 1e-5, 1, 1, 1, True, activation, pool)
     grads = module.backward(dy.to(device, y.dtype), ins["x"], ins["gates"], ins["weight"], ins["bias"],
-                            ins["bn_weight"], ins["bn_bias"], z, mean, invstd, training, 1, 1, 1)
+                            ins["bn_weight"], ins["bn_bias"], z, mean, invstd, training, 1, 1, 1, True, True,
+                            activation, pool)
     # the reference, in float64 on the CPU
     leaves = {name: t.clone().requires_grad_(True) for name, t in exact.items()}
     rm_ref, rv_ref = stats[0].clone(), stats[1].clone()
-    y_ref = mixed_conv_bn_relu_reference(*leaves.values(), rm_ref, rv_ref, training, 0.1, 1e-5, 1, (1, 1))
+    y_ref = mixed_conv_bn_relu_reference(*leaves.values(), rm_ref, rv_ref, training, 0.1, 1e-5, 1, (1, 1),
+                                         activation=activation, pool=pool)
     y_ref.backward(dy)
     atol, rtol = _TOLERANCE[dtype]
     checks = [("y", y, y_ref.detach()), ("running_mean", rm, rm_ref), ("running_var", rv, rv_ref)]

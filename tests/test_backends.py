@@ -222,6 +222,35 @@ def test_self_check_catches_a_wrong_low_precision_backend(dtype):
         assert why is not None and "differs from the reference" in why
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_self_check_covers_the_gelu_and_pool_paths(dtype):
+    """A backend right with ReLU but wrong only on the Block's other paths -- the GELU epilogue, or the gradient
+    routed through the 2x2 max-pool -- fails the check too, which says which path (checked in float32 whatever the
+    dtype, so the pool's argmax is the reference's)."""
+    import types
+
+    from fastblock import self_check
+
+    if not fastblock.available_backends("cpu")["extension"].available:
+        pytest.skip("needs the extension as the backend to wrap")
+    real = fastblock.get_backend("extension").module()
+
+    def gelu_off(*args):  # the GELU epilogue 2% off
+        y, z, mean, invstd = real.forward(*args)
+        return (y * 1.02 if args[15] == "gelu" else y), z, mean, invstd
+
+    def pool_misrouted(*args):  # dx of the pooled paths from a gradient shifted by one window
+        if not args[-1]:
+            return real.backward(*args)
+        dy = args[0].roll(1, dims=-1)
+        return real.backward(dy, *args[1:])
+
+    for wrong in (types.SimpleNamespace(forward=gelu_off, backward=real.backward),
+                  types.SimpleNamespace(forward=real.forward, backward=pool_misrouted)):
+        why = self_check._run(wrong, torch.device("cpu"), dtype)
+        assert why is not None and why.startswith("(gelu, pool)") and "differs from the reference" in why, why
+
+
 def test_auto_passes_over_triton_on_pre_ampere_gpus(monkeypatch):
     """On a GPU below compute capability 8.0 (T4: 7.5) auto takes the extension (cuDNN's tensor cores) over
     Triton (no 16-bit tensor-core path there); from 8.0 on, Triton; a request by name still gets Triton."""
