@@ -149,13 +149,14 @@ def test_block_bad_input_message():
         Block(4, 4, num_convs=3, kernel_size=[3, 5])
 
 
+@pytest.mark.parametrize("variant", [{}, {"activation": "gelu", "pool": True}], ids=["relu", "gelu-pool"])
 @pytest.mark.parametrize("backend", ["reference", "extension"])
-def test_block_compiles_fullgraph(backend):
+def test_block_compiles_fullgraph(backend, variant):
     if not fastblock.available_backends("cpu")[backend].available:
         pytest.skip(f"{backend} unavailable: {fastblock.available_backends('cpu')[backend].reason}")
     torch.manual_seed(0)
-    block = Block(4, 6, num_convs=3, stride=2, backend=backend)
-    eager = Block(4, 6, num_convs=3, stride=2, backend=backend)
+    block = Block(4, 6, num_convs=3, stride=2, backend=backend, **variant)
+    eager = Block(4, 6, num_convs=3, stride=2, backend=backend, **variant)
     eager.load_state_dict(block.state_dict())
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager" if backend != "reference" else "inductor")
     x = torch.randn(5, 4, 9, 8)

@@ -76,14 +76,19 @@ def test_gpu_gradcheck_fp64(backend, case, activation):
         gradcheck_backend(backend, case, training=True, device="cuda", pool=True)
 
 
+@pytest.mark.parametrize("variant", [{}, {"activation": "gelu", "pool": True}], ids=["relu", "gelu-pool"])
 @pytest.mark.parametrize("backend", FUSED)
-def test_gpu_block_autocast_compile(backend):
+def test_gpu_block_autocast_compile(backend, variant):
+    """As the fast preset trains: bf16 autocast, channels-last, torch.compile (its pool-first GELU Blocks too)."""
     _require(backend)
-    block = fastblock.Block(64, 64, num_convs=4, backend=backend).cuda().to(memory_format=torch.channels_last)
+    block = fastblock.Block(64, 64, num_convs=4, backend=backend, **variant).cuda()
+    block = block.to(memory_format=torch.channels_last)
     x = torch.randn(64, 64, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last)
     compiled = torch.compile(block, fullgraph=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y = compiled(x)
-    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    side = 8 if variant.get("pool") else 16
+    assert y.dtype == torch.bfloat16 and y.shape == (64, 64, side, side)
+    assert y.is_contiguous(memory_format=torch.channels_last)
     y.float().square().mean().backward()
     assert torch.isfinite(block.weight.grad).all()
