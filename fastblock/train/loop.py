@@ -925,7 +925,8 @@ def eval_only(args, device, dist, say) -> int:
     if args.data_dir != "data" or "data_dir" not in cfg:
         cfg["data_dir"] = args.data_dir
     cfg["val_split"], cfg["subset"] = cfg.get("val_split", 0.0), args.subset or cfg.get("subset", 0)
-    backend_name = pick_backend(args.backend, device, amp_dtype_for(cfg, device) or torch.float32, say)
+    amp_dtype = amp_dtype_for(cfg, device)
+    backend_name = pick_backend(args.backend, device, amp_dtype or torch.float32, say)
     model = build_model(cfg["model"], backend=backend_name).to(device)
     state = ckpt["model"]
     try:
@@ -941,7 +942,7 @@ def eval_only(args, device, dist, say) -> int:
     cfg.setdefault("cpu_pool_gib", recipe_defaults()["cpu_pool_gib"])  # runs from before the setting existed
     with cpu_pool_for(cfg, device, backend_name, say)():  # as the run's own evaluations: no page-faulting buffers
         loss, acc, preds = evaluate(model, data.test_x.to(device), data.test_y.to(device), mean, std, 1024,
-                                    amp_dtype_for(cfg, device), channels_last, tta, dist, device)
+                                    amp_dtype, channels_last, tta, dist, device)
     say(f"{path}: {'validation' if cfg['val_split'] else 'test'} accuracy {100 * acc:.2f}%  loss {loss:.4f}"
         f"  ({len(data.test_y)} images, TTA {tta or 'off'})")
     if dist.world == 1:
