@@ -229,7 +229,8 @@ def amp_dtype_for(cfg, device) -> Optional[torch.dtype]:
 
 def channels_last_for(cfg, device) -> bool:
     """--channels-last auto: on GPUs, and on CPUs training in bf16 (oneDNN's channels-last bf16 convolutions are
-    the fast ones there; in float32 the NCHW network was faster: bench/RESULTS.md)."""
+    the fast ones there; in float32 networks of K=2 Blocks ran faster NCHW: bench/RESULTS.md). The speed-run
+    presets, whose K=1 Blocks are faster channels-last in float32 too, set it outright."""
     value = cfg["channels_last"]
     if value != "auto":
         return bool(value)
