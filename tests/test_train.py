@@ -671,7 +671,9 @@ def test_precision_follows_the_gpu_architecture(monkeypatch):
     monkeypatch.setattr(loop, "cpu_bf16_native", lambda: None)
     assert loop.amp_dtype_for(cfg, torch.device("cpu")) is None
     assert loop.precision_note(cfg, torch.device("cpu")) == "float32"
+    assert "emulated" in loop.precision_note(dict(cfg, amp="bf16"), torch.device("cpu"))  # forced: warned
     monkeypatch.setattr(loop, "cpu_bf16_native", lambda: "AMX")
+    assert "emulated" not in loop.precision_note(dict(cfg, amp="bf16"), torch.device("cpu"))
     assert loop.amp_dtype_for(cfg, torch.device("cpu")) == torch.bfloat16
     assert "AMX" in loop.precision_note(cfg, torch.device("cpu"))
     assert loop.amp_dtype_for(dict(cfg, amp="off"), torch.device("cpu")) is None

@@ -249,6 +249,10 @@ def precision_note(cfg, device) -> str:
             what += f" (compute capability {major}.{minor}: {why})"
         else:
             what += f" (CPU with {cpu_bf16_native()}: native bf16)"
+    elif device.type == "cpu" and amp == torch.bfloat16 and not cpu_bf16_native():
+        # oneDNN has no bf16 kernels without AVX512-BF16/AMX: ~10x float32's step time (bench/RESULTS.md)
+        what += (" -- this CPU has no bf16 matrix instructions, so bf16 is emulated: expect ~10x the step time of "
+                 "--amp off")
     return what
 
 
