@@ -78,7 +78,8 @@ PRESETS: dict[str, Recipe] = {
         "3 epochs); batch 2000, Muon for the Blocks' filters (lr 0.24, momentum 0.6), SGD-Nesterov lr 1.656 "
         "momentum 0.85 for the rest, BatchNorm biases at 64x the lr, linear decay to 0 without warm-up, label "
         "smoothing 0.2, frozen BatchNorm scales, alternating flips + 2-pixel translations, flip-and-translate TTA; "
-        "channels_last, bf16 autocast on CPUs with bf16 matrix instructions (float32 elsewhere); 12 epochs", **SPEED_RUN),
+        "channels_last, bf16 autocast on CPUs with bf16 matrix instructions (float32 elsewhere); 12 epochs",
+        **SPEED_RUN),
     "fast": _recipe(
         "default on a GPU: the cpu recipe and network on a GPU -- " +
         MODELS["air-cpu-wide-k1-poolfirst-gelu"].description + " -- with torch.compile, bf16 autocast and "
