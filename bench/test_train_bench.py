@@ -27,7 +27,7 @@ def test_train_step_throughput(benchmark, backend, device, bench_mode):
     model = build_model(model_name, backend=backend).to(dev)
     if hasattr(model, "fit_to_data"):
         model.fit_to_data(torch.randn(256, 3, 32, 32, device=dev))
-    channels_last = train.channels_last_for(cfg, dev)
+    channels_last = train.channels_last_for(cfg, dev, model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = train.make_optimizer(cfg, model)

@@ -368,23 +368,40 @@ def test_progress_bars_refresh_rarely_in_logs(monkeypatch):
     assert fdata.progress_interval() >= 10
 
 
-def test_channels_last_default_follows_the_precision(monkeypatch):
-    """A preset's "auto" means channels-last on CUDA, and on CPUs that train in bf16 (oneDNN's fast bf16
-    convolutions are the channels-last ones); float32 CPU training of K=2 networks stays NCHW (faster there:
-    bench/RESULTS.md). The speed-run presets' K=1 network is channels-last in every precision."""
+def test_channels_last_default_follows_the_precision_and_the_blocks(monkeypatch):
+    """"auto" means channels-last on CUDA, and on CPUs that train in bf16 (oneDNN's fast bf16 convolutions are the
+    channels-last ones); on CPUs that train in float32 only for networks whose Blocks are all K=1 (plain
+    convolutions: faster channels-last; K=2 networks ran faster NCHW: bench/RESULTS.md). The speed-run presets
+    leave it to "auto", which makes their K=1 network channels-last in every precision."""
+    from torch import nn
+
+    from fastblock import Block
     from fastblock.train import loop
 
-    for name in ("cpu", "fast"):
-        assert train.channels_last_for(train.resolve_preset(name), torch.device("cpu")) is True
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    k1, k2 = build_model("air-cpu-small-k1", "reference"), build_model("air-cpu-small", "reference")
+    mixed = nn.Sequential(build_model("air-cpu-small-k1", "reference"), Block(8, 8, num_convs=2))
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))  # no Blocks: nothing measured, as before
     cfg = train.resolve_preset("resnet9")
     assert cfg["channels_last"] == "auto"
-    assert train.channels_last_for(cfg, torch.device("cuda")) is True
-    for native, expected in (("AMX", True), (None, False)):
+    assert train.channels_last_for(cfg, cuda) is True
+    assert train.channels_last_for(cfg, cuda, k2) is True
+    for native, bf16 in (("AMX", True), (None, False)):
         monkeypatch.setattr(loop, "cpu_bf16_native", lambda n=native: n)
-        assert train.channels_last_for(cfg, torch.device("cpu")) is expected
-        assert train.channels_last_for(dict(cfg, amp="off"), torch.device("cpu")) is False
-    assert train.channels_last_for(dict(cfg, channels_last=True), torch.device("cpu")) is True
-    assert train.channels_last_for(dict(cfg, channels_last=False), torch.device("cuda")) is False
+        for name in ("cpu", "fast"):
+            speed_run = train.resolve_preset(name)
+            assert speed_run["channels_last"] == "auto"
+            assert train.channels_last_for(speed_run, cpu, build_model(speed_run["model"], "reference")) is True
+        assert train.channels_last_for(cfg, cpu, k1) is True
+        for model in (k2, mixed, plain, None):
+            assert train.channels_last_for(cfg, cpu, model) is bf16
+        off = dict(cfg, amp="off")
+        assert train.channels_last_for(off, cpu, k1) is True
+        for model in (k2, mixed, plain, None):
+            assert train.channels_last_for(off, cpu, model) is False
+    assert train.channels_last_for(dict(cfg, channels_last=True), cpu, k2) is True
+    assert train.channels_last_for(dict(cfg, channels_last=False), cpu, k1) is False
+    assert train.channels_last_for(dict(cfg, channels_last=False), cuda) is False
 
 
 # --- the trainer as a new user meets it --------------------------------------------------------------------------

@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="autocast (auto: bf16 on GPUs of compute capability 8.0+ and on CPUs with AMX/AVX512-BF16, "
                          "fp16 + GradScaler on older GPUs, else off)")
     hp.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
-                    help="channels-last activations and weights (default: on GPUs, and on CPUs training in bf16)")
+                    help="channels-last activations and weights (default: on GPUs; on CPUs when training in bf16, "
+                         "or in float32 when every Block is K=1)")
     hp.add_argument("--cpu-pool-gib", type=float,
                     help="on CPU with the extension: GiB of freed buffers the extension's allocation pool may keep "
                          "for the next training step (0: off)")

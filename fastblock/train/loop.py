@@ -227,14 +227,22 @@ def amp_dtype_for(cfg, device) -> Optional[torch.dtype]:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
 
-def channels_last_for(cfg, device) -> bool:
-    """--channels-last auto: on GPUs, and on CPUs training in bf16 (oneDNN's channels-last bf16 convolutions are
-    the fast ones there; in float32 networks of K=2 Blocks ran faster NCHW: bench/RESULTS.md). The speed-run
-    presets, whose K=1 Blocks are faster channels-last in float32 too, set it outright."""
+def channels_last_for(cfg, device, model: Optional[nn.Module] = None) -> bool:
+    """--channels-last auto: on GPUs; on CPUs training in bf16 (oneDNN's channels-last bf16 convolutions are the
+    fast ones there); on CPUs training in float32 when every Block of `model` is K=1 (plain convolutions, faster
+    channels-last there too; a K>=2 Block's channels-last schedule first writes the K-fold expanded input, and
+    such networks ran faster NCHW: bench/RESULTS.md)."""
     value = cfg["channels_last"]
     if value != "auto":
         return bool(value)
-    return device.type == "cuda" or (device.type == "cpu" and amp_dtype_for(cfg, device) == torch.bfloat16)
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    if amp_dtype_for(cfg, device) == torch.bfloat16:
+        return True
+    blocks = [m for m in model.modules() if isinstance(m, Block)] if model is not None else []
+    return bool(blocks) and all(b.num_convs == 1 for b in blocks)
 
 
 def precision_note(cfg, device) -> str:
@@ -484,12 +492,13 @@ def run(args, say) -> int:
                 m.weight.requires_grad_(False)
             if cfg["bn_momentum"] is not None:
                 m.momentum = cfg["bn_momentum"]
-    channels_last = channels_last_for(cfg, device)
+    channels_last = channels_last_for(cfg, device, model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     n_params = sum(p.numel() for p in model.parameters())
     flops = count_flops(model)
-    say(f"model: {cfg['model']}: {n_params / 1e6:.2f} M parameters, {flops / 1e6:.1f} MFLOPs per image")
+    say(f"model: {cfg['model']}: {n_params / 1e6:.2f} M parameters, {flops / 1e6:.1f} MFLOPs per image, "
+        f"{'channels-last' if channels_last else 'NCHW'}")
     if dist.world > 1 and args.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ema = make_ema(model, cfg["ema"], cfg["ema_warmup"]) if cfg["ema"] else None
@@ -938,7 +947,7 @@ def eval_only(args, device, dist, say) -> int:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise RunError(f"--eval-only: {path} does not fit model {cfg['model']!r}: {str(exc).splitlines()[0]}") from None
-    channels_last = channels_last_for(cfg, device)  # every run's config holds it, as it holds "amp"
+    channels_last = channels_last_for(cfg, device, model)  # every run's config holds it, as it holds "amp"
     if channels_last:  # the layout the run trained and evaluated in
         model = model.to(memory_format=torch.channels_last)
     data = load_data(cfg, args, dist)

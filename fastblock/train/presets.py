@@ -63,13 +63,13 @@ def _recipe(description: str, **settings) -> Recipe:
 # mean loss: Muon for the Blocks' filters (lr 0.24, momentum 0.6); SGD-Nesterov for the rest at lr 8.28e-4 per
 # image (the public head lr under this network's 1/9 logit scale), the BatchNorm biases at 64x, a weight decay of
 # 2e-6 per image per step; no warm-up, a linear decay to 0, no weight averaging (bench/RESULTS.md has the runs
-# behind it, and the SGD recipe with lookahead that it replaced). Channels-last in every precision: its K=1 Blocks
-# are plain oneDNN convolutions, faster channels-last in float32 too (unlike K=2 networks, which "auto" keeps NCHW).
+# behind it, and the SGD recipe with lookahead that it replaced). channels_last "auto" makes its K=1 network
+# channels-last in every precision.
 SPEED_RUN = dict(
     model="air-cpu-wide-k1-poolfirst-gelu", whiten_bias_epochs=3, epochs=12, batch_size=2000, optimizer="muon",
     lr=1.656, momentum=0.85, weight_decay=2.415e-3, muon_lr=0.24, muon_momentum=0.6, bn_bias_lr_scale=64.0,
     bn_momentum=0.4, warmup_epochs=0.0, min_lr_ratio=0.0, crop_pad=2, flip="alternate", freeze_bn_weight=True,
-    dirac=True, ema=0.0, tta="flip-translate", channels_last=True)
+    dirac=True, ema=0.0, tta="flip-translate")
 
 PRESETS: dict[str, Recipe] = {
     "cpu": _recipe(
