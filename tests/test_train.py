@@ -382,16 +382,18 @@ def test_channels_last_default_follows_the_precision_and_the_blocks(monkeypatch)
     k1, k2 = build_model("air-cpu-small-k1", "reference"), build_model("air-cpu-small", "reference")
     mixed = nn.Sequential(build_model("air-cpu-small-k1", "reference"), Block(8, 8, num_convs=2))
     plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))  # no Blocks: nothing measured, as before
+    speed_runs = [train.resolve_preset(name) for name in ("cpu", "fast")]
+    speed_run_net = build_model(speed_runs[0]["model"], "reference")
+    assert all(speed_run["model"] == speed_runs[0]["model"] for speed_run in speed_runs)
     cfg = train.resolve_preset("resnet9")
     assert cfg["channels_last"] == "auto"
     assert train.channels_last_for(cfg, cuda) is True
     assert train.channels_last_for(cfg, cuda, k2) is True
     for native, bf16 in (("AMX", True), (None, False)):
         monkeypatch.setattr(loop, "cpu_bf16_native", lambda n=native: n)
-        for name in ("cpu", "fast"):
-            speed_run = train.resolve_preset(name)
+        for speed_run in speed_runs:
             assert speed_run["channels_last"] == "auto"
-            assert train.channels_last_for(speed_run, cpu, build_model(speed_run["model"], "reference")) is True
+            assert train.channels_last_for(speed_run, cpu, speed_run_net) is True
         assert train.channels_last_for(cfg, cpu, k1) is True
         for model in (k2, mixed, plain, None):
             assert train.channels_last_for(cfg, cpu, model) is bf16
