@@ -877,3 +877,34 @@ def test_tta_views_are_symmetric_and_weighted():
         assert sum(torch.equal(v, view) for _, v in every) == 1
         assert sum(torch.equal(v, view.flip(3)) for _, v in every) == 1
     assert torch.equal(shifts[1, 1], x)
+
+
+@pytest.mark.parametrize("tta", [False, True, "flip-translate", "flip-translate-all"])
+def test_evaluation_reports_the_plain_view_from_the_tta_pass(tta):
+    """The accuracy without TTA comes from the TTA pass's unaugmented view (no second pass over the test set): it
+    equals a separate one-view evaluation's, and the TTA accuracy is the weighted views' own."""
+    from fastblock.train.loop import evaluate, tta_views
+
+    class Single:
+        rank, world, main = 0, 1, True
+
+        @staticmethod
+        def all_sum(values, device):
+            return values
+
+    gen = torch.Generator().manual_seed(7)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveMaxPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 10))
+    images = torch.randint(0, 256, (37, 3, 8, 8), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 10, (37,), generator=gen)
+    mean, std = torch.full((1, 3, 1, 1), 120.0 / 255), torch.full((1, 3, 1, 1), 0.25)
+    args = (images, labels, mean, std, 16, None, False)
+    cpu = torch.device("cpu")
+    result = evaluate(model, *args, tta, Single, cpu)
+    plain = evaluate(model, *args, False, Single, cpu)
+    assert result.plain_acc == plain.acc == plain.plain_acc and 0 < plain.acc < 1
+    with torch.no_grad():  # the TTA accuracy is the weighted views' accuracy, whatever the plain view says
+        x = (images.float() / 255 - mean) / std
+        logits = sum(w * model(v) for w, v in tta_views(x, tta))
+    assert result.acc == (logits.argmax(1) == labels).sum().item() / len(labels)
+    assert sum(v is x for _, v in tta_views(x, tta)) == 1

@@ -18,7 +18,7 @@ import signal
 import statistics
 import time
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -310,8 +310,8 @@ def tta_views(x: torch.Tensor, tta) -> list[tuple[float, torch.Tensor]]:
         raise ValueError(f"tta must be True, False or one of {TTA_MODES}, got {tta!r}")
     h, w = x.shape[2:]
     padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
-    if tta == "flip-translate-all":
-        shifted = [padded[:, :, i:i + h, j:j + w] for i in range(3) for j in range(3)]
+    if tta == "flip-translate-all":  # the unshifted crop is x itself, so evaluate finds the plain view
+        shifted = [x if (i, j) == (1, 1) else padded[:, :, i:i + h, j:j + w] for i in range(3) for j in range(3)]
         return [(1 / 18, view) for s in shifted for view in (s, s.flip(3))]
     views = [(0.25, x), (0.25, x.flip(3))]
     for shifted in (padded[:, :, :h, :w], padded[:, :, 2:, 2:]):
@@ -319,26 +319,41 @@ def tta_views(x: torch.Tensor, tta) -> list[tuple[float, torch.Tensor]]:
     return views
 
 
+class Evaluation(NamedTuple):
+    loss: float
+    acc: float         # with the TTA views averaged
+    preds: torch.Tensor
+    plain_acc: float   # the unaugmented view's logits alone (one of the TTA views, so it costs nothing extra)
+
+
 @torch.no_grad()
-def evaluate(model, images, labels, mean, std, batch_size, amp_dtype, channels_last, tta, dist, device):
+def evaluate(model, images, labels, mean, std, batch_size, amp_dtype, channels_last, tta, dist,
+             device) -> Evaluation:
     """Loss, accuracy and predictions on (this rank's shard of) a uint8 image set, with optional TTA."""
     model.eval()
     idx = torch.arange(dist.rank, len(labels), dist.world, device=device)
-    loss_sum, correct, preds = 0.0, 0, []
+    loss_sum, correct, plain_correct, preds = 0.0, 0, 0, []
     for start in range(0, len(idx), batch_size):
         sel = idx[start:start + batch_size]
         x = (images[sel].float().div_(255) - mean) / std
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = sum(weight * model(view).float() for weight, view in tta_views(x, tta))
         y = labels[sel]
+        logits = 0
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            for weight, view in tta_views(x, tta):
+                view_logits = model(view).float()
+                if view is x:
+                    plain_correct += (view_logits.argmax(1) == y).sum().item()
+                logits = logits + weight * view_logits
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         pred = logits.argmax(1)
         correct += (pred == y).sum().item()
         preds.append(pred)
-    total, loss_sum, correct = dist.all_sum([float(len(idx)), loss_sum, float(correct)], device)
-    return loss_sum / total, correct / total, (torch.cat(preds) if preds else labels[:0])
+    total, loss_sum, correct, plain_correct = dist.all_sum(
+        [float(len(idx)), loss_sum, float(correct), float(plain_correct)], device)
+    return Evaluation(loss_sum / total, correct / total, torch.cat(preds) if preds else labels[:0],
+                      plain_correct / total)
 
 
 def rng_state(device_type: str) -> dict:
@@ -873,11 +888,10 @@ def _end_epoch(ctx, last_step: int) -> None:
         _update_average(ctx, progress.epoch * plan.steps_per_epoch + last_step)
     common = (ctx["test_x"], ctx["test_y"], ctx["mean"], ctx["std"], 1024, ctx["amp_dtype"], ctx["channels_last"])
     with ctx["pool_scope"]():
-        test_loss, test_acc, _ = evaluate(ema.module if ema is not None else ctx["model"], *common, cfg["tta"],
-                                          dist, device)
-        raw_acc = test_acc if not cfg["tta"] else None
-        if ema is not None or raw_acc is None:  # the raw weights, one view (a quarter of a 4-view TTA's time)
-            _, raw_acc, _ = evaluate(ctx["model"], *common, False, dist, device)
+        test_loss, test_acc, _, raw_acc = evaluate(ema.module if ema is not None else ctx["model"], *common,
+                                                   cfg["tta"], dist, device)
+        if ema is not None:  # the raw weights, one view (without averaged weights: the TTA pass's plain view)
+            raw_acc = evaluate(ctx["model"], *common, False, dist, device).acc
     if ctx["plateau"] is not None:
         ctx["plateau"].step(test_loss)
     epoch_value = progress.epoch + last_step / plan.steps_per_epoch
@@ -955,14 +969,15 @@ def eval_only(args, device, dist, say) -> int:
     tta = cfg.get("tta", False) if args.tta is None else args.tta
     cfg.setdefault("cpu_pool_gib", recipe_defaults()["cpu_pool_gib"])  # runs from before the setting existed
     with cpu_pool_for(cfg, device, backend_name, say)():  # as the run's own evaluations: no page-faulting buffers
-        loss, acc, preds = evaluate(model, data.test_x.to(device), data.test_y.to(device), mean, std, 1024,
-                                    amp_dtype, channels_last, tta, dist, device)
+        loss, acc, preds, plain_acc = evaluate(model, data.test_x.to(device), data.test_y.to(device), mean, std,
+                                               1024, amp_dtype, channels_last, tta, dist, device)
     say(f"{path}: {'validation' if cfg['val_split'] else 'test'} accuracy {100 * acc:.2f}%  loss {loss:.4f}"
-        f"  ({len(data.test_y)} images, TTA {tta or 'off'})")
+        f"  ({len(data.test_y)} images, TTA {tta or 'off'}" + (f"; without TTA {100 * plain_acc:.2f}%)" if tta
+                                                               else ")"))
     if dist.world == 1:
         say(confusion_report(preds, data.test_y.to(device), data.classes))
     return 0
 
 
 __all__ = ["BackendUnavailable", "DataError", "RunError", "amp_dtype_for", "augment", "channels_last_for",
-           "evaluate", "lr_factor", "make_ema", "make_optimizer", "param_groups", "run"]
+           "Evaluation", "evaluate", "lr_factor", "make_ema", "make_optimizer", "param_groups", "run"]
