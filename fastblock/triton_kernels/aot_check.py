@@ -16,7 +16,7 @@ registers, stack and spills (``ptxas -v``) and the MMA instructions, and it fail
     python -m fastblock.triton_kernels.aot_check --arch 90 --dtypes bf16 fp16 fp32 --markdown
 
 Must run without TRITON_INTERPRET=1 (the interpreter replaces the kernels). Uses Triton's JIT internals
-(``create_function_from_signature``, ``JITFunction._pack_args``): written against Triton 3.8.
+(``create_function_from_signature``, ``JITFunction._pack_args``): written against Triton 3.8, also run with 3.6.
 """
 from __future__ import annotations
 
