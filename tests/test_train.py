@@ -880,18 +880,13 @@ def test_tta_views_are_symmetric_and_weighted():
 
 
 @pytest.mark.parametrize("tta", [False, True, "flip-translate", "flip-translate-all"])
-def test_evaluation_reports_the_plain_view_from_the_tta_pass(tta):
+def test_evaluation_reports_the_plain_view_from_the_tta_pass(tta, monkeypatch):
     """The accuracy without TTA comes from the TTA pass's unaugmented view (no second pass over the test set): it
     equals a separate one-view evaluation's, and the TTA accuracy is the weighted views' own."""
-    from fastblock.train.loop import evaluate, tta_views
+    from fastblock.train.loop import Dist, evaluate, tta_views
 
-    class Single:
-        rank, world, main = 0, 1, True
-
-        @staticmethod
-        def all_sum(values, device):
-            return values
-
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # one process
+    single = Dist("cpu")
     gen = torch.Generator().manual_seed(7)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveMaxPool2d(1), torch.nn.Flatten(),
                                 torch.nn.Linear(4, 10))
@@ -900,8 +895,8 @@ def test_evaluation_reports_the_plain_view_from_the_tta_pass(tta):
     mean, std = torch.full((1, 3, 1, 1), 120.0 / 255), torch.full((1, 3, 1, 1), 0.25)
     args = (images, labels, mean, std, 16, None, False)
     cpu = torch.device("cpu")
-    result = evaluate(model, *args, tta, Single, cpu)
-    plain = evaluate(model, *args, False, Single, cpu)
+    result = evaluate(model, *args, tta, single, cpu)
+    plain = evaluate(model, *args, False, single, cpu)
     assert result.plain_acc == plain.acc == plain.plain_acc and 0 < plain.acc < 1
     with torch.no_grad():  # the TTA accuracy is the weighted views' accuracy, whatever the plain view says
         x = (images.float() / 255 - mean) / std
