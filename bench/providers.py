@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import fastblock
+from fastblock.doctor import time_call
 from fastblock.reference import dynamic_conv_bn_relu, mixed_conv_bn_relu_reference
 
 PROVIDERS = ("reference", "compiled", "dynconv",
@@ -111,19 +112,8 @@ def make_call(provider: str, shape: Shape, mode: str, dtype: torch.dtype, device
 
 def measure_peaks(device: str) -> dict:
     """Measured (not datasheet) peaks of this device: a large bf16/fp32 matmul and a large copy."""
-    import time
-
-    def best(fn, reps=5):
-        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-        fn()
-        sync()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - t0)
-        return min(times)
+    def best(fn):  # a peak: the fastest of five calls after one warm-up
+        return time_call(fn, 5, device, warmup=1, reduce=min)
 
     size = 8192 if device == "cuda" else 1024
     dt = torch.bfloat16 if device == "cuda" else torch.float32

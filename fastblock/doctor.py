@@ -83,9 +83,11 @@ def correctness(device: str, quick: bool) -> list[tuple[str, str, bool, str]]:
     return results
 
 
-def _timed(fn, reps: int, device: str) -> float:
+def time_call(fn, reps: int, device: str, warmup: int = 2, reduce=statistics.median) -> float:
+    """Seconds per call of ``fn`` (``reduce`` over ``reps`` timed calls, after ``warmup`` untimed ones); on CUDA
+    each timing waits for the GPU's work, not just the launch."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(2):
+    for _ in range(warmup):
         fn()
     sync()
     times = []
@@ -94,7 +96,7 @@ def _timed(fn, reps: int, device: str) -> float:
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return reduce(times)
 
 
 def speed(device: str, quick: bool, compile_reference: bool) -> list[tuple[str, float]]:
@@ -138,7 +140,7 @@ def speed(device: str, quick: bool, compile_reference: bool) -> list[tuple[str, 
         providers[name] = (lambda name=name: fastblock.mixed_conv_bn_relu(x, gates, weight, bias, bn_w, bn_b, rm, rv,
                                                                          backend=name))
     label = f"fwd+bwd N{n}-C{c}-{hw}x{hw}-K{k} {str(dtype).replace('torch.', '')}"
-    return label, [(name, 1e3 * _timed(step(op), reps, device)) for name, op in providers.items()]
+    return label, [(name, 1e3 * time_call(step(op), reps, device)) for name, op in providers.items()]
 
 
 def main(argv=None) -> int:

@@ -27,6 +27,16 @@ torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
 
 
+@pytest.fixture(params=["mix", "concat"])
+def schedule(request):
+    """A fused backend's test, run with each of its exact schedules: per-sample kernel mixing and the K-fold
+    concatenation (a test that takes this fixture runs twice)."""
+    import fastblock  # (after TRITON_INTERPRET is set above)
+
+    with fastblock.force_schedule(request.param):
+        yield request.param
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed():
     torch.manual_seed(0)

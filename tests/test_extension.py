@@ -16,13 +16,6 @@ _STATUS = fastblock.available_backends("cpu")["extension"]
 pytestmark = pytest.mark.skipif(not _STATUS.available, reason=f"extension unavailable: {_STATUS.reason}")
 
 
-@pytest.fixture(params=["mix", "concat"])
-def schedule(request):
-    """Both exact schedules of the extension: per-sample kernel mixing and the K-fold concatenation."""
-    with fastblock.force_schedule(request.param):
-        yield request.param
-
-
 @pytest.mark.parametrize("case", SHAPES, ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

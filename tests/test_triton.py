@@ -10,13 +10,6 @@ pytestmark = pytest.mark.skipif(not fastblock.available_backends("cpu")["triton"
                                 reason="triton unavailable: " + fastblock.available_backends("cpu")["triton"].reason)
 
 
-@pytest.fixture(params=["mix", "concat"])
-def schedule(request):
-    """Run every test with both exact schedules (per-sample kernel mixing and K-fold concatenation)."""
-    with fastblock.force_schedule(request.param):
-        yield request.param
-
-
 @pytest.mark.parametrize("case", SHAPES, ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_triton_matches_reference_fp32(case, training, schedule):
