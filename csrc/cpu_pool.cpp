@@ -11,7 +11,9 @@
 // change -- except on a thread inside a PoolScope, where requests of at least kMinPooledBytes are served from a
 // cache of freed blocks of the same size (sizes repeat exactly from one training step to the next). A pooled block
 // freed anywhere, on any thread and at any later time, goes back to the cache; when the cache would grow past its
-// limit, other cached blocks are returned to the system first. Allocations are reported to the profiler like the
+// limit, other cached blocks are returned to the system first, those of the sizes requested longest ago first
+// (when the sizes change -- smaller training images, an evaluation's batch -- the blocks nobody asks for any more
+// go, not the ones the next step needs). Allocations are reported to the profiler like the
 // default allocator's.
 // The contract it bends: c10::Allocator's raw_deleter() is the pool's deleter, while requests outside a scope
 // return the replaced allocator's DataPtr with its own deleter. raw_deallocate() handles both (ATen's oneDNN glue
@@ -65,6 +67,7 @@ class PoolingCPUAllocator final : public c10::Allocator {
       ptr = c10::alloc_cpu(nbytes);
       lock.lock();
     }
+    last_request_[nbytes] = ++requests_;
     live_.emplace(ptr, nbytes);
     lock.unlock();
     c10::profiledCPUMemoryReporter().New(ptr, nbytes);
@@ -122,15 +125,23 @@ class PoolingCPUAllocator final : public c10::Allocator {
   static void free_block(void* ptr);
 
  private:
-  // Returns cached blocks to the system, in no particular order, until at most `bytes` stay cached.
+  // Returns cached blocks to the system until at most `bytes` stay cached: first those of the sizes that were
+  // requested longest ago.
   void evict_until_fits(size_t bytes) {
-    for (auto it = cached_.begin(); cached_bytes_ > bytes && it != cached_.end();) {
+    if (cached_bytes_ <= bytes) return;
+    std::vector<std::pair<int64_t, size_t>> by_age;  // (last request, size), oldest first
+    by_age.reserve(cached_.size());
+    for (const auto& entry : cached_) by_age.emplace_back(last_request_[entry.first], entry.first);
+    std::sort(by_age.begin(), by_age.end());
+    for (const auto& age_size : by_age) {
+      auto it = cached_.find(age_size.second);
       while (!it->second.empty() && cached_bytes_ > bytes) {
         c10::free_cpu(it->second.back());
         it->second.pop_back();
         cached_bytes_ -= it->first;
       }
-      it = it->second.empty() ? cached_.erase(it) : std::next(it);
+      if (it->second.empty()) cached_.erase(it);
+      if (cached_bytes_ <= bytes) return;
     }
   }
 
@@ -139,6 +150,8 @@ class PoolingCPUAllocator final : public c10::Allocator {
   std::mutex mutex_;
   std::unordered_map<void*, size_t> live_;                 // pooled blocks in use, by address
   std::unordered_map<size_t, std::vector<void*>> cached_;  // freed pooled blocks, by exact size
+  std::unordered_map<size_t, int64_t> last_request_;       // per size ever pooled: the count of requests at its last
+  int64_t requests_ = 0;
   size_t cached_bytes_ = 0;
   int64_t hits_ = 0, misses_ = 0;
 };

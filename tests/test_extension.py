@@ -488,6 +488,29 @@ def test_cpu_pool_limit_and_empty_cache(pool):
         pool.set_cpu_pool_limit(-1)
 
 
+def test_cpu_pool_keeps_the_sizes_asked_for_last(pool):
+    """When the sizes change (a run's first epochs on smaller images, then whole ones; an evaluation's batch), the
+    cache gives back the blocks of the sizes asked for longest ago: with the old sizes still cached, the new ones do
+    not fit the limit, yet after the first step of the new sizes every request is a hit."""
+    mib = 1 << 20
+    pool.set_cpu_pool_limit(8 * mib)
+
+    def step(sizes):
+        with pool.cpu_pool_scope():
+            blocks = [torch.empty(n, dtype=torch.uint8) for n in sizes]
+        del blocks  # (freed outside the scope: the blocks still go back to the cache)
+
+    old = [mib + 4096 * i for i in range(5)]  # 5 MiB, then 5 MiB of other sizes: together over the 8 MiB limit
+    new = [mib + 4096 * (i + 100) for i in range(5)]
+    for sizes in (old, old, new):
+        step(sizes)
+    before = pool.cpu_pool_stats()
+    for _ in range(3):
+        step(new)
+    assert _pool_delta(before, pool.cpu_pool_stats()) == {"hits": 15, "misses": 0, "live_blocks": 0}
+    assert pool.cpu_pool_stats()["cached_bytes"] <= 8 * mib
+
+
 def test_cpu_pool_concurrent_calls(pool):
     """Op calls on several threads at once (each thread pooled on its own, one shared cache), and outputs freed
     on other threads, give the single-threaded results and leave no block behind."""
