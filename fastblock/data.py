@@ -15,6 +15,7 @@ import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -319,16 +320,20 @@ def split_validation(data: Cifar, fraction: float, seed: int) -> Cifar:
 # --------------------------------------------------------------------------------------------------------------
 # on-device augmentation (batched; every random draw comes from the given generator)
 # --------------------------------------------------------------------------------------------------------------
-def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
-    """Pad by ``pad`` (zeros) and take a random HxW window per image (== translate by up to +-pad)."""
-    if pad <= 0:
-        return x
+def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator, size: Optional[int] = None) -> torch.Tensor:
+    """Pad by ``pad`` (zeros) and take a random window per image: HxW (== translate by up to +-pad), or
+    ``size`` x ``size`` (a smaller crop, not rescaled: the objects keep their size in pixels)."""
     b, _, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (b,), device=x.device, generator=gen)
-    ox = torch.randint(0, 2 * pad + 1, (b,), device=x.device, generator=gen)
-    rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-    cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    win_h, win_w = (h, w) if size is None else (size, size)
+    if not 0 < win_h <= h + 2 * pad or not 0 < win_w <= w + 2 * pad:
+        raise ValueError(f"a {win_h}x{win_w} crop does not fit {h}x{w} images padded by {pad}")
+    if pad <= 0 and (win_h, win_w) == (h, w):
+        return x
+    padded = F.pad(x, (pad, pad, pad, pad)) if pad > 0 else x
+    oy = torch.randint(0, h + 2 * pad - win_h + 1, (b,), device=x.device, generator=gen)
+    ox = torch.randint(0, w + 2 * pad - win_w + 1, (b,), device=x.device, generator=gen)
+    rows = (oy[:, None] + torch.arange(win_h, device=x.device))[:, None, :, None]
+    cols = (ox[:, None] + torch.arange(win_w, device=x.device))[:, None, None, :]
     chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
     return padded[torch.arange(b, device=x.device)[:, None, None, None], chans, rows, cols]
 

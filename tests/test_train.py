@@ -294,6 +294,93 @@ def test_augmentations_keep_shape_and_are_seeded():
     assert torch.equal(fdata.random_crop(x, 0, torch.Generator()), x)
 
 
+def test_small_crops_are_windows_of_the_images():
+    """A small crop is an SxS window of each image at a random offset, every offset possible, seeded; one larger
+    than the (padded) image is refused."""
+    x = torch.arange(4 * 1 * 6 * 6, dtype=torch.float32).view(4, 1, 6, 6)
+    windows = {(oy, ox): x[:, :, oy:oy + 4, ox:ox + 4] for oy in range(3) for ox in range(3)}
+    seen = set()
+    for seed in range(40):
+        a = fdata.random_crop(x, 0, torch.Generator().manual_seed(seed), size=4)
+        assert torch.equal(a, fdata.random_crop(x, 0, torch.Generator().manual_seed(seed), size=4))
+        for i in range(len(x)):
+            hits = [o for o, w in windows.items() if torch.equal(a[i], w[i])]
+            assert len(hits) == 1, (seed, i)
+            seen.add(hits[0])
+    assert seen == set(windows)
+    with pytest.raises(ValueError, match="does not fit"):
+        fdata.random_crop(x, 0, torch.Generator(), size=7)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_network_takes_the_smallest_small_crop(name):
+    from fastblock.train.loop import MIN_SMALL_CROP
+
+    model = build_model(name, backend="reference").eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, MIN_SMALL_CROP, MIN_SMALL_CROP)).shape == (2, 10)
+
+
+def test_small_crop_steps_count_their_share_of_the_pixels():
+    from fastblock.train import loop
+
+    cfg, plan = {"small_crop": 16, "small_crop_epochs": 1.5}, loop.Plan(steps_per_epoch=10, total_steps=40)
+    assert loop.small_crop_steps(cfg, plan) == 15
+    assert loop.step_cost(cfg, plan, 0, 40) == 15 * 0.25 + 25
+    assert loop.step_cost(cfg, plan, 12, 18) == 3 * 0.25 + 3
+    for start in (0, 5, 14, 15, 30):
+        for cost in (0.0, 0.2, 1.0, 3.75, 4.0, 9.9, 30.0):
+            n = loop.steps_within(cfg, plan, start, cost)
+            # the most steps that fit: n steps do, n + 1 do not
+            assert loop.step_cost(cfg, plan, start, start + n) <= cost < loop.step_cost(cfg, plan, start, start + n + 1)
+    assert loop.step_cost({"small_crop": 0, "small_crop_epochs": 2.0}, plan, 0, 40) == 40
+
+
+def test_small_crops_train_the_first_epochs_and_the_budget_plans_for_them(tmp_path, folder_data, monkeypatch,
+                                                                          capsys):
+    """--small-crop 16 for the first epoch (10 steps): those steps see 16x16 windows, the rest whole images. The
+    time budget's probe times small steps; its plan counts each full-size step ahead as 4 of them (the pixels'
+    ratio), where the small steps' pace alone would plan ~4x too many."""
+    from fastblock.train import loop
+
+    sizes, real_augment = [], loop.augment
+
+    def recording_augment(*args, **kwargs):
+        out = real_augment(*args, **kwargs)
+        sizes.append(out.shape[-1])
+        return out
+
+    monkeypatch.setattr(loop, "augment", recording_augment)
+    calls = _sleep_in_steps(monkeypatch, lambda n: 0.05 if n <= 10 else 0.2)
+    budget_s = 4.0  # 10 small steps take ~0.5 s: ~17 full-size steps fit after them
+    out = _train(tmp_path, folder_data, "--time-budget", str(budget_s / 60), "--batch-size", "20", "--small-crop",
+                 "16", "--small-crop-epochs", "1")
+    text = capsys.readouterr().out
+    assert "small crops: the first 1 epoch (10 steps) train on random 16x16 windows" in text
+    assert sizes[:10] == [16] * 10 and set(sizes[10:]) == {32}, sizes
+    # the probe's plan, from the times the run recorded (a busy machine stretches steps: no wall-clock bounds)
+    seconds = _step_seconds(out)
+    probe_end = 1 + loop.PROBE_STEPS
+    small_step = sorted(b - a for a, b in zip(seconds[:probe_end - 1], seconds[1:probe_end]))[loop.PROBE_STEPS // 2]
+    planned = int(re.search(r"time budget \S+ min at \S+ s/step per full-size step: (\d+) steps", text).group(1))
+    # steps.csv rounds times to 1 ms
+    fit = [10 + (budget_s - seconds[probe_end - 1] - (10 - probe_end) * (small_step + d)) / (4 * (small_step + d))
+           for d in (1e-3, -1e-3)]
+    assert fit[0] - 1 <= planned <= fit[1] + 1, (planned, fit, seconds)
+    _assert_within_budget(out, budget_s, calls["n"])
+
+
+@pytest.mark.parametrize("flags, message", [(["--small-crop", "12"], "--small-crop must be from 16 to 31"),
+                                            (["--small-crop", "32"], "--small-crop must be from 16 to 31"),
+                                            (["--small-crop", "24"], "needs --small-crop-epochs > 0")])
+def test_small_crop_mistakes_are_one_line_errors(tmp_path, folder_data, flags, message, capsys):
+    argv = ["--data-dir", str(folder_data), "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--no-download",
+            "--preset", "tiny", "--out", str(tmp_path / "run"), "--backend", "reference", *flags]
+    assert train.main(argv) != 0
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_torchrun_two_process_gloo(tmp_path, folder_data):
     """Two ranks, with a parameter (the whitening bias) that stops training after the first epoch."""

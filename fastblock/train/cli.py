@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     hp.add_argument("--t-max", type=float, help="cosine period in epochs (default: the run length)")
     hp.add_argument("--min-lr-ratio", type=float, help="final lr / peak lr for linear and cosine schedules")
     hp.add_argument("--crop-pad", type=int, help="random translation by up to this many pixels (0: off)")
+    hp.add_argument("--small-crop", type=int, metavar="S",
+                    help="train the first --small-crop-epochs on random SxS windows of the (translated) images, not "
+                         "rescaled: cheaper early steps, full-size images after (0: off)")
+    hp.add_argument("--small-crop-epochs", type=float, metavar="E", help="how long --small-crop lasts, in epochs")
     hp.add_argument("--flip", type=_flip, nargs="?", const=True, metavar="{on,off,alternate}",
                     help="horizontal flips: random (a bare --flip), none, or alternating (each image flipped every "
                          "other epoch)")

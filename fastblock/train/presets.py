@@ -34,6 +34,8 @@ class Recipe:
     min_lr_ratio: float = 0.0
     t_max: Optional[float] = None  # cosine period in epochs (default: the run length)
     crop_pad: int = 4              # random translation by up to this many pixels (0: off)
+    small_crop: int = 0            # train the first small_crop_epochs on random SxS windows of the images (not
+    small_crop_epochs: float = 0.0 # rescaled): cheaper early steps; 0: full-size images throughout
     flip: Union[bool, str] = True  # random horizontal flips; "alternate": each image flipped every other epoch
     cutout: int = 0
     resized_crop: bool = False
