@@ -280,7 +280,7 @@ def flip_parity(n: int, seed: int, device) -> torch.Tensor:
 def augment(cfg, x: torch.Tensor, gen: torch.Generator, flips: Optional[torch.Tensor] = None,
             small_crop: bool = False) -> torch.Tensor:
     """``flips``: this batch's images' flip decisions for "alternate" flipping (else random flips); ``small_crop``:
-    end with a random small_crop x small_crop window of each augmented image."""
+    end with a random window of each augmented image, cfg["small_crop"] pixels square (--small-crop)."""
     if cfg["resized_crop"] or cfg["rotate"]:
         x = random_affine(x, gen, degrees=cfg["rotate"], resized_crop=cfg["resized_crop"])
     if cfg["crop_pad"]:
