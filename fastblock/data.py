@@ -324,10 +324,11 @@ def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator, size: Optional[
     """Pad by ``pad`` (zeros) and take a random window per image: HxW (== translate by up to +-pad), or
     ``size`` x ``size`` (a smaller crop, not rescaled: the objects keep their size in pixels)."""
     b, _, h, w = x.shape
+    pad = max(0, pad)  # (no padding, as before: a pad <= 0 translates nothing)
     win_h, win_w = (h, w) if size is None else (size, size)
     if not 0 < win_h <= h + 2 * pad or not 0 < win_w <= w + 2 * pad:
         raise ValueError(f"a {win_h}x{win_w} crop does not fit {h}x{w} images padded by {pad}")
-    if pad <= 0 and (win_h, win_w) == (h, w):
+    if pad == 0 and (win_h, win_w) == (h, w):
         return x
     padded = F.pad(x, (pad, pad, pad, pad)) if pad > 0 else x
     oy = torch.randint(0, h + 2 * pad - win_h + 1, (b,), device=x.device, generator=gen)

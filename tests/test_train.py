@@ -292,6 +292,7 @@ def test_augmentations_keep_shape_and_are_seeded():
         assert a.shape == x.shape and torch.equal(a, b)
     # crop with zero offset range is the identity; a crop is a translation of the original pixels
     assert torch.equal(fdata.random_crop(x, 0, torch.Generator()), x)
+    assert torch.equal(fdata.random_crop(x, -1, torch.Generator()), x)  # a pad below 0 translates nothing
 
 
 def test_small_crops_are_windows_of_the_images():

@@ -296,9 +296,8 @@ def augment(cfg, x: torch.Tensor, gen: torch.Generator, flips: Optional[torch.Te
     return x
 
 
-# --small-crop: the first steps train on small windows of the images, which cost about their share of the pixels.
-# The time budget plans in full-size steps: a small-crop step counts as (S / 32)^2 of one (measured for the cpu
-# preset's network at 24 pixels: 0.55 of the time of a 32-pixel step, against 0.5625 of the pixels).
+# --small-crop: the first steps train on small windows of the images, which cost about their share of the pixels
+# (bench/RESULTS.md). The time budget plans in full-size steps: a small-crop step counts as (S / 32)^2 of one.
 MIN_SMALL_CROP = 16  # every network in models.MODELS takes 16x16 images (tests/test_train.py checks)
 
 
@@ -575,10 +574,11 @@ def run(args, say) -> int:
         saved = Plan(**state["plan"])  # with the re-plans of a --time-budget run
         if args.epochs is None or saved.total_steps == plan.total_steps:
             plan = saved  # (a run extended by --epochs gets a new schedule over its new length instead)
-    if small_crop_steps(cfg, plan) and state is None:
-        whole = " -- the whole run" if small_crop_steps(cfg, plan) >= plan.total_steps else ""
+    small_steps = small_crop_steps(cfg, plan)
+    if small_steps and state is None:
+        whole = " -- the whole run" if small_steps >= plan.total_steps else ""
         epochs = f"{cfg['small_crop_epochs']:g} epoch" + ("" if cfg["small_crop_epochs"] == 1 else "s")
-        say(f"small crops: the first {epochs} ({small_crop_steps(cfg, plan)} steps) train "
+        say(f"small crops: the first {epochs} ({small_steps} steps) train "
             f"on random {cfg['small_crop']}x{cfg['small_crop']} windows of the images{whole}; evaluation sees them "
             f"whole")
     if cfg["schedule"] == "plateau":  # the learning rate follows the evaluation loss, not the step
