@@ -7,6 +7,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -352,14 +353,14 @@ def test_small_crops_train_the_first_epochs_and_the_budget_plans_for_them(tmp_pa
         return out
 
     monkeypatch.setattr(loop, "augment", recording_augment)
-    calls = _sleep_in_steps(monkeypatch, lambda n: 0.05 if n <= 10 else 0.2)
+    calls = _timed_steps(monkeypatch, lambda n: 0.05 if n <= 10 else 0.2)
     budget_s = 4.0  # 10 small steps take ~0.5 s: ~17 full-size steps fit after them
     out = _train(tmp_path, folder_data, "--time-budget", str(budget_s / 60), "--batch-size", "20", "--small-crop",
                  "16", "--small-crop-epochs", "1")
     text = capsys.readouterr().out
     assert "small crops: the first 1 epoch (10 steps) train on random 16x16 windows" in text
     assert sizes[:10] == [16] * 10 and set(sizes[10:]) == {32}, sizes
-    # the probe's plan, from the times the run recorded (a busy machine stretches steps: no wall-clock bounds)
+    # the probe's plan, from the times the run recorded
     seconds = _step_seconds(out)
     probe_end = 1 + loop.PROBE_STEPS
     small_step = sorted(b - a for a, b in zip(seconds[:probe_end - 1], seconds[1:probe_end]))[loop.PROBE_STEPS // 2]
@@ -517,12 +518,11 @@ def test_steps_csv_and_projection(tmp_path, folder_data, capsys):
 
 
 def test_time_budget_plans_the_steps(tmp_path, folder_data, monkeypatch, capsys):
-    """Steps of ~0.1 s (a sleep, long beside the tiny model's real step, so that the test's timing does not hang on
-    the machine's load) in a 1.2 s budget: the probe's 6 steps fit, and the run ends after about 12 steps, not
-    after the preset's 3 epochs (30 steps)."""
+    """Steps of 0.1 s in a 1.2 s budget: the probe's 6 steps fit, and the run ends after about 12 steps, not after
+    the preset's 3 epochs (30 steps)."""
     from fastblock.train import loop
 
-    _sleep_in_steps(monkeypatch, lambda n: 0.1)
+    _timed_steps(monkeypatch, lambda n: 0.1)
     out = _train(tmp_path, folder_data, "--time-budget", str(1.2 / 60), "--batch-size", "20")
     assert "time budget" in capsys.readouterr().out
     config = torch.load(out / "last.pt", weights_only=True)
@@ -534,11 +534,10 @@ def test_time_budget_counts_a_slow_first_step(tmp_path, folder_data, monkeypatch
     time: the probe plans only the steps that fit in what is left."""
     from fastblock.train import loop
 
-    # later steps: the sleep dominates the few ms of the real step, whose time moves with the machine's load
-    calls = _sleep_in_steps(monkeypatch, lambda n: 2.0 if n == 1 else 0.05)
+    calls = _timed_steps(monkeypatch, lambda n: 2.0 if n == 1 else 0.05)
     budget_s = 3.0  # all within the first epoch (100 steps of 2 images), before any end-of-epoch re-plan
     out = _train(tmp_path, folder_data, "--time-budget", str(budget_s / 60), "--batch-size", "2")
-    # the plan, from the times the run recorded (not from wall-clock bounds: a busy machine stretches steps)
+    # the plan, from the times the run recorded
     seconds = _step_seconds(out)
     probe_end = 1 + loop.PROBE_STEPS
     per_step = sorted(b - a for a, b in zip(seconds[:probe_end - 1], seconds[1:probe_end]))[loop.PROBE_STEPS // 2]
@@ -557,7 +556,7 @@ def test_time_budget_holds_when_the_machine_slows_down(tmp_path, folder_data, mo
     """Steps that get 3x slower after the first epoch (a VM whose speed drifts): the steps left are re-fitted at
     each epoch end, a step that would end past the budget is not started, and training ends within the budget
     (give or take the last step) instead of 3x past it."""
-    calls = _sleep_in_steps(monkeypatch, lambda n: 0.02 if n <= 10 else 0.06)  # 10 steps = the first epoch
+    calls = _timed_steps(monkeypatch, lambda n: 0.02 if n <= 10 else 0.06)  # 10 steps = the first epoch
     budget_s = 2.4
     out = _train(tmp_path, folder_data, "--time-budget", str(budget_s / 60), "--batch-size", "20")
     assert "more steps (planned:" in capsys.readouterr().out
@@ -568,8 +567,8 @@ def test_time_budget_refits_the_epoch_where_the_time_runs_out(tmp_path, folder_d
     """Steps that get ~10x slower within an epoch: no epoch end comes to re-plan before the time runs out, so the
     steps left are re-fitted to the time left as they go -- the learning-rate decay finishes at the budget instead
     of being cut off near the rate it had (the run ends where its re-fitted plan ends, within the budget)."""
-    calls = _sleep_in_steps(monkeypatch, lambda n: 0.02 if n <= 30 else 0.3)  # slow from epoch 4 (steps 31-40) on
-    budget_s = 4.0  # 1-2 s are spent after 3 epochs: a few slow steps fit
+    calls = _timed_steps(monkeypatch, lambda n: 0.02 if n <= 30 else 0.3)  # slow from epoch 4 (steps 31-40) on
+    budget_s = 2.0  # 0.6 s is spent after 3 epochs: ~4 slow steps fit, and the time runs out within epoch 4
     out = _train(tmp_path, folder_data, "--time-budget", str(budget_s / 60), "--batch-size", "20")
     assert "re-fitted to the time left" in capsys.readouterr().out
     _assert_within_budget(out, budget_s, calls["n"])
@@ -581,8 +580,8 @@ def test_time_budget_refits_the_epoch_where_the_time_runs_out(tmp_path, folder_d
 def test_time_budget_stops_before_a_step_that_would_end_past_it(tmp_path, folder_data, monkeypatch, capsys):
     """A step that suddenly takes the whole budget (the pace of the steps before it did not foresee it): the next
     step, which would end past the budget, is not started."""
-    calls = _sleep_in_steps(monkeypatch, lambda n: 0.02 if n <= 30 else 2.5)
-    budget_s = 3.0  # ~1 s is spent after 3 epochs: step 31 uses up the rest
+    calls = _timed_steps(monkeypatch, lambda n: 0.02 if n <= 30 else 2.5)
+    budget_s = 3.0  # 0.6 s is spent after 3 epochs: step 31 uses up the rest
     out = _train(tmp_path, folder_data, "--time-budget", str(budget_s / 60), "--batch-size", "20")
     assert "before the plan's end" in capsys.readouterr().out
     assert calls["n"] < 40
@@ -600,19 +599,23 @@ def _step_seconds(out) -> list[float]:
     return _step_column(out, "train_seconds")
 
 
-def _sleep_in_steps(monkeypatch, seconds) -> dict:
-    """Training steps that first sleep seconds(n) for the n-th call (from 1): the test's timing is the sleep's, not
-    the machine's load. Returns the call counter ({"n": calls so far})."""
+def _timed_steps(monkeypatch, seconds) -> dict:
+    """Training steps that take exactly seconds(n) for the n-th call (from 1) on the loop's clock, a virtual one that
+    only these steps move: the plans under test see the same step times on a busy machine as on a quiet one (a
+    sleep beside the real step did not: under load the real step's own time used up the small budgets). Returns
+    the call counter ({"n": calls so far})."""
     from fastblock.train import loop
 
-    real_step, calls = loop._train_step, {"n": 0}
+    real_step, calls, clock = loop._train_step, {"n": 0}, {"now": 0.0}
 
-    def sleeping_step(*args, **kwargs):
+    def timed_step(*args, **kwargs):
         calls["n"] += 1
-        time.sleep(seconds(calls["n"]))
+        clock["now"] += seconds(calls["n"])
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "_train_step", sleeping_step)
+    monkeypatch.setattr(loop, "_train_step", timed_step)
+    loop_time = {name: getattr(time, name) for name in dir(time) if not name.startswith("_")}
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(**dict(loop_time, perf_counter=lambda: clock["now"])))
     return calls
 
 
@@ -860,7 +863,7 @@ def test_replan_goes_on_from_the_current_learning_rate(schedule, new_total):
 def test_time_budget_replans_keep_the_learning_rate_continuous(tmp_path, folder_data, monkeypatch, capsys):
     """Steps that get 3x faster after the first epoch: the epoch-end re-plan fits more steps, and the learning rate
     goes on falling from where it was (a re-plan that re-spans the decay over the longer run makes it jump up)."""
-    _sleep_in_steps(monkeypatch, lambda n: 0.06 if n <= 10 else 0.02)  # 10 steps = the first epoch
+    _timed_steps(monkeypatch, lambda n: 0.06 if n <= 10 else 0.02)  # 10 steps = the first epoch
     out = _train(tmp_path, folder_data, "--time-budget", str(2.4 / 60), "--batch-size", "20")
     assert "more steps (planned:" in capsys.readouterr().out
     lrs = _step_column(out, "lr")
