@@ -30,7 +30,9 @@
 #include <atomic>
 #include <cstdlib>
 #include <mutex>
+#include <iterator>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "fastblock.h"
@@ -39,6 +41,7 @@ namespace fastblock {
 namespace {
 
 constexpr size_t kMinPooledBytes = size_t(64) << 10;  // smaller blocks: malloc's own free lists do the job
+constexpr size_t kTrackedSizesSlack = 256;             // sizes with no block held, remembered before a clean-up
 
 thread_local int scope_depth = 0;
 
@@ -69,6 +72,8 @@ class PoolingCPUAllocator final : public c10::Allocator {
     }
     last_request_[nbytes] = ++requests_;
     live_.emplace(ptr, nbytes);
+    // sizes that come and go (evaluation batches, odd shapes) must not grow the map for ever: amortised O(1)
+    if (last_request_.size() > 2 * (cached_.size() + live_.size()) + kTrackedSizesSlack) forget_unheld_sizes();
     lock.unlock();
     c10::profiledCPUMemoryReporter().New(ptr, nbytes);
     return {ptr, ptr, &free_block, c10::Device(c10::DeviceType::CPU)};
@@ -116,7 +121,7 @@ class PoolingCPUAllocator final : public c10::Allocator {
   std::vector<int64_t> stats() {
     std::lock_guard<std::mutex> lock(mutex_);
     return {static_cast<int64_t>(cached_bytes_), static_cast<int64_t>(live_.size()), hits_, misses_,
-            static_cast<int64_t>(limit_)};
+            static_cast<int64_t>(limit_), static_cast<int64_t>(last_request_.size())};
   }
 
   c10::Allocator* fallback() const { return fallback_; }
@@ -145,12 +150,25 @@ class PoolingCPUAllocator final : public c10::Allocator {
     }
   }
 
+  // Drops the last request of every size the pool holds no block of (cached or in use): its next request
+  // records it again, and only held blocks are ever ordered for eviction.
+  void forget_unheld_sizes() {
+    std::unordered_set<size_t> held;
+    held.reserve(cached_.size() + live_.size());
+    for (const auto& entry : cached_) held.insert(entry.first);
+    for (const auto& entry : live_) held.insert(entry.second);
+    for (auto it = last_request_.begin(); it != last_request_.end();) {
+      it = held.count(it->first) ? std::next(it) : last_request_.erase(it);
+    }
+  }
+
   c10::Allocator* const fallback_;
   size_t limit_;
   std::mutex mutex_;
   std::unordered_map<void*, size_t> live_;                 // pooled blocks in use, by address
   std::unordered_map<size_t, std::vector<void*>> cached_;  // freed pooled blocks, by exact size
-  std::unordered_map<size_t, int64_t> last_request_;       // per size ever pooled: the count of requests at its last
+  std::unordered_map<size_t, int64_t> last_request_;       // per size pooled (held ones at least): the count of
+                                                           // requests at its last
   int64_t requests_ = 0;
   size_t cached_bytes_ = 0;
   int64_t hits_ = 0, misses_ = 0;
@@ -218,7 +236,7 @@ void cpu_pool_exit() {
 
 std::vector<int64_t> cpu_pool_stats() {
   auto* p = pool();
-  return p ? p->stats() : std::vector<int64_t>{0, 0, 0, 0, 0};
+  return p ? p->stats() : std::vector<int64_t>{0, 0, 0, 0, 0, 0};
 }
 
 void cpu_pool_empty_cache() {

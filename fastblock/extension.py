@@ -236,8 +236,9 @@ def _loaded_ops():
 def cpu_pool_stats() -> dict[str, int]:
     """The extension's opt-in CPU allocation pool (csrc/cpu_pool.cpp; off unless switched on): ``cached_bytes``
     (freed blocks held), ``live_blocks`` (pooled blocks in use), ``hits`` / ``misses`` (requests served from / not
-    found in the cache) and ``limit_bytes`` (all 0 while it is off)."""
-    keys = ("cached_bytes", "live_blocks", "hits", "misses", "limit_bytes")
+    found in the cache), ``limit_bytes`` and ``tracked_sizes`` (block sizes whose last request it remembers, to
+    evict the sizes asked for longest ago first; all 0 while it is off)."""
+    keys = ("cached_bytes", "live_blocks", "hits", "misses", "limit_bytes", "tracked_sizes")
     return dict(zip(keys, _loaded_ops().cpu_pool_stats(), strict=True))
 
 

@@ -511,6 +511,23 @@ def test_cpu_pool_keeps_the_sizes_asked_for_last(pool):
     assert pool.cpu_pool_stats()["cached_bytes"] <= 8 * mib
 
 
+def test_cpu_pool_forgets_the_sizes_it_holds_no_block_of(pool):
+    """The last request of each size orders the eviction; sizes that come and go (a new batch size, odd shapes)
+    must not grow that record for ever: it keeps the sizes held (cached or in use) and a bounded number of others."""
+    pool.set_cpu_pool_limit(1 << 20)
+    held = []
+    with pool.cpu_pool_scope():
+        for i in range(3000):
+            block = torch.empty((64 << 10) + 64 * i, dtype=torch.uint8)
+            if i % 1000 == 0:
+                held.append(block)  # in use throughout: its size stays on record
+            del block
+    stats = pool.cpu_pool_stats()
+    assert stats["live_blocks"] == 3 and stats["cached_bytes"] <= 1 << 20, stats
+    assert stats["tracked_sizes"] <= 600, stats  # 3000 without the clean-up
+    del held
+
+
 def test_cpu_pool_concurrent_calls(pool):
     """Op calls on several threads at once (each thread pooled on its own, one shared cache), and outputs freed
     on other threads, give the single-threaded results and leave no block behind."""
