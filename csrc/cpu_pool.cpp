@@ -29,8 +29,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
-#include <mutex>
 #include <iterator>
+#include <mutex>
 #include <unordered_map>
 #include <unordered_set>
 #include <vector>

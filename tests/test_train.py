@@ -354,7 +354,7 @@ def test_small_crops_train_the_first_epochs_and_the_budget_plans_for_them(tmp_pa
 
     monkeypatch.setattr(loop, "augment", recording_augment)
     calls = _timed_steps(monkeypatch, lambda n: 0.05 if n <= 10 else 0.2)
-    budget_s = 4.0  # 10 small steps take ~0.5 s: ~17 full-size steps fit after them
+    budget_s = 4.0  # 10 small steps take 0.5 s: ~17 full-size steps fit after them
     out = _train(tmp_path, folder_data, "--time-budget", str(budget_s / 60), "--batch-size", "20", "--small-crop",
                  "16", "--small-crop-epochs", "1")
     text = capsys.readouterr().out

@@ -707,39 +707,36 @@ def _train(ctx) -> bool:
                        unit="step", mininterval=progress_interval())
             refitted = False
             for step in bar:
+                global_step = epoch * plan.steps_per_epoch + step
+                cost = step_cost(cfg, plan, global_step, global_step + 1)  # in full-size steps (--small-crop)
                 if budget_s is not None and recent_steps:
-                    at = epoch * plan.steps_per_epoch + step
-                    pace, spent = statistics.median(recent_steps) * step_cost(cfg, plan, at, at + 1), \
-                        progress.train_seconds
+                    pace, spent = statistics.median(recent_steps) * cost, progress.train_seconds
                     # (rank means of the slowest recent step and of the time spent: every rank re-fits alike)
                     over, slowest, spent = dist.all_sum([float(spent + pace > budget_s), max(recent_steps) / dist.world,
                                                          spent / dist.world], device)
                     if over:  # (when any rank would run past it: all ranks stop at the same step)
-                        _stop_at_budget(ctx, epoch * plan.steps_per_epoch + step)
+                        _stop_at_budget(ctx, global_step)
                         break
-                    if _refit_final_epoch(ctx, epoch, epoch * plan.steps_per_epoch + step, slowest, spent,
-                                          announce=not refitted):
+                    if _refit_final_epoch(ctx, epoch, global_step, slowest, spent, announce=not refitted):
                         refitted = True
                         bar.total = plan.total_steps - epoch * plan.steps_per_epoch - first_step
                         bar.refresh()
                 t0 = time.perf_counter()
                 batch = perm[step * global_batch:(step + 1) * global_batch]
                 batch = batch[dist.rank * local_batch:(dist.rank + 1) * local_batch]
-                loss_step, correct_step = _train_step(ctx, batch, epoch_flips[batch], gen, micro,
-                                                      epoch * plan.steps_per_epoch + step)
+                loss_step, correct_step = _train_step(ctx, batch, epoch_flips[batch], gen, micro, global_step)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
                 loss_sum, correct, seen = loss_sum + loss_step * len(batch), correct + correct_step, seen + len(batch)
                 epoch_time += dt
                 progress.train_seconds += dt
-                global_step = epoch * plan.steps_per_epoch + step
                 progress.steps.append(dict(step=global_step + 1, epoch=round(global_step / plan.steps_per_epoch + 1 /
                                                                                 plan.steps_per_epoch, 4),
                                            lr=ctx["opt"].param_groups[0]["lr"], loss=round(loss_step, 5),
                                            train_seconds=round(progress.train_seconds, 3)))
                 if len(progress.steps) > 1:  # as the probe: the first step (warm-up, builds) is not the pace
-                    recent_steps.append(dt / step_cost(cfg, plan, global_step, global_step + 1))
+                    recent_steps.append(dt / cost)
                 if ctx["scheduler"] is not None:
                     ctx["scheduler"].step()
                 _maybe_update_ema(ctx, global_step)
