@@ -795,6 +795,75 @@ def test_precision_follows_the_gpu_architecture(monkeypatch):
     assert loop.amp_dtype_for(dict(cfg, amp="off"), torch.device("cuda")) is None
 
 
+# --- torch.compile, as the fast preset trains ------------------------------------------------------------------------
+def _needs_extension():
+    if not fastblock.available_backends("cpu")["extension"].available:
+        pytest.skip("needs the extension")
+
+
+def test_compiled_speed_run_network_matches_eager_mode():
+    """The fast preset trains its network under torch.compile (inductor; on CPU here, where it generates C++ for
+    everything but the extension's custom ops): loss, every gradient and the running statistics equal eager mode's,
+    while the whitening bias trains and after it stops (a recompile, in which the first Block's input gradient is
+    no longer wanted)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    _needs_extension()
+    eager = build_model(train.resolve_preset("fast")["model"], backend="extension")
+    eager.fit_to_data(torch.randn(256, 3, 32, 32))
+    eager.dirac_init_()
+    eager = eager.to(memory_format=torch.channels_last).train()
+    twin = copy.deepcopy(eager)
+    compiled = torch.compile(twin)
+    x = torch.randn(12, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.arange(12) % 10
+    for whiten_bias_trains in (True, False):
+        results = []
+        for model, call in ((eager, eager), (twin, compiled)):
+            model.whiten.bias.requires_grad_(whiten_bias_trains)
+            model.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(call(x), y, label_smoothing=0.2)
+            loss.backward()
+            grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+            results.append((loss.detach(), grads, {n: b.clone() for n, b in model.named_buffers()}))
+        (loss_e, grads_e, bufs_e), (loss_c, grads_c, bufs_c) = results
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+        assert grads_c.keys() == grads_e.keys() and ("whiten.bias" in grads_e) == whiten_bias_trains
+        for name, g in grads_e.items():
+            torch.testing.assert_close(grads_c[name], g, rtol=1e-4, atol=1e-4 * g.abs().max().item(),
+                                       msg=lambda m, name=name: f"{name}: {m}")
+        for name, b in bufs_e.items():
+            torch.testing.assert_close(bufs_c[name], b, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_compiled_training_run_follows_eager_and_saves_plain_weights(tmp_path, folder_data, capsys):
+    """A --compile run (the fast preset's setting) of the fast preset on CPU: its first step's loss is eager mode's
+    (the same weights, batch and network), it runs through the whitening bias's freeze (a recompile), and its
+    checkpoints hold the model's own parameter names (not the compiled wrapper's), so --eval-only and --resume
+    load them."""
+    _needs_extension()
+    common = ("--preset", "fast", "--backend", "extension", "--device", "cpu", "--epochs", "2", "--batch-size", "50",
+              "--whiten-bias-epochs", "1", "--tta", "off")
+    first_losses = []
+    for flag in ("--compile", "--no-compile"):
+        out = _train(tmp_path, folder_data, *common, flag, name=flag.strip("-"))
+        rows = (out / "steps.csv").read_text().splitlines()
+        assert len(rows) == 1 + 8, rows
+        first_losses.append(float(rows[1].split(",")[3]))
+    assert first_losses[0] == pytest.approx(first_losses[1], rel=1e-5, abs=1e-6)
+    run = tmp_path / "compile"
+    assert all(not k.startswith("_orig_mod") for k in torch.load(run / "best.pt", weights_only=True)["model"])
+    capsys.readouterr()
+    assert train.main(["--eval-only", str(run), "--data-dir", str(folder_data), "--cache-dir",
+                       str(tmp_path / "cache"), "--backend", "extension", "--no-progress"]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    assert train.main(["--resume", str(run), "--epochs", "3", "--no-progress", "--data-dir", str(folder_data),
+                       "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert len((run / "metrics.csv").read_text().splitlines()) == 1 + 3
+
+
 # --- the speed-run settings of the cpu recipe ---------------------------------------------------------------------
 def test_bn_bias_lr_scale_gives_the_shifts_their_own_group():
     model = build_model("tiny")
