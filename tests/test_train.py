@@ -140,6 +140,30 @@ def test_resume_is_identical_to_uninterrupted(tmp_path, folder_data, optimizer):
     assert strip_time((full / "metrics.csv").read_text()) == strip_time((part / "metrics.csv").read_text())
 
 
+def test_resume_keeps_the_precision_and_layout_the_run_began_with(tmp_path, folder_data, monkeypatch, capsys):
+    """--amp and --channels-last "auto" are chosen when a run begins; --resume keeps those choices, so a run
+    resumed where "auto" would now choose otherwise (here: a CPU that has bf16 matrix instructions, where "auto"
+    means bf16 and channels-last) ends exactly where the uninterrupted run does."""
+    from fastblock.train import loop
+
+    common = ["--epochs", "2", "--batch-size", "32", "--seed", "2"]
+    full = _train(tmp_path, folder_data, *common, name="full")
+    part = _train(tmp_path, folder_data, *common, "--stop-after", "1", name="part")
+    began = torch.load(part / "last.pt", weights_only=True)["choices"]
+    assert began == {"device_type": "cpu", "amp": "off", "channels_last": False}
+    monkeypatch.setattr(loop, "cpu_bf16_native", lambda: "AMX")
+    assert loop.amp_dtype_for(train.resolve_preset("tiny"), torch.device("cpu")) == torch.bfloat16
+    capsys.readouterr()
+    assert train.main(["--resume", str(part), "--no-progress", "--cache-dir", str(tmp_path / "cache")]) == 0
+    out = capsys.readouterr().out
+    assert "precision and layout as the run began: float32, NCHW" in out and ", NCHW" in out.split("model:")[1]
+    a = torch.load(full / "last.pt", weights_only=True)
+    b = torch.load(part / "last.pt", weights_only=True)
+    assert b["choices"] == began and b["config"]["amp"] == "auto"  # the config keeps the user's setting
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     target = tmp_path / "last.pt"
     fdata.atomic_torch_save({"v": torch.ones(3)}, target)

@@ -264,6 +264,26 @@ def precision_note(cfg, device) -> str:
     return what
 
 
+AMP_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}
+
+
+def keep_run_choices(cfg, state: dict, device, say) -> dict:
+    """The settings a resumed run's precision and layout follow: what the run began with (its checkpoint records
+    what --amp and --channels-last "auto" chose), so that it continues bit for bit where "auto" would now choose
+    otherwise -- another CPU, a newer rule. Checkpoints from before the record, or a run moved to another kind of
+    device, choose afresh."""
+    began = state.get("choices")
+    if not began:
+        return cfg
+    if began["device_type"] != device.type:
+        say(f"resumed on {device.type}, begun on {began['device_type']}: precision and layout are chosen afresh")
+        return cfg
+    cfg = dict(cfg, amp=began["amp"], channels_last=began["channels_last"])
+    say(f"precision and layout as the run began: {precision_note(cfg, device)}, "
+        f"{'channels-last' if began['channels_last'] else 'NCHW'}")
+    return cfg
+
+
 def epoch_generator(seed: int, epoch: int, rank: int, device) -> torch.Generator:
     """Shuffling and augmentation randomness of one epoch: a pure function of (seed, epoch)."""
     g = torch.Generator(device=device)
@@ -517,7 +537,10 @@ def run(args, say) -> int:
 
     random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
-    backend_name = pick_backend(cfg["backend"], device, amp_dtype_for(cfg, device) or torch.float32, say)
+    # the settings "auto" resolves from (cfg itself keeps "auto", as the user gave it)
+    chosen = keep_run_choices(cfg, state, device, say) if state is not None else cfg
+    amp_dtype = amp_dtype_for(chosen, device)
+    backend_name = pick_backend(cfg["backend"], device, amp_dtype or torch.float32, say)
     say(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
                                f" ({torch.get_num_threads()} threads)") +
         (f", {dist.world} ranks" if dist.world > 1 else ""))
@@ -546,7 +569,7 @@ def run(args, say) -> int:
                 m.weight.requires_grad_(False)
             if cfg["bn_momentum"] is not None:
                 m.momentum = cfg["bn_momentum"]
-    channels_last = channels_last_for(cfg, device, model)
+    channels_last = channels_last_for(chosen, device, model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     n_params = sum(p.numel() for p in model.parameters())
@@ -563,7 +586,6 @@ def run(args, say) -> int:
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg["compile"]:
         train_model = torch.compile(train_model)
-    amp_dtype = amp_dtype_for(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     global_batch = cfg["batch_size"]
@@ -617,7 +639,8 @@ def run(args, say) -> int:
                ema=ema, opt=opt, scheduler=scheduler, plateau=plateau, scaler=scaler, amp_dtype=amp_dtype,
                channels_last=channels_last, plan=plan, progress=progress, run_dir=run_dir, mean=mean, std=std,
                train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, local_batch=local_batch,
-               classes=data.classes, backend=backend_name, flips=flip_parity(len(train_y), cfg["seed"], device))
+               classes=data.classes, backend=backend_name, flips=flip_parity(len(train_y), cfg["seed"], device),
+               choices=dict(device_type=device.type, amp=AMP_NAMES[amp_dtype], channels_last=channels_last))
     interrupted = _train(ctx)
     if interrupted:
         return 130
@@ -982,7 +1005,7 @@ def _save(ctx, best: bool) -> None:
             "ema": ema.state_dict() if ema is not None else None,
             "plateau": plateau.state_dict() if plateau is not None else None, "scaler": ctx["scaler"].state_dict(),
             "rng": rng_state(ctx["device"].type), "progress": dataclasses.asdict(progress),
-            "plan": dataclasses.asdict(ctx["plan"]), "config": cfg}
+            "plan": dataclasses.asdict(ctx["plan"]), "config": cfg, "choices": ctx["choices"]}
     atomic_torch_save(ckpt, run_dir / "last.pt")
     if best:
         atomic_torch_save({"model": eval_model.state_dict(), "config": cfg, "epoch": progress.epoch,
@@ -1016,8 +1039,8 @@ def eval_only(args, device, dist, say) -> int:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise RunError(f"--eval-only: {path} does not fit model {cfg['model']!r}: {str(exc).splitlines()[0]}") from None
-    channels_last = channels_last_for(cfg, device, model)  # every run's config holds it, as it holds "amp"
-    if channels_last:  # the layout the run trained and evaluated in
+    channels_last = channels_last_for(cfg, device, model)  # as the run set it ("auto": this machine's choice)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     data = load_data(cfg, args, dist)
     mean, std = (t.to(device).view(1, 3, 1, 1) for t in data.mean_std)
