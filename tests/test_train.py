@@ -601,6 +601,28 @@ def test_time_budget_refits_the_epoch_where_the_time_runs_out(tmp_path, folder_d
     assert lr[-1] <= 0.5 * lr[30], lr[28:]
 
 
+@pytest.mark.parametrize("change", [("--small-crop", "24", "--small-crop-epochs", "3"),
+                                    ("--model", "air-cpu-small-k1", "--whiten-bias-epochs", "3")],
+                         ids=["image-size", "frozen-parameters"])
+def test_time_budget_does_not_plan_at_the_pace_of_warm_up_steps(tmp_path, folder_data, monkeypatch, capsys,
+                                                                 change):
+    """Warm-up steps -- the run's first (a build, torch.compile) and the first after epoch 3 changes what a step
+    trains (whole images after --small-crop; the whitening bias frozen), for which torch.compile recompiles --
+    each take 2 s, the others 0.03-0.05 s: their time counts as spent, but neither the epoch-end re-plans nor the
+    final epoch's re-fit plan the steps left at their pace. Planned at it, the run shrank its plan after epoch 1
+    (its learning rate decayed 4x too fast) and ended 2.5 s early."""
+    calls = _timed_steps(monkeypatch, lambda n: 2.0 if n in (1, 31) else 0.03 if n <= 30 else 0.05)
+    budget_s = 8.0  # 2 + 29 x 0.03 + 2 = 4.87 s after step 31, then ~62 steps of 0.05 s
+    out = _train(tmp_path, folder_data, "--time-budget", str(budget_s / 60), "--batch-size", "20",
+                 "--warmup-epochs", "0", *change)
+    text = capsys.readouterr().out
+    assert "more steps (planned:" not in text.split("epoch   1.00")[1].split("epoch   2.00")[0]  # no shrink
+    _assert_within_budget(out, budget_s, calls["n"])
+    assert calls["n"] >= 85 and _step_seconds(out)[-1] >= budget_s - 0.15, (calls["n"], _step_seconds(out)[-3:])
+    lr = _step_column(out, "lr")
+    assert lr[30] >= 0.5 * lr[0], lr[:32]  # a linear decay over ~90 steps is at ~67% there
+
+
 def test_time_budget_stops_before_a_step_that_would_end_past_it(tmp_path, folder_data, monkeypatch, capsys):
     """A step that suddenly takes the whole budget (the pace of the steps before it did not foresee it): the next
     step, which would end past the budget, is not started."""

@@ -705,6 +705,8 @@ def _train(ctx) -> bool:
     # step that would end past the budget is not started.
     budget_s = args.time_budget * 60 if args.time_budget and not args.resume else None
     recent_steps: collections.deque = collections.deque(maxlen=5)  # seconds of the last steps, per full-size step
+    epoch_paces: list[float] = []  # seconds of this epoch's steps, per full-size step
+    last_setup = None  # what the previous step trained: its frozen parameters and image size
     stop_epoch = math.ceil(plan.total_steps / plan.steps_per_epoch)
     if args.stop_after:
         stop_epoch = min(stop_epoch, args.stop_after)
@@ -729,6 +731,7 @@ def _train(ctx) -> bool:
                        leave=False, total=last_step - first_step, disable=not dist.main or args.no_progress,
                        unit="step", mininterval=progress_interval())
             refitted = False
+            epoch_paces.clear()
             for step in bar:
                 global_step = epoch * plan.steps_per_epoch + step
                 cost = step_cost(cfg, plan, global_step, global_step + 1)  # in full-size steps (--small-crop)
@@ -758,8 +761,14 @@ def _train(ctx) -> bool:
                                                                                 plan.steps_per_epoch, 4),
                                            lr=ctx["opt"].param_groups[0]["lr"], loss=round(loss_step, 5),
                                            train_seconds=round(progress.train_seconds, 3)))
-                if len(progress.steps) > 1:  # as the probe: the first step (warm-up, builds) is not the pace
+                # A warm-up step is not the pace (its time counts as spent): the run's first (builds, the first
+                # compile), and the first after the trainable parameters or the image size change (torch.compile
+                # recompiles then).
+                setup = (tuple(id(p) for p in ctx["frozen"]), cost)
+                if len(progress.steps) > 1 and setup == last_setup:
                     recent_steps.append(dt / cost)
+                    epoch_paces.append(dt / cost)
+                last_setup = setup
                 if ctx["scheduler"] is not None:
                     ctx["scheduler"].step()
                 _maybe_update_ema(ctx, global_step)
@@ -779,7 +788,7 @@ def _train(ctx) -> bool:
             last_step = progress.step_in_epoch
             if last_step == 0:  # the budget ran out at an epoch's first step: nothing of it to report
                 break
-            _replan_to_budget(ctx, epoch, last_step, epoch_time)
+            _replan_to_budget(ctx, epoch, last_step, epoch_paces)
             stop_epoch = math.ceil(plan.total_steps / plan.steps_per_epoch)
             if args.stop_after:
                 stop_epoch = min(stop_epoch, args.stop_after)
@@ -813,16 +822,16 @@ def _frozen_params(ctx, epoch: int) -> list:
     return [whiten.bias] if frozen else []
 
 
-def _replan_to_budget(ctx, epoch: int, steps_in_epoch: int, epoch_seconds: float) -> None:
+def _replan_to_budget(ctx, epoch: int, steps_in_epoch: int, epoch_paces: list[float]) -> None:
     """--time-budget: after each epoch the steps still to run are fitted again to the time left, at the pace of the
-    epoch just trained, so a run on a machine whose speed drifts still ends within its budget (the learning rate
-    goes on from its current value through the rest of its schedule, spread over the new number of steps)."""
+    epoch just trained (its steps' mean seconds per full-size step, warm-up steps left out), so a run on a machine
+    whose speed drifts still ends within its budget (the learning rate goes on from its current value through the
+    rest of its schedule, spread over the new number of steps)."""
     args, plan, progress = ctx["args"], ctx["plan"], ctx["progress"]
     done = epoch * plan.steps_per_epoch + steps_in_epoch
-    if not args.time_budget or args.resume or steps_in_epoch == 0 or done >= plan.total_steps:
+    if not args.time_budget or args.resume or not epoch_paces or done >= plan.total_steps:
         return
-    epoch_seconds, spent = _rank_mean(ctx, [epoch_seconds, progress.train_seconds])
-    pace = epoch_seconds / step_cost(ctx["cfg"], plan, epoch * plan.steps_per_epoch, done)  # per full-size step
+    pace, spent = _rank_mean(ctx, [statistics.fmean(epoch_paces), progress.train_seconds])
     left = _time_left(ctx, spent)
     total = done + steps_within(ctx["cfg"], plan, done, left / pace)
     if abs(total - plan.total_steps) > 0.01 * plan.total_steps:
