@@ -72,6 +72,8 @@ class Block(nn.Module):
     ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
+        if in_channels < 1 or out_channels < 1:
+            raise ValueError(f"in_channels and out_channels must be >= 1, got {in_channels} and {out_channels}")
         if num_convs < 1:
             raise ValueError(f"num_convs must be >= 1, got {num_convs}")
         if gate not in GATES:

@@ -147,6 +147,9 @@ def test_block_bad_input_message():
         Block(4, 4, kernel_size=4)
     with pytest.raises(ValueError, match="kernel_size lists"):
         Block(4, 4, num_convs=3, kernel_size=[3, 5])
+    for channels in ((0, 4), (4, 0)):  # (not a division by zero in the weights' initialisation)
+        with pytest.raises(ValueError, match="in_channels and out_channels must be >= 1"):
+            Block(*channels)
 
 
 @pytest.mark.parametrize("variant", [{}, {"activation": "gelu", "pool": True}], ids=["relu", "gelu-pool"])

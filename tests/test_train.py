@@ -86,6 +86,27 @@ def test_a_misspelt_choice_is_a_one_line_error(flag, word, choices, capsys):
     assert f"argument {flag}: invalid choice {word!r} (choose from {choices})" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--time-budget", "0", "must be > 0"), ("--time-budget", "-1", "must be > 0"), ("--epochs", "inf", "must be > 0"),
+    ("--val-split", "1.0", "must be in [0, 1)"), ("--lr", "-1", "must be >= 0"),
+    ("--momentum", "1", "must be in [0, 1)"), ("--ema", "1.5", "must be in [0, 1)"),
+    ("--label-smoothing", "2", "must be in [0, 1]"), ("--bn-momentum", "nan", "must be in [0, 1]"),
+    ("--subset", "-3", "must be >= 0"), ("--batch-size", "0", "must be >= 1"),
+    ("--crop-pad", "1.5", "invalid int value: '1.5'"), ("--cutout", "-2", "must be >= 0"),
+    ("--ema-every", "0", "must be >= 1"), ("--warmup-fraction", "2", "must be in [0, 1]")])
+def test_a_number_out_of_range_is_a_one_line_error(flag, value, message, tmp_path, capsys):
+    """Every numeric flag is checked where argparse reads it: a value outside its range (which trained silently
+    with a meaningless setting -- a negative time budget, weight decay, cutout --, or died in a traceback from torch
+    -- a negative learning rate or momentum, a held-out share of 1) is argparse's one-line error, before anything
+    runs or is created."""
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "run"), f"{flag}={value}"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: {message}" in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())
+
+
 def test_list_presets(capsys):
     assert train.main(["--list-presets"]) == 0
     text = capsys.readouterr().out

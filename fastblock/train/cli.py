@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 
@@ -36,6 +37,34 @@ def _choice(mapping: dict):
     return parse
 
 
+def _number(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse type for a number (``kind``: int or float) from ``low`` up to ``high`` (None: no upper end);
+    low_open / high_open exclude that end. Out-of-range values get argparse's one-line error with the range."""
+    if low is not None and high is not None:
+        limits = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    else:
+        limits = f"{'>' if low_open else '>='} {low:g}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        below = low is not None and (value <= low if low_open else value < low)
+        above = high is not None and (value >= high if high_open else value > high)
+        if below or above or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be {limits}, got {text}")
+        return value
+    return parse
+
+
+_count = _number(int, 1)                          # batch sizes, steps
+_nonnegative_int = _number(int, 0)                # pixels, image counts (0: off)
+_nonnegative = _number(float, 0)                  # learning rates, decays, epochs of a phase, GiB, minutes
+_positive = _number(float, 0, low_open=True)      # lengths
+_fraction = _number(float, 0, 1)                  # ratios, smoothing
+_below_one = _number(float, 0, 1, high_open=True)  # momenta, averaging decays, held-out shares
+
 _flip = _choice({"on": True, "off": False, "alternate": "alternate"})
 _TTA_CHOICES = {"on": True, "off": False, **{mode: mode for mode in TTA_MODES}}
 _tta = _choice(_TTA_CHOICES)
@@ -54,58 +83,59 @@ def build_parser() -> argparse.ArgumentParser:
         "or a .tar.gz of one (default: ./data; CIFAR-10 is downloaded there when missing and online)")
     add("--cache-dir", default=None, help="where decoded image folders are cached (default: ~/.cache/fastblock)")
     add("--no-download", action="store_true", help="never try to download CIFAR-10")
-    add("--val-split", type=float, default=0.0, help="hold out this fraction of train for validation (default: 0)")
-    add("--subset", type=int, default=0,
+    add("--val-split", type=_below_one, default=0.0, help="hold out this fraction of train for validation (default: 0)")
+    add("--subset", type=_nonnegative_int, default=0,
         help="train on a class-balanced, seeded subset of N images (and N//5 test images): smoke runs")
     hp = p.add_argument_group("training (default: the preset's value)")
     hp.add_argument("--model", choices=sorted(MODELS), help="network")
-    hp.add_argument("--epochs", type=float, help="epochs (may be fractional); with --resume: extend the run")
-    hp.add_argument("--time-budget", type=float, metavar="MIN",
+    hp.add_argument("--epochs", type=_positive, help="epochs (may be fractional); with --resume: extend the run")
+    hp.add_argument("--time-budget", type=_positive, metavar="MIN",
                     help="train for as many steps as fit in MIN minutes, timed over the first steps "
                          "(replaces --epochs; the schedule spans the planned steps)")
-    hp.add_argument("--batch-size", type=int, help="global batch size (split across ranks)")
-    hp.add_argument("--accum-steps", type=int, help="gradient accumulation steps per optimizer step")
-    hp.add_argument("--lr", type=float, help="peak learning rate")
+    hp.add_argument("--batch-size", type=_count, help="global batch size (split across ranks)")
+    hp.add_argument("--accum-steps", type=_count, help="gradient accumulation steps per optimizer step")
+    hp.add_argument("--lr", type=_nonnegative, help="peak learning rate")
     hp.add_argument("--optimizer", choices=["sgd", "muon", "adam", "adamw", "rmsprop"],
                     help="muon: Muon for the Blocks' convolution filters, SGD for every other parameter")
-    hp.add_argument("--momentum", type=float)
-    hp.add_argument("--muon-lr", type=float, help="--optimizer muon: the filters' peak learning rate")
-    hp.add_argument("--muon-momentum", type=float, help="--optimizer muon: the filters' momentum")
+    hp.add_argument("--momentum", type=_below_one)
+    hp.add_argument("--muon-lr", type=_nonnegative, help="--optimizer muon: the filters' peak learning rate")
+    hp.add_argument("--muon-momentum", type=_below_one, help="--optimizer muon: the filters' momentum")
     hp.add_argument("--nesterov", action=argparse.BooleanOptionalAction)
-    hp.add_argument("--weight-decay", type=float, help="not applied to BatchNorm parameters and biases")
-    hp.add_argument("--bn-bias-lr-scale", type=float,
+    hp.add_argument("--weight-decay", type=_nonnegative, help="not applied to BatchNorm parameters and biases")
+    hp.add_argument("--bn-bias-lr-scale", type=_positive,
                     help="BatchNorm biases train at this times the learning rate, with weight decay divided by it "
                          "(1: like the other biases, no decay)")
-    hp.add_argument("--bn-momentum", type=float, help="BatchNorm running-statistics momentum (as nn.BatchNorm2d)")
-    hp.add_argument("--label-smoothing", type=float)
+    hp.add_argument("--bn-momentum", type=_fraction, help="BatchNorm running-statistics momentum (as nn.BatchNorm2d)")
+    hp.add_argument("--label-smoothing", type=_fraction)
     hp.add_argument("--schedule", choices=["linear", "cosine", "constant", "plateau"])
-    hp.add_argument("--warmup-epochs", type=float)
-    hp.add_argument("--warmup-fraction", type=float,
+    hp.add_argument("--warmup-epochs", type=_nonnegative)
+    hp.add_argument("--warmup-fraction", type=_fraction,
                     help="warm-up as a fraction of the run's steps (replaces --warmup-epochs; 0: off)")
-    hp.add_argument("--warmup-start", type=float, help="learning-rate factor at the first warm-up step (default 0)")
-    hp.add_argument("--t-max", type=float, help="cosine period in epochs (default: the run length)")
-    hp.add_argument("--min-lr-ratio", type=float, help="final lr / peak lr for linear and cosine schedules")
-    hp.add_argument("--crop-pad", type=int, help="random translation by up to this many pixels (0: off)")
-    hp.add_argument("--small-crop", type=int, metavar="S",
+    hp.add_argument("--warmup-start", type=_fraction, help="learning-rate factor at the first warm-up step (default 0)")
+    hp.add_argument("--t-max", type=_positive, help="cosine period in epochs (default: the run length)")
+    hp.add_argument("--min-lr-ratio", type=_fraction, help="final lr / peak lr for linear and cosine schedules")
+    hp.add_argument("--crop-pad", type=_nonnegative_int, help="random translation by up to this many pixels (0: off)")
+    hp.add_argument("--small-crop", type=_nonnegative_int, metavar="S",
                     help="train the first --small-crop-epochs on random SxS windows of the (translated) images, not "
                          "rescaled: cheaper early steps, full-size images after (0: off)")
-    hp.add_argument("--small-crop-epochs", type=float, metavar="E", help="how long --small-crop lasts, in epochs")
+    hp.add_argument("--small-crop-epochs", type=_nonnegative, metavar="E",
+                    help="how long --small-crop lasts, in epochs")
     hp.add_argument("--flip", type=_flip, nargs="?", const=True, metavar="{on,off,alternate}",
                     help="horizontal flips: random (a bare --flip), none, or alternating (each image flipped every "
                          "other epoch)")
     hp.add_argument("--no-flip", dest="flip", action="store_const", const=False, help="same as --flip off")
-    hp.add_argument("--cutout", type=int, help="cutout square size (0: off)")
+    hp.add_argument("--cutout", type=_nonnegative_int, help="cutout square size (0: off)")
     hp.add_argument("--resized-crop", action=argparse.BooleanOptionalAction, help="random resized crop")
-    hp.add_argument("--rotate", type=float, help="random rotation range in degrees")
+    hp.add_argument("--rotate", type=_nonnegative, help="random rotation range in degrees")
     hp.add_argument("--freeze-bn-weight", action=argparse.BooleanOptionalAction,
                     help="keep BatchNorm scales at 1 (only their biases train)")
-    hp.add_argument("--whiten-bias-epochs", type=float,
+    hp.add_argument("--whiten-bias-epochs", type=_nonnegative,
                     help="models with a patch-whitening layer (air-*): its bias trains for this many epochs, then "
                          "stays fixed (default: the whole run)")
     hp.add_argument("--dirac", action=argparse.BooleanOptionalAction,
                     help="identity-initialised convolutions (models with dirac_init_, e.g. the air-* networks)")
-    hp.add_argument("--ema", type=float, help="EMA decay of the weights used for evaluation (0: off)")
-    hp.add_argument("--ema-every", type=int, help="update the EMA every this many steps")
+    hp.add_argument("--ema", type=_below_one, help="EMA decay of the weights used for evaluation (0: off)")
+    hp.add_argument("--ema-every", type=_count, help="update the EMA every this many steps")
     hp.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction,
                     help="ramp the EMA decay up over the first updates (default: on)")
     hp.add_argument("--lookahead", action=argparse.BooleanOptionalAction,
@@ -117,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     hp.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                     help="channels-last activations and weights (default: on GPUs; on CPUs when training in bf16, "
                          "or in float32 when every Block is K=1)")
-    hp.add_argument("--cpu-pool-gib", type=float,
+    hp.add_argument("--cpu-pool-gib", type=_nonnegative,
                     help="on CPU with the extension: GiB of freed buffers the extension's allocation pool may keep "
                          "for the next training step (0: off)")
     hp.add_argument("--tta", type=_tta, nargs="?", const=True, metavar="{" + ",".join(_TTA_CHOICES) + "}",
@@ -131,10 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     run_group.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
     run_group.add_argument("--eval-only", metavar="CHECKPOINT",
                            help="evaluate a checkpoint (or a run directory's best.pt) and print per-class results")
-    run_group.add_argument("--stop-after", type=int, metavar="EPOCHS",
+    run_group.add_argument("--stop-after", type=_count, metavar="EPOCHS",
                            help="stop after this many epochs (the schedule still spans --epochs); continue with "
                                 "--resume")
-    run_group.add_argument("--checkpoint-minutes", type=float, default=10.0,
+    run_group.add_argument("--checkpoint-minutes", type=_nonnegative, default=10.0,
                            help="also save last.pt this often within an epoch (default: 10; 0: only per epoch)")
     run_group.add_argument("--seed", type=int, default=0)
     run_group.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
