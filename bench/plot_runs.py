@@ -32,6 +32,9 @@ def main(argv=None) -> int:
     labels = args.labels or [r.name for r in args.runs]
     if len(labels) != len(args.runs):
         ap.error("give one label per run")
+    for run in args.runs:
+        if not (run / "metrics.csv").is_file():
+            ap.error(f"{run}: not a run directory with a metrics.csv")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -103,7 +103,12 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     parser.add_argument("--plot", metavar="PNG", help="write a speed-up bar chart")
     args = parser.parse_args(argv)
-    rows, machine = load_rows(args.json)
+    try:
+        rows, machine = load_rows(args.json)
+    except OSError as exc:
+        parser.error(f"{args.json}: {exc.strerror}")
+    except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not pytest-benchmark's
+        parser.error(f"{args.json}: not a pytest-benchmark JSON file ({type(exc).__name__}: {exc})")
     if not rows:
         print("no benchmarks in", args.json, file=sys.stderr)
         return 1

@@ -178,6 +178,24 @@ def _device_type(device: Union[str, torch.device, None]) -> str:
     return torch.device(device).type
 
 
+def device_from_text(text: str) -> torch.device:
+    """The device a command line names ("cpu", "cuda", "cuda:N") if this machine has it, else ValueError with a
+    one-line reason (torch's own errors for these are tracebacks from deep inside torch.cuda)."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"not a device: {text!r} (cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{text!r}: fastblock runs on cpu and cuda devices")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{text!r}: no CUDA device is available here (torch {torch.__version__}"
+                             f"{', a CPU-only build' if torch.version.cuda is None else ''})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def backend_status(name: str, device: Union[str, torch.device, None] = None) -> BackendStatus:
     return get_backend(name).status(_device_type(device))
 

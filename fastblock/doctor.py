@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import self_check
-from .backends import available_backends, backend_names, get_backend
+from .backends import available_backends, backend_names, device_from_text, get_backend
 from .reference import dynamic_conv_bn_relu, mixed_conv_bn_relu_reference
 
 GPU_STAGES = [(64, 32), (128, 16), (256, 8), (512, 4)]  # (channels, map size) of the CIFAR networks' stages
@@ -146,10 +146,14 @@ def speed(device: str, quick: bool, compile_reference: bool) -> list[tuple[str, 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fastblock.doctor", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="fewer shapes, a smaller speed case (CI smoke run)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the reference")
     args = ap.parse_args(argv)
+    try:
+        device_from_text(args.device)
+    except ValueError as exc:
+        ap.error(f"argument --device: {exc}")
     print("== versions")
     for line in versions():
         print("  " + line)

@@ -34,3 +34,16 @@ def test_interleaved_ab_tool():
                           "--providers", "reference,triton"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "not available" in bad.stderr
+
+
+def test_bench_tools_bad_input_is_a_one_line_error(tmp_path):
+    """A missing or foreign results file, a folder that is not a run, a zero round count: argparse's one-line
+    error (exit 2), not a traceback."""
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    cases = [(["bench.report", str(tmp_path / "none.json")], "No such file or directory"),
+             (["bench.report", str(tmp_path / "other.json")], "not a pytest-benchmark JSON file"),
+             (["bench.plot_runs", str(tmp_path), "--out", str(tmp_path / "p.png")], "not a run directory"),
+             (["bench.interleaved", "--rounds", "0"], "argument --rounds: must be >= 1, got 0")]
+    for argv, message in cases:
+        proc = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (argv, proc.stderr)

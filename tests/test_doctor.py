@@ -38,3 +38,14 @@ def test_doctor_fails_on_a_wrong_backend(capsys):
         fastblock.unregister_backend("broken")
     out = capsys.readouterr().out
     assert "FAIL broken" in out and "dx" in out and "FAILED" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.parametrize("argv, message", [(["--device", "cuda"], "argument --device: 'cuda': no CUDA device"),
+                                           (["--device", "gpu"], "argument --device: invalid choice: 'gpu'")])
+def test_doctor_device_errors_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        doctor.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

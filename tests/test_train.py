@@ -107,6 +107,18 @@ def test_a_number_out_of_range_is_a_one_line_error(flag, value, message, tmp_pat
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("device, message", [("nonsense", "not a device: 'nonsense'"),
+                                             ("mps", "fastblock runs on cpu and cuda devices")]
+                         + ([] if torch.cuda.is_available() else [("cuda:0", "no CUDA device is available here")]))
+def test_a_device_this_machine_lacks_is_a_one_line_error(device, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "run"), "--device", device])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --device: " in err and message in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())
+
+
 def test_list_presets(capsys):
     assert train.main(["--list-presets"]) == 0
     text = capsys.readouterr().out

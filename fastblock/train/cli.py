@@ -6,7 +6,7 @@ import math
 import sys
 
 
-from ..backends import accepted_names
+from ..backends import accepted_names, device_from_text
 from ..data import DataError
 from ..models import MODELS
 from .loop import TTA_MODES, BackendUnavailable, RunError, run
@@ -56,6 +56,13 @@ def _number(kind, low=None, high=None, low_open=False, high_open=False):
             raise argparse.ArgumentTypeError(f"must be {limits}, got {text}")
         return value
     return parse
+
+
+def _device(text: str):
+    try:
+        return device_from_text(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 _count = _number(int, 1)                          # batch sizes, steps
@@ -167,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_group.add_argument("--checkpoint-minutes", type=_nonnegative, default=10.0,
                            help="also save last.pt this often within an epoch (default: 10; 0: only per epoch)")
     run_group.add_argument("--seed", type=int, default=0)
-    run_group.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    run_group.add_argument("--device", type=_device, default=None, help="cuda or cpu (default: cuda when available)")
     run_group.add_argument("--sync-bn", action="store_true",
                            help="under torchrun, convert plain BatchNorm2d layers (shortcuts) to SyncBatchNorm; the "
                                 "fused Blocks keep per-rank batch statistics")
