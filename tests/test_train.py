@@ -773,6 +773,43 @@ def test_out_never_overwrites_a_run(tmp_path, folder_data, capsys):
     assert (out / "config.json").read_text() == before
 
 
+def test_resume_and_eval_only_refuse_options_they_would_ignore(tmp_path, folder_data, capsys):
+    """--resume and --eval-only keep the settings the run was trained with: a setting given beside them (which they
+    used to ignore silently) is a one-line error that names it, and nothing is written; a complete run resumed
+    without --epochs says so and does nothing."""
+    out = _train(tmp_path, folder_data, "--epochs", "1", "--batch-size", "50")
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    common = ["--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    capsys.readouterr()
+    assert train.main(["--resume", str(out), "--lr", "0.5", "--batch-size", "7", "--time-budget", "2", *common]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size, --lr, --time-budget would be ignored" in err and "--epochs extends it" in err
+    assert train.main(["--eval-only", str(out), "--epochs", "3", "--seed", "1", *common]) == 2
+    assert "--epochs, --seed would be ignored" in capsys.readouterr().err
+    assert train.main(["--resume", str(out), *common]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_resume_goes_on_where_the_data_and_backend_are_now(tmp_path, folder_data, capsys):
+    """A run resumed after its data moved (--data-dir) on another backend (--backend): both are taken, and said."""
+    import shutil
+
+    if not fastblock.available_backends("cpu")["extension"].available:
+        pytest.skip("needs the extension")
+    data = tmp_path / "data"
+    shutil.copytree(folder_data, data)
+    out = _train(tmp_path, data, "--epochs", "2", "--batch-size", "50", "--stop-after", "1")
+    moved = data.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert train.main(["--resume", str(out), "--data-dir", str(moved), "--backend", "extension", "--no-progress",
+                       "--cache-dir", str(tmp_path / "cache")]) == 0
+    text = capsys.readouterr().out
+    assert f"--data-dir {moved} (the run began with {data})" in text
+    assert "--backend extension (the run began with reference)" in text and "backend: extension" in text
+    assert len((out / "metrics.csv").read_text().splitlines()) == 1 + 2
+
+
 def test_resume_with_more_epochs_extends_the_run(tmp_path, folder_data, capsys):
     out = _train(tmp_path, folder_data, "--epochs", "1", "--batch-size", "50")
     assert train.main(["--resume", str(out), "--epochs", "2", "--no-progress", "--cache-dir",

@@ -182,8 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_UNSET = object()
+
+
+def given_options(parser: argparse.ArgumentParser, argv, args: argparse.Namespace) -> set[str]:
+    """The options the command line gave (argparse fills in a default only where the namespace has no value yet:
+    parsed again into a namespace of placeholders, what is still a placeholder was not given)."""
+    probe = parser.parse_args(argv, namespace=argparse.Namespace(**{k: _UNSET for k in vars(args)}))
+    return {k for k, v in vars(probe).items() if v is not _UNSET}
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.given = given_options(parser, argv, args)
     if args.list_presets:
         for name, recipe in PRESETS.items():
             print(f"{name:14s} {recipe.description}")

@@ -449,6 +449,19 @@ def resolve_config(args, device: torch.device, say) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 # data, run directory, checkpoints
 # --------------------------------------------------------------------------------------------------------------
+# The options --resume and --eval-only take (given any other, they would ignore it: refused instead).
+RUN_OPTIONS = {"data_dir", "cache_dir", "no_download", "no_progress", "device", "backend"}
+RESUME_OPTIONS = RUN_OPTIONS | {"resume", "epochs", "checkpoint_minutes", "stop_after"}
+EVAL_ONLY_OPTIONS = RUN_OPTIONS | {"eval_only", "tta", "subset"}
+
+
+def refuse_ignored_options(args, accepted: set, what: str, may: str) -> None:
+    ignored = sorted(args.given - accepted)
+    if ignored:
+        names = ", ".join("--" + k.replace("_", "-") for k in ignored)
+        raise RunError(f"{what}: {names} would be ignored ({may})")
+
+
 def load_data(cfg, args, dist) -> Cifar:
     data = load_cifar10(cfg["data_dir"], args.cache_dir, download=not args.no_download,
                         progress=dist.main and not args.no_progress)
@@ -521,10 +534,23 @@ def run(args, say) -> int:
 
     state, progress = None, Progress()
     if args.resume:
+        refuse_ignored_options(args, RESUME_OPTIONS, "--resume continues a run with the settings it began with",
+                               "--epochs extends it; --data-dir, --backend and --device say where it goes on")
         run_dir = Path(args.resume)
         state = load_checkpoint(run_dir / "last.pt", "--resume")
         cfg = {**recipe_defaults(), **state["config"]}  # settings added since the run began keep their defaults
+        for key in ("data_dir", "backend"):  # where the run goes on: the data moved, another machine
+            if key in args.given and getattr(args, key) != cfg[key]:
+                say(f"--{key.replace('_', '-')} {getattr(args, key)} (the run began with {cfg[key]})")
+                cfg[key] = getattr(args, key)
         progress = Progress(**state["progress"])
+        saved_plan = state["plan"]
+        if args.epochs is None and (progress.epoch * saved_plan["steps_per_epoch"] + progress.step_in_epoch
+                                    >= saved_plan["total_steps"]):
+            last = progress.rows[-1]
+            say(f"nothing to do: the run in {run_dir} is complete ({last['epoch']:g} epochs, final accuracy "
+                f"{100 * last['test_acc']:.2f}%); --epochs extends it")
+            return 0
         if args.epochs is not None and args.epochs != cfg["epochs"]:
             if args.epochs < progress.epoch + progress.step_in_epoch / max(1, state["plan"]["steps_per_epoch"]):
                 raise RunError(f"--epochs {args.epochs:g}: the run in {run_dir} is already past that point")
@@ -1032,12 +1058,14 @@ def _save(ctx, best: bool) -> None:
 
 
 def eval_only(args, device, dist, say) -> int:
+    refuse_ignored_options(args, EVAL_ONLY_OPTIONS, "--eval-only evaluates a checkpoint with the settings it was "
+                           "trained with", "--tta, --subset, --data-dir, --backend and --device may change")
     path = Path(args.eval_only)
     if path.is_dir():  # a run directory: its best checkpoint
         path = path / "best.pt"
     ckpt = load_checkpoint(path, "--eval-only")
     cfg = dict(ckpt["config"])
-    if args.data_dir != "data" or "data_dir" not in cfg:
+    if "data_dir" in args.given or "data_dir" not in cfg:
         cfg["data_dir"] = args.data_dir
     cfg["val_split"], cfg["subset"] = cfg.get("val_split", 0.0), args.subset or cfg.get("subset", 0)
     amp_dtype = amp_dtype_for(cfg, device)
