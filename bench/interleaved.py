@@ -19,6 +19,9 @@ import time
 
 import torch
 
+from fastblock.backends import device_from_text
+from fastblock.train.cli import number_arg
+
 from .providers import MODES, Shape, make_call, provider_status
 
 
@@ -41,35 +44,25 @@ def run(shape: Shape, mode: str, providers: list[str], rounds: int, device: str,
                 "ratios": sorted(r / x for r, x in zip(ref, t, strict=True))} for p, t in times.items()}
 
 
-def _at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-    return parse
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=MODES, default="fwdbwd")
-    ap.add_argument("--n", type=_at_least(1), default=32)
-    ap.add_argument("--c", type=_at_least(1), default=64)
-    ap.add_argument("--hw", type=_at_least(1), default=16)
-    ap.add_argument("--k", type=_at_least(1), default=4)
+    ap.add_argument("--n", type=number_arg(int, 1), default=32)
+    ap.add_argument("--c", type=number_arg(int, 1), default=64)
+    ap.add_argument("--hw", type=number_arg(int, 1), default=16)
+    ap.add_argument("--k", type=number_arg(int, 1), default=4)
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--providers", default="reference,dynconv,extension",
                     help="comma-separated; the first is the baseline of the ratios (default: %(default)s)")
-    ap.add_argument("--rounds", type=_at_least(1), default=30)
-    ap.add_argument("--settle", type=_at_least(0), default=1,
+    ap.add_argument("--rounds", type=number_arg(int, 1), default=30)
+    ap.add_argument("--settle", type=number_arg(int, 0), default=1,
                     help="untimed calls of a provider before its timed call in each round (default: %(default)s)")
     args = ap.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("argument --device: no CUDA device is available here")
+    try:
+        device_from_text(args.device)
+    except ValueError as exc:
+        ap.error(f"argument --device: {exc}")
     providers = [p for p in args.providers.split(",") if p]
     for p in providers:
         ok, why = provider_status(p, args.device)

@@ -37,7 +37,7 @@ def _choice(mapping: dict):
     return parse
 
 
-def _number(kind, low=None, high=None, low_open=False, high_open=False):
+def number_arg(kind, low=None, high=None, low_open=False, high_open=False):
     """An argparse type for a number (``kind``: int or float) from ``low`` up to ``high`` (None: no upper end);
     low_open / high_open exclude that end. Out-of-range values get argparse's one-line error with the range."""
     if low is not None and high is not None:
@@ -65,12 +65,12 @@ def _device(text: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-_count = _number(int, 1)                          # batch sizes, steps
-_nonnegative_int = _number(int, 0)                # pixels, image counts (0: off)
-_nonnegative = _number(float, 0)                  # learning rates, decays, epochs of a phase, GiB, minutes
-_positive = _number(float, 0, low_open=True)      # lengths
-_fraction = _number(float, 0, 1)                  # ratios, smoothing
-_below_one = _number(float, 0, 1, high_open=True)  # momenta, averaging decays, held-out shares
+_count = number_arg(int, 1)                           # batch sizes, steps
+_nonnegative_int = number_arg(int, 0)                 # pixels, image counts (0: off)
+_nonnegative = number_arg(float, 0)                   # learning rates, decays, epochs of a phase, GiB, minutes
+_positive = number_arg(float, 0, low_open=True)       # lengths
+_fraction = number_arg(float, 0, 1)                   # ratios, smoothing
+_below_one = number_arg(float, 0, 1, high_open=True)  # momenta, averaging decays, held-out shares
 
 _flip = _choice({"on": True, "off": False, "alternate": "alternate"})
 _TTA_CHOICES = {"on": True, "off": False, **{mode: mode for mode in TTA_MODES}}

@@ -552,7 +552,7 @@ def run(args, say) -> int:
                 f"{100 * last['test_acc']:.2f}%); --epochs extends it")
             return 0
         if args.epochs is not None and args.epochs != cfg["epochs"]:
-            if args.epochs < progress.epoch + progress.step_in_epoch / max(1, state["plan"]["steps_per_epoch"]):
+            if args.epochs < progress.epoch + progress.step_in_epoch / max(1, saved_plan["steps_per_epoch"]):
                 raise RunError(f"--epochs {args.epochs:g}: the run in {run_dir} is already past that point")
             say(f"extending the run from {cfg['epochs']:g} to {args.epochs:g} epochs: the learning-rate schedule is "
                 "re-planned over the new length from the next step on")
